@@ -1,0 +1,29 @@
+"""gradstore: per-sample masked gradients, quantized and zstd-compressed in HDF5.
+
+High level: ``create`` a store, ``accumulate`` batches, ``finalize``; ``open`` it to
+``read`` rows, ``scatter_add`` them into a flat parameter vector, ``mark_forgotten``
+and ``purge``. The low-level pieces are importable on their own: ``masks``
+(positions from (seed, key)), ``codecs``, ``kernels``, ``chunkio``, ``format``.
+"""
+
+__version__ = "0.1.0"
+
+from .codecs import get_codec  # noqa: E402
+from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError  # noqa: E402
+from .format import FORMAT_VERSION, RowState, model_fingerprint  # noqa: E402
+from .store import Store, create, open  # noqa: E402,A004
+
+__all__ = [
+    "BadInputError",
+    "CorruptChunkError",
+    "FORMAT_VERSION",
+    "FormatError",
+    "ReadOnlyError",
+    "RowState",
+    "Store",
+    "StoreError",
+    "create",
+    "get_codec",
+    "model_fingerprint",
+    "open",
+]

@@ -1,0 +1,140 @@
+"""Chunk I/O: zstd frames written straight into HDF5 chunks, and read back.
+
+Each chunk of a row dataset is one whole zstd frame (with its content size and a
+content checksum) of the chunk's bytes, byte-shuffled first where the dataset
+declares HDF5's shuffle filter. That is exactly what HDF5's own pipeline
+(shuffle, then filter 32015) would have produced, so plain h5py + hdf5plugin reads
+it with ordinary slicing, while we compress in our own threads, one compressor each.
+"""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import hdf5plugin
+import numpy as np
+import zstandard
+
+from .errors import CorruptChunkError
+
+ZSTD_FILTER_ID = 32015
+_local = threading.local()
+_pool = None
+
+
+def worker_pool():
+    """The shared compression pool (one thread per core)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gradstore-zstd")
+    return _pool
+
+
+def _compressor(level):
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor():
+    if getattr(_local, "decompressor", None) is None:
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def shuffle_bytes(array):
+    """HDF5's shuffle: byte 0 of every element, then byte 1, ... (a view when itemsize is 1)."""
+    itemsize = array.dtype.itemsize
+    if itemsize == 1:
+        return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    return np.ascontiguousarray(np.ascontiguousarray(array).view(np.uint8).reshape(-1, itemsize).T).reshape(-1)
+
+
+def unshuffle_bytes(raw, dtype, shape):
+    """Inverse of ``shuffle_bytes``."""
+    itemsize = np.dtype(dtype).itemsize
+    buf = np.frombuffer(raw, np.uint8)
+    if itemsize > 1:
+        buf = np.ascontiguousarray(buf.reshape(itemsize, -1).T)
+    return buf.view(dtype).reshape(shape)
+
+
+def dataset_filters(shuffle, level):
+    """h5py create_dataset keywords declaring (shuffle,) zstd: what readers will apply."""
+    return dict(shuffle=shuffle, **hdf5plugin.Zstd(clevel=level))
+
+
+def encode_chunk(block, rows_per_chunk, shuffle, level):
+    """One full chunk (zero-padded to rows_per_chunk rows) as a zstd frame."""
+    if block.shape[0] < rows_per_chunk:
+        padded = np.zeros((rows_per_chunk,) + block.shape[1:], block.dtype)
+        padded[: block.shape[0]] = block
+        block = padded
+    raw = shuffle_bytes(block) if shuffle else np.ascontiguousarray(block).view(np.uint8).reshape(-1)
+    return _compressor(level).compress(raw)
+
+
+def decode_chunk(frame, dtype, rows_per_chunk, width, shuffle):
+    """A zstd frame back to a [rows_per_chunk, width] array; raises ValueError when damaged."""
+    expected = rows_per_chunk * width * np.dtype(dtype).itemsize
+    try:
+        if zstandard.frame_content_size(frame) != expected:
+            raise ValueError(f"frame holds {zstandard.frame_content_size(frame)} bytes, chunk needs {expected}")
+        raw = _decompressor().decompress(frame)
+    except zstandard.ZstdError as error:
+        raise ValueError(str(error)) from None
+    if len(raw) != expected:
+        raise ValueError(f"decoded {len(raw)} bytes, chunk needs {expected}")
+    if shuffle:
+        return unshuffle_bytes(raw, dtype, (rows_per_chunk, width))
+    return np.frombuffer(raw, dtype).reshape(rows_per_chunk, width)
+
+
+def write_rows(dset, first_row, rows, shuffle, level):
+    """Write rows [n, width] at chunk-aligned ``first_row``, compressing chunks in parallel."""
+    rows_per_chunk = dset.chunks[0]
+    if first_row % rows_per_chunk:
+        raise ValueError(f"first_row {first_row} is not a multiple of the chunk height {rows_per_chunk}")
+    starts = range(0, rows.shape[0], rows_per_chunk)
+    frames = worker_pool().map(
+        lambda s: encode_chunk(rows[s : s + rows_per_chunk], rows_per_chunk, shuffle, level), starts
+    )
+    for start, frame in zip(starts, frames):
+        dset.id.write_direct_chunk((first_row + start, 0), frame)
+
+
+def read_chunks(dset, chunk_indices, shuffle, name_rows):
+    """Decode the given chunks of a row dataset: {chunk index: array [rows_per_chunk, width]}.
+
+    A chunk that fails to decode raises CorruptChunkError naming the keys it covers
+    (``name_rows(chunk_index)`` gives them).
+    """
+    rows_per_chunk, width = dset.chunks
+    frames = {}
+    for index in chunk_indices:
+        try:
+            filter_mask, frame = dset.id.read_direct_chunk((index * rows_per_chunk, 0))
+        except Exception as error:  # h5py raises several types for a missing/damaged chunk
+            raise CorruptChunkError(
+                f"{dset.name}: chunk {index} cannot be read ({error}); rows {name_rows(index)}", name_rows(index)
+            ) from None
+        frames[index] = frame
+
+    def decode(index):
+        try:
+            return index, decode_chunk(frames[index], dset.dtype, rows_per_chunk, width, shuffle)
+        except ValueError as error:
+            return index, error
+
+    decoded = {}
+    items = worker_pool().map(decode, list(frames)) if len(frames) > 2 else map(decode, list(frames))
+    for index, result in items:
+        if isinstance(result, Exception):
+            raise CorruptChunkError(
+                f"{dset.name}: chunk {index} is damaged ({result}); rows {name_rows(index)}", name_rows(index)
+            )
+        decoded[index] = result
+    return decoded

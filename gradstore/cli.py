@@ -1,0 +1,72 @@
+"""`gradstore info PATH [--json]` and `gradstore verify PATH`."""
+
+import argparse
+import json
+import sys
+
+from . import open as open_store
+from .errors import StoreError
+
+
+def _print_info(info):
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_info(args):
+    with open_store(args.path) as store:
+        info = store.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def cmd_verify(args):
+    with open_store(args.path) as store:
+        problems = store.verify()
+        chunks = -(-store.num_keys // store.rows_per_chunk)
+    if not problems:
+        print(f"{args.path}: OK ({chunks} chunks per part decoded and checked)")
+        return 0
+    for problem in problems:
+        rows = problem["rows"]
+        shown = ", ".join(map(str, rows[:20])) + (" ..." if len(rows) > 20 else "")
+        print(f"{args.path}: {problem['problem']}: rows [{shown}]", file=sys.stderr)
+    affected = sorted({row for problem in problems for row in problem["rows"]})
+    print(f"{args.path}: FAILED: {len(problems)} problem(s), {len(affected)} row(s) affected", file=sys.stderr)
+    return 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="gradstore", description="Inspect and check per-sample gradient stores (HDF5 files written by gradstore)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="print every store-level field, row counts and bytes on disk")
+    info.add_argument("path", help="store file (.h5)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    info.set_defaults(run=cmd_info)
+    verify = commands.add_parser("verify", help="decode every chunk and check it; exit 1 naming damaged rows")
+    verify.add_argument("path", help="store file (.h5)")
+    verify.set_defaults(run=cmd_verify)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (StoreError, OSError) as error:
+        print(f"gradstore {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The file layout: names, the format version, and store metadata as JSON attributes.
+
+docs/FORMAT.md describes the same layout for readers who only have h5py.
+"""
+
+import hashlib
+import json
+
+import h5py
+import numpy as np
+
+from .errors import FormatError
+
+FORMAT_VERSION = 1
+
+# root attributes
+ATTR_VERSION = "gradstore_format_version"
+ATTR_CONFIG = "gradstore_config"  # JSON: every store-level field that never changes
+ATTR_FINISHED = "gradstore_finished"  # recording finished (finalize ran)
+
+# datasets
+ROWS = "rows"  # group: rows/<codec part> [num_keys, width], rows/labels, rows/state
+LABELS = "rows/labels"  # int64 [num_keys], -1 where unknown
+STATE = "rows/state"  # uint8 [num_keys], see RowState
+STAGING = "staging"  # group of runs while recording: staging/run_<n>/{keys, values}
+MEMBERSHIP = "membership"  # reserved: which samples a step-keyed row covers (CSR)
+
+RUN_COMMITTED = "committed"
+
+
+class RowState:
+    """Values of rows/state."""
+
+    EMPTY = 0  # never recorded: the row holds zeros
+    LIVE = 1
+    FORGOTTEN = 2  # applied by a forget; still on disk until purged
+    PURGED = 3  # forgotten and erased from the file: the row holds zeros
+
+    NAMES = {EMPTY: "empty", LIVE: "live", FORGOTTEN: "forgotten", PURGED: "purged"}
+
+
+def model_fingerprint(named_shapes):
+    """Fingerprint of a model from (name, shape) pairs in named_parameters() order."""
+    names = [str(name) for name, _ in named_shapes]
+    shapes = [[int(d) for d in shape] for _, shape in named_shapes]
+    num_params = int(sum(int(np.prod(s)) for s in shapes))
+    digest = hashlib.sha256(json.dumps([names, shapes]).encode()).hexdigest()
+    return {"names": names, "shapes": shapes, "num_params": num_params, "sha256": digest}
+
+
+def write_header(h5file, config, finished=False):
+    h5file.attrs[ATTR_VERSION] = FORMAT_VERSION
+    h5file.attrs[ATTR_CONFIG] = json.dumps(config, sort_keys=True)
+    h5file.attrs[ATTR_FINISHED] = bool(finished)
+
+
+def open_h5(path, mode):
+    """h5py.File, with errors that say what the path is not."""
+    try:
+        return h5py.File(path, mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such store") from None
+    except OSError as error:
+        text = str(error)
+        if "signature" in text or "not an HDF5" in text.lower() or "file signature not found" in text:
+            raise FormatError(f"{path} is not an HDF5 file") from None
+        if "lock" in text.lower():
+            raise FormatError(f"{path} is open for writing elsewhere (HDF5 file lock): {text}") from None
+        raise FormatError(f"{path} cannot be opened as HDF5: {text}") from None
+
+
+def read_header(h5file, path):
+    """(config dict, finished) of a store; FormatError when it is not one we can read."""
+    if ATTR_VERSION not in h5file.attrs:
+        raise FormatError(f"{path} is an HDF5 file but not a gradstore store (no '{ATTR_VERSION}' attribute)")
+    version = int(h5file.attrs[ATTR_VERSION])
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{path} has format version {version}; this gradstore reads up to {FORMAT_VERSION}: upgrade gradstore"
+        )
+    try:
+        config = json.loads(h5file.attrs[ATTR_CONFIG])
+    except (KeyError, ValueError) as error:
+        raise FormatError(f"{path}: store attribute '{ATTR_CONFIG}' is missing or not JSON ({error})") from None
+    required = ("num_params", "num_keys", "keep", "k", "seed", "codec", "zstd_level", "rows_per_chunk")
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise FormatError(f"{path}: store config lacks {missing}")
+    if LABELS not in h5file or STATE not in h5file:
+        raise FormatError(f"{path}: store lacks its '{LABELS}' or '{STATE}' dataset")
+    return config, bool(h5file.attrs.get(ATTR_FINISHED, False))

@@ -1,0 +1,151 @@
+"""numba kernels: quantize, dequantize, and the scatter-add that applies rows to weights.
+
+The scatter-add is parallel over disjoint ranges of the parameter vector, so no two
+threads ever add into the same element (a ``prange`` over rows would race). Small
+calls run serially: waking the OpenMP pool costs more than one row's work.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .masks import ROUNDING_SALT, _fill_positions, stream_base, stream_draw
+
+# ---------------------------------------------------------------- int8, absmax per block
+
+
+@njit(cache=True, parallel=True)
+def quantize_int8(values, keys, block_size, stochastic, seed, q_out, scales_out):
+    """values float32 [n, k] -> q int8 [n, k], scales float32 [n, ceil(k/block)].
+
+    scale = absmax(block) / 127; q = round(x / scale), to nearest (ties to even) or
+    stochastically with noise from (seed, key) so that a re-run gives the same bytes.
+    """
+    n, k = values.shape
+    nblocks = scales_out.shape[1]
+    for r in prange(n):
+        base = stream_base(seed, keys[r], ROUNDING_SALT)
+        for b in range(nblocks):
+            lo = b * block_size
+            hi = min(k, lo + block_size)
+            absmax = np.float32(0.0)
+            for j in range(lo, hi):
+                a = abs(values[r, j])
+                if a > absmax:
+                    absmax = a
+            scale = absmax / np.float32(127.0)
+            scales_out[r, b] = scale
+            if scale == 0:
+                for j in range(lo, hi):
+                    q_out[r, j] = 0
+                continue
+            inv = np.float64(1.0) / np.float64(scale)
+            for j in range(lo, hi):
+                x = np.float64(values[r, j]) * inv
+                if stochastic:
+                    u = np.float64(stream_draw(base, j) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                    qv = np.floor(x + u)
+                else:
+                    qv = np.rint(x)
+                if qv > 127.0:
+                    qv = 127.0
+                elif qv < -127.0:
+                    qv = -127.0
+                q_out[r, j] = np.int8(qv)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_int8(q, scales, block_size, out):
+    """q int8 [n, k], scales [n, nblocks] -> float32 [n, k] (out)."""
+    n, k = q.shape
+    for r in prange(n):
+        for j in range(k):
+            out[r, j] = np.float32(q[r, j]) * scales[r, j // block_size]
+
+
+# ---------------------------------------------------------------- fp16 with a row exponent
+
+
+@njit(cache=True, parallel=True)
+def row_pow2_scales(values, scales_out):
+    """Per row, the power of two s with absmax / s in (0.5, 1]; 1 for an all-zero row.
+
+    Dividing by a power of two is exact, so fp16(x / s) * s is plain fp16 rounding with
+    float32's exponent range: no overflow past 65504, no flush of small gradients.
+    """
+    n, k = values.shape
+    for r in prange(n):
+        absmax = np.float32(0.0)
+        for j in range(k):
+            a = abs(values[r, j])
+            if a > absmax:
+                absmax = a
+        if absmax == 0:
+            scales_out[r, 0] = 1.0
+        else:
+            mantissa, exponent = math.frexp(absmax)
+            scales_out[r, 0] = math.ldexp(1.0, exponent)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+@njit(cache=True)
+def rows_not_finite(values):
+    """Indices of rows holding a NaN or an Inf."""
+    n, k = values.shape
+    bad = np.zeros(n, np.bool_)
+    for r in range(n):
+        for j in range(k):
+            if not np.isfinite(values[r, j]):
+                bad[r] = True
+                break
+    return np.nonzero(bad)[0]
+
+
+# ---------------------------------------------------------------- scatter-add
+
+
+def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions):
+    n, k = values.shape
+    # 1) positions of every row (each row writes only its own slice of ``positions``)
+    nthreads = min(n, nparts)
+    per = (n + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        seen = np.zeros(num_params, np.uint8)
+        for r in range(t * per, min(n, (t + 1) * per)):
+            _fill_positions(seed, keys[r], num_params, positions[r], seen)
+    # 2) each part owns the parameter range [lo, hi): no two parts touch one element
+    span = (num_params + nparts - 1) // nparts
+    for p in prange(nparts):
+        lo = p * span
+        hi = min(num_params, lo + span)
+        for r in range(n):
+            row_pos = positions[r]
+            start = np.searchsorted(row_pos, lo)
+            stop = np.searchsorted(row_pos, hi)
+            for j in range(start, stop):
+                flat[row_pos[j]] += alpha * (np.float32(values[r, j]) * scales[r, j // block_size])
+
+
+_scatter_add_parallel = njit(cache=True, parallel=True)(_scatter_add_body)
+_scatter_add_serial = njit(cache=True)(_scatter_add_body)
+
+
+def scatter_add(flat, values, scales, block_size, keys, seed, num_params, alpha):
+    """flat[positions(key_r)] += alpha * scales[r, j // block] * values[r, j] for every row r.
+
+    ``values`` is int8 (with its absmax scales) or float (with scales of ones / the row
+    exponent and block_size = k). Positions are regenerated inside the call.
+    """
+    n, k = values.shape
+    positions = np.empty((n, k), np.int64)
+    alpha = np.float32(alpha)
+    if n * k < (1 << 16) or n == 1:
+        _scatter_add_serial(flat, values, scales, block_size, keys, seed, num_params, alpha, 1, positions)
+    else:
+        import numba
+
+        nparts = max(1, numba.get_num_threads())
+        _scatter_add_parallel(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions)

@@ -1,0 +1,131 @@
+"""Mask positions regenerated from (seed, key): never stored, identical everywhere.
+
+A row keeps ``k`` of the ``M`` flat parameters. Its positions are drawn by Floyd's
+algorithm from a counter-based splitmix64 stream keyed by (seed, key), then sorted.
+Everything is uint64 integer arithmetic (wrapping), so the result does not depend
+on the machine, numpy's version or the number of threads. ``docs/FORMAT.md``
+gives the algorithm in plain Python; ``reference_positions`` below is that text.
+"""
+
+import numpy as np
+from numba import int64, njit, prange, uint64
+
+GOLDEN = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+@njit(inline="always", cache=True)
+def mix64(z):
+    """splitmix64's finaliser on a uint64."""
+    z = uint64(z)
+    z = (z ^ (z >> uint64(30))) * uint64(_MIX_1)
+    z = (z ^ (z >> uint64(27))) * uint64(_MIX_2)
+    return z ^ (z >> uint64(31))
+
+
+@njit(inline="always", cache=True)
+def stream_base(seed, key, salt):
+    """Start of the random stream for (seed, key); ``salt`` separates streams' uses."""
+    return mix64(mix64(uint64(seed) ^ uint64(salt)) ^ uint64(key))
+
+
+@njit(inline="always", cache=True)
+def stream_draw(base, i):
+    """The i-th (0-based) 64-bit draw of a stream."""
+    return mix64(base + uint64(i + 1) * uint64(GOLDEN))
+
+
+MASK_SALT = 0
+ROUNDING_SALT = 0x5DEECE66D
+
+
+@njit(cache=True)
+def _fill_positions(seed, key, num_params, out, seen):
+    """Write the sorted positions of one row into ``out`` (length k).
+
+    ``seen`` is a zeroed uint8 scratch of length num_params, left zeroed on return.
+    """
+    k = out.shape[0]
+    if k == num_params:
+        for j in range(k):
+            out[j] = j
+        return
+    base = stream_base(seed, key, MASK_SALT)
+    i = 0
+    for j in range(num_params - k, num_params):
+        t = int64(stream_draw(base, i) % uint64(j + 1))
+        pick = j if seen[t] else t
+        seen[pick] = 1
+        out[i] = pick
+        i += 1
+    # Sorted output: scan the bitmap when it is dense, else sort the picks.
+    if k * 32 >= num_params:
+        n = 0
+        for j in range(num_params):
+            if seen[j]:
+                out[n] = j
+                n += 1
+                seen[j] = 0
+    else:
+        out.sort()
+        for j in range(k):
+            seen[out[j]] = 0
+
+
+@njit(cache=True, parallel=True)
+def _positions_many_parallel(seed, keys, num_params, k, out):
+    n = keys.shape[0]
+    nthreads = min(n, 64)
+    per = (n + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        seen = np.zeros(num_params, np.uint8)
+        for r in range(t * per, min(n, (t + 1) * per)):
+            _fill_positions(seed, keys[r], num_params, out[r], seen)
+
+
+@njit(cache=True)
+def _positions_many_serial(seed, keys, num_params, k, out):
+    seen = np.zeros(num_params, np.uint8)
+    for r in range(keys.shape[0]):
+        _fill_positions(seed, keys[r], num_params, out[r], seen)
+
+
+# Below this many positions a parallel launch costs more than it saves.
+PARALLEL_MIN_VALUES = 1 << 18
+
+
+def positions_many(seed, keys, num_params, k):
+    """Sorted positions for each key: int64 array [len(keys), k]."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    out = np.empty((keys.shape[0], k), dtype=np.int64)
+    if keys.shape[0] * k >= PARALLEL_MIN_VALUES and keys.shape[0] > 1:
+        _positions_many_parallel(seed, keys, num_params, k, out)
+    else:
+        _positions_many_serial(seed, keys, num_params, k, out)
+    return out
+
+
+def positions(seed, key, num_params, k):
+    """Sorted positions of one key: int64 array [k]."""
+    return positions_many(seed, np.array([key]), num_params, k)[0]
+
+
+def reference_positions(seed, key, num_params, k):
+    """Pure-Python statement of the mask algorithm (slow; the spec in docs/FORMAT.md)."""
+
+    def mix(z):
+        z &= _MASK64
+        z = ((z ^ (z >> 30)) * _MIX_1) & _MASK64
+        z = ((z ^ (z >> 27)) * _MIX_2) & _MASK64
+        return z ^ (z >> 31)
+
+    if k == num_params:
+        return np.arange(num_params, dtype=np.int64)
+    base = mix(mix(seed ^ MASK_SALT) ^ key)
+    chosen = set()
+    for i, j in enumerate(range(num_params - k, num_params)):
+        t = mix(base + (i + 1) * GOLDEN) % (j + 1)
+        chosen.add(j if t in chosen else t)
+    return np.array(sorted(chosen), dtype=np.int64)

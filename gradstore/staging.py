@@ -1,0 +1,185 @@
+"""Recording: sum rows in memory, spill sorted lossless runs, merge them once at the end.
+
+A sample comes back once per epoch. Its contributions are summed in float32 in a
+bounded write buffer; when the buffer is full (or on ``commit``) its rows are sorted
+by key and written as an immutable *run*: float32, byte-shuffled, zstd (lossless).
+``finalize`` streams a k-way merge of the runs in key order, sums each key's
+contributions in float and quantizes once. So the codec's error is one
+quantization however many epochs there were, and memory is the buffer plus one
+chunk per run, whatever the number of samples.
+"""
+
+import numpy as np
+
+from . import chunkio
+from .format import RUN_COMMITTED, STAGING
+
+RUN_CHUNK_BYTES = 256 * 1024
+MAX_FANIN = 64  # runs merged at once; more are first merged into bigger runs
+
+
+class WriteBuffer:
+    """float32 sums of the rows seen since the last spill, one slot per key."""
+
+    def __init__(self, k, capacity_rows):
+        self.k = k
+        self.capacity_rows = max(1, int(capacity_rows))
+        self.values = np.zeros((min(self.capacity_rows, 1024), k), np.float32)
+        self.keys = np.empty(self.values.shape[0], np.int64)
+        self.slot_of_key = {}
+
+    def __len__(self):
+        return len(self.slot_of_key)
+
+    def room_for(self, keys):
+        """Whether adding these keys keeps the buffer within its capacity."""
+        new = sum(1 for key in keys.tolist() if key not in self.slot_of_key)
+        return len(self) + new <= self.capacity_rows
+
+    def add(self, keys, values):
+        """Sum rows into their keys' slots (keys unique within the call)."""
+        slots = np.empty(keys.shape[0], np.int64)
+        fresh = np.zeros(keys.shape[0], np.bool_)
+        for i, key in enumerate(keys.tolist()):
+            slot = self.slot_of_key.get(key)
+            if slot is None:
+                slot = self.slot_of_key[key] = len(self.slot_of_key)
+                fresh[i] = True
+            slots[i] = slot
+        self._grow_to(len(self))
+        self.keys[slots[fresh]] = keys[fresh]
+        self.values[slots[fresh]] = values[fresh]
+        self.values[slots[~fresh]] += values[~fresh]
+
+    def _grow_to(self, rows):
+        if rows <= self.values.shape[0]:
+            return
+        size = min(self.capacity_rows, max(rows, 2 * self.values.shape[0]))
+        values = np.zeros((size, self.k), np.float32)
+        values[: self.values.shape[0]] = self.values
+        keys = np.empty(size, np.int64)
+        keys[: self.keys.shape[0]] = self.keys
+        self.values, self.keys = values, keys
+
+    def sorted_slots(self):
+        """(keys ascending, their slots)."""
+        n = len(self)
+        order = np.argsort(self.keys[:n], kind="stable")
+        return self.keys[:n][order], order
+
+    def clear(self):
+        self.slot_of_key.clear()
+
+
+class MemoryCursor:
+    """Rows of the write buffer in key order, served by key range."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self.keys, self.slots = buffer.sorted_slots()
+
+    def rows_in(self, lo, hi):
+        i0, i1 = np.searchsorted(self.keys, [lo, hi])
+        return self.keys[i0:i1], self.buffer.values[self.slots[i0:i1]]
+
+
+class RunCursor:
+    """Rows of one run on disk in key order, decoding one chunk at a time."""
+
+    def __init__(self, group):
+        self.group = group
+        self.keys = group["keys"][()]
+        self.values = group["values"]
+        self.rows_per_chunk = self.values.chunks[0]
+        self._chunks = {}
+
+    def _chunk(self, index):
+        if index not in self._chunks:
+            name_rows = lambda i: self.keys[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk].tolist()
+            self._chunks = chunkio.read_chunks(self.values, [index], True, name_rows)  # keep only this one
+        return self._chunks[index]
+
+    def rows_in(self, lo, hi):
+        i0, i1 = (int(i) for i in np.searchsorted(self.keys, [lo, hi]))
+        out = np.empty((i1 - i0, self.values.shape[1]), np.float32)
+        i = i0
+        while i < i1:
+            chunk = i // self.rows_per_chunk
+            stop = min(i1, (chunk + 1) * self.rows_per_chunk)
+            out[i - i0 : stop - i0] = self._chunk(chunk)[i - chunk * self.rows_per_chunk : stop - chunk * self.rows_per_chunk]
+            i = stop
+        return self.keys[i0:i1], out
+
+
+def run_names(h5file):
+    """Committed runs, oldest first."""
+    if STAGING not in h5file:
+        return []
+    group = h5file[STAGING]
+    return sorted(name for name in group if group[name].attrs.get(RUN_COMMITTED, False))
+
+
+class RunWriter:
+    """Appends rows in ascending key order to a new run; ``close`` commits it."""
+
+    def __init__(self, h5file, name, k, zstd_level):
+        self.h5file, self.k, self.zstd_level = h5file, k, zstd_level
+        group = h5file.require_group(STAGING)
+        if name in group:  # an uncommitted leftover of a crash
+            del group[name]
+        self.group = group.create_group(name)
+        self.name = name
+        rows_per_chunk = max(1, RUN_CHUNK_BYTES // (4 * k))
+        filters = chunkio.dataset_filters(True, zstd_level)
+        self.values = self.group.create_dataset(
+            "values", shape=(0, k), maxshape=(None, k), dtype=np.float32, chunks=(rows_per_chunk, k), **filters
+        )
+        self.keys = self.group.create_dataset(
+            "keys", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **chunkio.dataset_filters(False, zstd_level)
+        )
+        self.rows_per_chunk = rows_per_chunk
+        self.flush_rows = rows_per_chunk * max(1, (16 << 20) // (4 * k * rows_per_chunk))
+        self.pending_keys, self.pending_rows, self.pending = [], [], 0
+        self.written = 0
+
+    def append(self, keys, rows):
+        if keys.size:
+            self.pending_keys.append(keys)
+            self.pending_rows.append(rows)
+            self.pending += keys.size
+        if self.pending >= self.flush_rows:
+            self._write(final=False)
+
+    def _write(self, final):
+        keys = np.concatenate(self.pending_keys) if self.pending_keys else np.empty(0, np.int64)
+        rows = np.concatenate(self.pending_rows) if self.pending_rows else np.empty((0, self.k), np.float32)
+        cut = keys.size if final else keys.size - keys.size % self.rows_per_chunk
+        if cut:
+            total = self.written + cut
+            self.values.resize((total, self.k))
+            self.keys.resize((total,))
+            chunkio.write_rows(self.values, self.written, rows[:cut], True, self.zstd_level)
+            self.keys[self.written : total] = keys[:cut]
+            self.written = total
+        self.pending_keys, self.pending_rows = [keys[cut:]], [rows[cut:]]
+        self.pending = keys.size - cut
+
+    def close(self):
+        """Write what is pending and mark the run committed (a crash before this loses only this run)."""
+        self._write(final=True)
+        self.group.attrs[RUN_COMMITTED] = True
+        self.h5file.flush()
+        return self.name
+
+
+def merge(cursors, num_keys, k, block_rows, emit):
+    """Stream every key block [lo, lo + block_rows): emit(lo, sums float32 [rows, k], present bool)."""
+    for lo in range(0, num_keys, block_rows):
+        hi = min(num_keys, lo + block_rows)
+        sums = np.zeros((hi - lo, k), np.float32)
+        present = np.zeros(hi - lo, np.bool_)
+        for cursor in cursors:
+            keys, rows = cursor.rows_in(lo, hi)
+            sums[keys - lo] += rows  # keys are unique within one cursor
+            present[keys - lo] = True
+        emit(lo, sums, present)

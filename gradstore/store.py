@@ -1,0 +1,542 @@
+"""The store: one HDF5 file of masked, quantized, compressed rows, one row per key.
+
+Life of a store: ``create`` -> ``accumulate`` batches (any number of epochs) ->
+``finalize`` (one row per key, quantized once) -> ``open`` to ``read``,
+``scatter_add``, ``mark_forgotten`` and ``purge``. The layout is in docs/FORMAT.md.
+"""
+
+import datetime
+import os
+
+import numpy as np
+
+from . import __version__, chunkio, kernels, masks, staging
+from .codecs import get_codec
+from .errors import BadInputError, FormatError, ReadOnlyError
+from .format import (
+    ATTR_FINISHED,
+    LABELS,
+    ROWS,
+    STAGING,
+    STATE,
+    RowState,
+    open_h5,
+    read_header,
+    write_header,
+)
+
+FINAL_CHUNK_BYTES = 64 * 1024  # one row read decodes one chunk: ~40 us at this size
+DEFAULT_MEMORY_BUDGET = 256 << 20
+SCATTER_BATCH_VALUES = 8 << 20  # rows decoded at once by scatter_add/read of many keys
+
+
+def keep_to_k(keep, num_params):
+    """Number of values a row keeps: round(keep * num_params), refused when it would be 0."""
+    if not (0 < keep <= 1):
+        raise BadInputError(f"keep must be in (0, 1], got {keep!r}")
+    k = int(round(keep * num_params))
+    if k < 1:
+        raise BadInputError(f"keep={keep} of {num_params} parameters keeps no value; raise keep")
+    return k
+
+
+def create(
+    path,
+    num_params,
+    num_keys,
+    keep,
+    codec="int8",
+    seed=0,
+    zstd_level=1,
+    key_kind="sample",
+    fingerprint=None,
+    labels=None,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
+    overwrite=False,
+):
+    """Create a store for recording and return it open for ``accumulate``.
+
+    num_params: M, the model's flat parameter count. num_keys: rows (keys 0..num_keys-1).
+    keep: p, the fraction of the M values each row keeps. codec: 'fp32', 'fp16', 'int8'
+    or a codec config dict. memory_budget: bytes of float32 sums held before spilling.
+    fingerprint: from ``format.model_fingerprint`` (checked at forget time by callers).
+    """
+    path = os.fspath(path)
+    if int(num_params) != num_params or num_params < 1:
+        raise BadInputError(f"num_params must be a positive integer, got {num_params!r}")
+    if int(num_keys) != num_keys or num_keys < 1:
+        raise BadInputError(f"num_keys must be a positive integer, got {num_keys!r}")
+    if int(seed) != seed or not (0 <= seed < 2**63):
+        raise BadInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if key_kind not in ("sample", "step"):
+        raise BadInputError(f"key_kind must be 'sample' or 'step', got {key_kind!r}")
+    if fingerprint is not None and fingerprint.get("num_params") != num_params:
+        raise BadInputError(
+            f"fingerprint counts {fingerprint.get('num_params')} parameters but num_params is {num_params}"
+        )
+    num_params, num_keys, seed = int(num_params), int(num_keys), int(seed)
+    k = keep_to_k(keep, num_params)
+    codec = get_codec(codec)
+    values_part = codec.parts(k)[0]
+    config = {
+        "num_params": num_params,
+        "num_keys": num_keys,
+        "keep": float(keep),
+        "k": k,
+        "seed": seed,
+        "codec": codec.get_config(),
+        "zstd_level": int(zstd_level),
+        "rows_per_chunk": max(1, min(num_keys, FINAL_CHUNK_BYTES // (k * values_part.dtype.itemsize))),
+        "key_kind": key_kind,
+        "fingerprint": fingerprint,
+        "package_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    label_array = _check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    h5file = open_h5(path, "w")
+    write_header(h5file, config, finished=False)
+    rows = h5file.create_group(ROWS)
+    rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
+    rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True, **chunkio.dataset_filters(False, 1))
+    h5file.flush()
+    return Store(path, h5file, config, finished=False, writable=True, memory_budget=memory_budget)
+
+
+def open(path, mode="r"):  # noqa: A001 - mirrors h5py.File / builtins.open
+    """Open an existing store. mode 'r' reads; 'r+' also allows mark_forgotten and purge."""
+    if mode not in ("r", "r+"):
+        raise BadInputError(f"mode must be 'r' or 'r+', got {mode!r}")
+    path = os.fspath(path)
+    h5file = open_h5(path, mode)
+    try:
+        config, finished = read_header(h5file, path)
+    except Exception:
+        h5file.close()
+        raise
+    return Store(path, h5file, config, finished=finished, writable=(mode == "r+"))
+
+
+def _check_labels(labels, count):
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or labels.dtype.kind not in "iu":
+        raise BadInputError(f"labels must be {count} integers, got dtype {labels.dtype} shape {labels.shape}")
+    return labels.astype(np.int64)
+
+
+class Store:
+    """An open store. Use ``gradstore.create`` or ``gradstore.open`` rather than this class."""
+
+    def __init__(self, path, h5file, config, finished, writable, memory_budget=DEFAULT_MEMORY_BUDGET):
+        self.path = path
+        self._h5 = h5file
+        self.config = config
+        self.finished = finished
+        self.writable = writable
+        self.codec = get_codec(config["codec"])
+        self.num_params = config["num_params"]
+        self.num_keys = config["num_keys"]
+        self.keep = config["keep"]
+        self.k = config["k"]
+        self.seed = config["seed"]
+        self.zstd_level = config["zstd_level"]
+        self.rows_per_chunk = config["rows_per_chunk"]
+        self.parts = self.codec.parts(self.k)
+        self.labels = h5file[LABELS][()]
+        self.state = h5file[STATE][()]
+        if not finished:
+            self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k))
+            self._runs = staging.run_names(h5file)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def close(self):
+        if self._h5 is not None:
+            if self.writable and not self.finished and len(self._buffer):
+                self.commit()
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<gradstore {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
+
+    def _require_open(self):
+        if self._h5 is None:
+            raise BadInputError(f"{self.path}: store is closed")
+
+    def _require_recording(self):
+        self._require_open()
+        if self.finished:
+            raise ReadOnlyError(f"{self.path}: recording has finished (finalize ran); the store takes no more rows")
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path}: store is open read-only")
+
+    def _require_finished(self, action):
+        self._require_open()
+        if not self.finished:
+            raise BadInputError(f"{self.path}: cannot {action} before finalize(): recording has not finished")
+
+    def _check_keys(self, keys, what="keys"):
+        """Keys as a 1-D int64 array: integers, in range, not repeated."""
+        array = np.asarray(keys)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        if array.ndim != 1:
+            raise BadInputError(f"{what} must be 1-D, got shape {array.shape}")
+        if array.size and array.dtype.kind not in "iu":
+            if array.dtype.kind == "f" and np.all(array == np.round(array)):
+                array = array.astype(np.int64)
+            else:
+                raise BadInputError(f"{what} must be integers, got dtype {array.dtype}")
+        array = array.astype(np.int64)
+        out_of_range = array[(array < 0) | (array >= self.num_keys)]
+        if out_of_range.size:
+            raise BadInputError(
+                f"{what} out of range [0, {self.num_keys}): {out_of_range[:10].tolist()}"
+                + (" ..." if out_of_range.size > 10 else "")
+            )
+        unique, counts = np.unique(array, return_counts=True)
+        if (counts > 1).any():
+            raise BadInputError(f"{what} repeated: {unique[counts > 1][:10].tolist()}")
+        return array
+
+    # ------------------------------------------------------------------ recording
+
+    def accumulate(self, keys, values, labels=None):
+        """Add a batch: row i of ``values`` (float [batch, k]) is summed into key ``keys[i]``."""
+        self._require_recording()
+        keys = self._check_keys(keys)
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape != (keys.shape[0], self.k):
+            raise BadInputError(f"values must have shape ({keys.shape[0]}, {self.k}) (batch, k), got {values.shape}")
+        if values.dtype.kind != "f":
+            raise BadInputError(f"values must be floating point, got dtype {values.dtype}")
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        bad_rows = kernels.rows_not_finite(values)
+        if bad_rows.size:
+            raise BadInputError(f"values hold NaN or Inf for keys {keys[bad_rows][:20].tolist()}")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != keys.shape or labels.dtype.kind not in "iu":
+                raise BadInputError(f"labels must be {keys.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        if not self._buffer.room_for(keys):
+            self.commit()
+        self._buffer.add(keys, values)
+        if labels is not None:
+            self.labels[keys] = labels
+        self.state[keys] = RowState.LIVE
+
+    def commit(self):
+        """Spill the buffered sums as a run and flush: everything accumulated so far survives a crash."""
+        self._require_recording()
+        if len(self._buffer):
+            keys, slots = self._buffer.sorted_slots()
+            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
+            step = writer.flush_rows
+            for i0 in range(0, keys.size, step):
+                writer.append(keys[i0 : i0 + step], self._buffer.values[slots[i0 : i0 + step]])
+            self._runs.append(writer.close())
+            self._buffer.clear()
+        self._write_row_metadata(self._h5)
+        self._h5.flush()
+
+    def _write_row_metadata(self, h5file):
+        h5file[LABELS][...] = self.labels
+        h5file[STATE][...] = self.state
+
+    def finalize(self):
+        """Merge every run and the buffer into one row per key, quantize once, and seal the file.
+
+        Writes a new file beside the store and renames it over the store, so the staging
+        runs leave no bytes behind and a crash leaves either the old or the new file.
+        """
+        self._require_recording()
+        self._compact_runs(staging.MAX_FANIN)
+        cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in self._runs]
+        if len(self._buffer):
+            cursors.append(staging.MemoryCursor(self._buffer))
+        tmp_path = self.path + ".finalize.tmp"
+        out = open_h5(tmp_path, "w")
+        try:
+            write_header(out, self.config, finished=True)
+            datasets = self._create_row_datasets(out)
+            rows = self.rows_per_chunk
+            block_rows = rows * max(1, (16 << 20) // (4 * self.k * rows))
+
+            def emit(lo, sums, present):
+                keys = np.arange(lo, lo + sums.shape[0], dtype=np.int64)
+                encoded = self.codec.encode(sums, keys, self.seed)
+                for part in self.parts:
+                    chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, self.zstd_level)
+
+            staging.merge(cursors, self.num_keys, self.k, block_rows, emit)
+            self._write_row_metadata(out)
+            out.flush()
+            os.fsync(out.id.get_vfd_handle())
+        except BaseException:
+            out.close()
+            os.remove(tmp_path)
+            raise
+        out.close()
+        self._h5.close()
+        os.replace(tmp_path, self.path)
+        self._h5 = open_h5(self.path, "r+" if self.writable else "r")
+        self.finished = True
+        self._buffer = None
+        self._runs = []
+
+    def _next_run_name(self):
+        return f"run_{int(self._runs[-1].split('_')[1]) + 1 if self._runs else 0:06d}"
+
+    def _compact_runs(self, fanin):
+        """Merge runs in groups until at most ``fanin`` remain (lossless float32 sums)."""
+        while len(self._runs) > fanin:
+            group, rest = self._runs[:fanin], self._runs[fanin:]
+            cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in group]
+            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
+            emit = lambda lo, sums, present: writer.append(np.nonzero(present)[0] + lo, sums[present])
+            staging.merge(cursors, self.num_keys, self.k, self.rows_per_chunk, emit)
+            for old in group:
+                del self._h5[STAGING][old]
+            self._runs = rest + [writer.close()]
+
+    def _create_row_datasets(self, h5file):
+        rows = h5file.require_group(ROWS)
+        datasets = {}
+        for part in self.parts:
+            datasets[part.name] = rows.create_dataset(
+                part.name,
+                shape=(self.num_keys, part.width),
+                dtype=part.dtype,
+                chunks=(self.rows_per_chunk, part.width),
+                **chunkio.dataset_filters(part.shuffle, self.zstd_level),
+            )
+        rows.create_dataset("labels", data=self.labels, chunks=True, **chunkio.dataset_filters(False, 1))
+        rows.create_dataset("state", data=self.state, chunks=True, **chunkio.dataset_filters(False, 1))
+        return datasets
+
+    # ------------------------------------------------------------------ reading
+
+    def positions(self, key):
+        """Sorted flat-parameter positions of ``key``'s row (int64 [k])."""
+        key = int(self._check_keys([key])[0])
+        return masks.positions(self.seed, key, self.num_params, self.k)
+
+    def _chunk_keys(self, chunk_index):
+        lo = chunk_index * self.rows_per_chunk
+        return list(range(lo, min(self.num_keys, lo + self.rows_per_chunk)))
+
+    def _read_parts(self, keys):
+        """Stored parts of the rows of ``keys`` (in that order): {part: array [n, width]}."""
+        rows = self.rows_per_chunk
+        chunk_of_key = keys // rows
+        chunks, inverse = np.unique(chunk_of_key, return_inverse=True)
+        parts = {}
+        for part in self.parts:
+            decoded = chunkio.read_chunks(self._h5[ROWS][part.name], chunks.tolist(), part.shuffle, self._chunk_keys)
+            stacked = np.stack([decoded[c] for c in chunks.tolist()])
+            parts[part.name] = stacked[inverse, keys - chunk_of_key * rows]
+        return parts
+
+    def _require_states(self, keys, allowed, action):
+        bad = keys[~np.isin(self.state[keys], allowed)]
+        if bad.size:
+            described = {RowState.NAMES[int(s)]: bad[self.state[bad] == s][:10].tolist() for s in np.unique(self.state[bad])}
+            raise BadInputError(f"cannot {action} keys that are {described}")
+
+    def read(self, keys):
+        """Decoded rows of ``keys``: float32 [len(keys), k], in the order given."""
+        self._require_finished("read rows")
+        keys = self._check_keys(keys)
+        self._require_states(keys, [RowState.LIVE, RowState.FORGOTTEN], "read")
+        if keys.size == 0:
+            return np.empty((0, self.k), np.float32)
+        return self.codec.decode(self._read_parts(keys))
+
+    def scatter_add(self, flat_params, keys, alpha=1.0):
+        """flat_params[positions(key)] += alpha * row(key) for every key (live rows only).
+
+        flat_params: float32, C-contiguous, length num_params; modified in place.
+        Rows are decoded and applied in batches of about 8M values.
+        """
+        self._require_finished("scatter_add")
+        if not isinstance(flat_params, np.ndarray) or flat_params.dtype != np.float32:
+            raise BadInputError("flat_params must be a float32 numpy array")
+        if flat_params.shape != (self.num_params,) or not flat_params.flags.c_contiguous:
+            raise BadInputError(f"flat_params must be C-contiguous of shape ({self.num_params},), got {flat_params.shape}")
+        if not np.isfinite(alpha):
+            raise BadInputError(f"alpha must be finite, got {alpha!r}")
+        keys = np.sort(self._check_keys(keys))
+        self._require_states(keys, [RowState.LIVE], "scatter_add")
+        batch = max(1, SCATTER_BATCH_VALUES // self.k)
+        for start in range(0, keys.size, batch):
+            batch_keys = keys[start : start + batch]
+            values, scales, block = self.codec.scatter_operands(self._read_parts(batch_keys))
+            kernels.scatter_add(flat_params, values, scales, block, batch_keys, self.seed, self.num_params, alpha)
+
+    def keys_with_label(self, label, states=(RowState.LIVE,)):
+        """Keys whose stored label is ``label`` (live rows by default)."""
+        return np.nonzero((self.labels == label) & np.isin(self.state, states))[0]
+
+    # ------------------------------------------------------------------ forgetting
+
+    def mark_forgotten(self, keys):
+        """Record that these live rows have been applied; a second forget of them is refused."""
+        self._require_finished("mark rows forgotten")
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path}: store is open read-only; open it with mode='r+'")
+        keys = self._check_keys(keys)
+        self._require_states(keys, [RowState.LIVE], "forget")
+        self.state[keys] = RowState.FORGOTTEN
+        self._h5[STATE][...] = self.state
+        self._h5.flush()
+
+    def purge(self):
+        """Erase forgotten rows from the file: their chunks are rewritten without them.
+
+        The store is rewritten into a new file that is renamed over the old one, so no
+        byte of a purged row survives in the file (HDF5 never reuses freed space
+        otherwise). Returns the number of rows purged.
+        """
+        self._require_finished("purge")
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path}: store is open read-only; open it with mode='r+'")
+        doomed = self.state == RowState.FORGOTTEN
+        if not doomed.any():
+            return 0
+        tmp_path = self.path + ".purge.tmp"
+        out = open_h5(tmp_path, "w")
+        try:
+            write_header(out, self.config, finished=True)
+            datasets = self._create_row_datasets(out)
+            rows = self.rows_per_chunk
+            for part in self.parts:
+                source = self._h5[ROWS][part.name]
+                for chunk in range(-(-self.num_keys // rows)):
+                    lo = chunk * rows
+                    hit = doomed[lo : lo + rows]
+                    if not hit.any():
+                        _, frame = source.id.read_direct_chunk((lo, 0))
+                        datasets[part.name].id.write_direct_chunk((lo, 0), frame)
+                        continue
+                    block = chunkio.read_chunks(source, [chunk], part.shuffle, self._chunk_keys)[chunk].copy()
+                    block[: hit.size][hit] = 0
+                    chunkio.write_rows(datasets[part.name], lo, block[: hit.size], part.shuffle, self.zstd_level)
+            purged_state = self.state.copy()
+            purged_state[doomed] = RowState.PURGED
+            purged_labels = self.labels.copy()
+            purged_labels[doomed] = -1
+            out[STATE][...] = purged_state
+            out[LABELS][...] = purged_labels
+            out.flush()
+            os.fsync(out.id.get_vfd_handle())
+        except BaseException:
+            out.close()
+            os.remove(tmp_path)
+            raise
+        out.close()
+        self._h5.close()
+        os.replace(tmp_path, self.path)
+        self._h5 = open_h5(self.path, "r+")
+        self.state, self.labels = purged_state, purged_labels
+        return int(doomed.sum())
+
+    # ------------------------------------------------------------------ description
+
+    def info(self):
+        """Every store-level field plus row counts and bytes on disk (what `gradstore info` prints)."""
+        self._require_open()
+        counts = {name: int((self.state == value).sum()) for value, name in RowState.NAMES.items()}
+        stored_rows = counts["live"] + counts["forgotten"]
+        bytes_on_disk = os.path.getsize(self.path)
+        info = {
+            "path": self.path,
+            "format_version": int(self._h5.attrs["gradstore_format_version"]),
+            **{key: value for key, value in self.config.items() if key != "fingerprint"},
+            "fingerprint_sha256": (self.config.get("fingerprint") or {}).get("sha256"),
+            "finished": bool(self._h5.attrs[ATTR_FINISHED]),
+            "rows_live": counts["live"],
+            "rows_forgotten": counts["forgotten"],
+            "rows_purged": counts["purged"],
+            "rows_empty": counts["empty"],
+            "staging_runs": 0 if self.finished else len(self._runs),
+            "bytes_on_disk": bytes_on_disk,
+            "stored_values": stored_rows * self.k,
+            "bytes_per_value": bytes_on_disk / (stored_rows * self.k) if stored_rows and self.finished else None,
+            "dense_fp32_bytes": stored_rows * self.num_params * 4,
+        }
+        info["ratio_vs_dense_fp32"] = (
+            info["dense_fp32_bytes"] / bytes_on_disk if stored_rows and self.finished else None
+        )
+        return info
+
+    def verify(self):
+        """Decode every chunk and check it. Returns a list of problems, each naming its rows."""
+        self._require_open()
+        problems = []
+        bad_state = np.nonzero(~np.isin(self.state, list(RowState.NAMES)))[0]
+        if bad_state.size:
+            problems.append({"rows": bad_state[:50].tolist(), "problem": "invalid row state"})
+        if not self.finished:
+            return problems + self._verify_runs()
+        rows = self.rows_per_chunk
+        for part in self.parts:
+            dset = self._h5.get(f"{ROWS}/{part.name}")
+            if dset is None:
+                return problems + [{"rows": [], "problem": f"dataset {ROWS}/{part.name} missing"}]
+            for chunk in range(-(-self.num_keys // rows)):
+                keys = self._chunk_keys(chunk)
+                try:
+                    block = chunkio.read_chunks(dset, [chunk], part.shuffle, self._chunk_keys)[chunk][: len(keys)]
+                except FormatError as error:
+                    problems.append({"rows": keys, "problem": str(error)})
+                    continue
+                problems += _check_block(block, part.name, np.array(keys), self.state[keys])
+        return problems
+
+    def _verify_runs(self):
+        problems = []
+        for name in self._runs:
+            cursor = staging.RunCursor(self._h5[STAGING][name])
+            for chunk in range(-(-cursor.keys.size // cursor.rows_per_chunk)):
+                lo = chunk * cursor.rows_per_chunk
+                keys = cursor.keys[lo : lo + cursor.rows_per_chunk]
+                try:
+                    block = cursor._chunk(chunk)[: keys.size]
+                except FormatError as error:
+                    problems.append({"rows": keys.tolist(), "problem": f"run {name}: {error}"})
+                    continue
+                bad = kernels.rows_not_finite(np.ascontiguousarray(block, np.float32))
+                if bad.size:
+                    problems.append({"rows": keys[bad].tolist(), "problem": f"run {name}: non-finite values"})
+        return problems
+
+
+def _check_block(block, part_name, keys, states):
+    """Problems in one decoded chunk of a part: non-finite, out-of-range, or non-zero empty rows."""
+    problems = []
+    if block.dtype.kind == "f":
+        bad = kernels.rows_not_finite(np.ascontiguousarray(block, np.float32))
+        if bad.size:
+            problems.append({"rows": keys[bad].tolist(), "problem": f"{part_name}: NaN or Inf"})
+        if part_name == "scales":
+            negative = np.nonzero((block < 0).any(axis=1))[0]
+            if negative.size:
+                problems.append({"rows": keys[negative].tolist(), "problem": "scales: negative"})
+    if block.dtype == np.int8:
+        out_of_range = np.nonzero((block == -128).any(axis=1))[0]
+        if out_of_range.size:
+            problems.append({"rows": keys[out_of_range].tolist(), "problem": "values: int8 -128 never written"})
+    vacant = np.isin(states, [RowState.EMPTY, RowState.PURGED])
+    if part_name == "values":
+        nonzero_vacant = np.nonzero(vacant & (block != 0).any(axis=1))[0]
+        if nonzero_vacant.size:
+            problems.append({"rows": keys[nonzero_vacant].tolist(), "problem": "empty or purged row is not zero"})
+    return problems
