@@ -113,6 +113,7 @@ def read_chunks(dset, chunk_indices, shuffle, name_rows):
     (``name_rows(chunk_index)`` gives them).
     """
     rows_per_chunk, width = dset.chunks
+    dtype = dset.dtype
     frames = {}
     for index in chunk_indices:
         try:
@@ -125,7 +126,7 @@ def read_chunks(dset, chunk_indices, shuffle, name_rows):
 
     def decode(index):
         try:
-            return index, decode_chunk(frames[index], dset.dtype, rows_per_chunk, width, shuffle)
+            return index, decode_chunk(frames[index], dtype, rows_per_chunk, width, shuffle)
         except ValueError as error:
             return index, error
 

@@ -19,8 +19,8 @@ from .masks import ROUNDING_SALT, _fill_positions, stream_base, stream_draw
 def quantize_int8(values, keys, block_size, stochastic, seed, q_out, scales_out):
     """values float32 [n, k] -> q int8 [n, k], scales float32 [n, ceil(k/block)].
 
-    scale = absmax(block) / 127; q = round(x / scale), to nearest (ties to even) or
-    stochastically with noise from (seed, key) so that a re-run gives the same bytes.
+    scale = absmax(block) / 127; q = round(x * (127 / absmax)), to nearest (ties to even)
+    or stochastically, with noise drawn from (seed, key) so a re-run gives the same bytes.
     """
     n, k = values.shape
     nblocks = scales_out.shape[1]
@@ -31,37 +31,39 @@ def quantize_int8(values, keys, block_size, stochastic, seed, q_out, scales_out)
             hi = min(k, lo + block_size)
             absmax = np.float32(0.0)
             for j in range(lo, hi):
-                a = abs(values[r, j])
-                if a > absmax:
-                    absmax = a
-            scale = absmax / np.float32(127.0)
-            scales_out[r, b] = scale
-            if scale == 0:
-                for j in range(lo, hi):
-                    q_out[r, j] = 0
+                absmax = max(absmax, abs(values[r, j]))
+            scales_out[r, b] = absmax / np.float32(127.0)
+            if absmax == 0:
+                q_out[r, lo:hi] = 0
                 continue
-            inv = np.float64(1.0) / np.float64(scale)
-            for j in range(lo, hi):
-                x = np.float64(values[r, j]) * inv
-                if stochastic:
-                    u = np.float64(stream_draw(base, j) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-                    qv = np.floor(x + u)
-                else:
-                    qv = np.rint(x)
-                if qv > 127.0:
-                    qv = 127.0
-                elif qv < -127.0:
-                    qv = -127.0
-                q_out[r, j] = np.int8(qv)
+            inv = np.float32(127.0) / absmax
+            if stochastic:
+                for j in range(lo, hi):
+                    u = np.float32(stream_draw(base, j) >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+                    q_out[r, j] = np.int8(min(max(np.floor(values[r, j] * inv + u), np.float32(-127.0)), np.float32(127.0)))
+            else:
+                for j in range(lo, hi):
+                    q_out[r, j] = np.int8(min(max(np.rint(values[r, j] * inv), np.float32(-127.0)), np.float32(127.0)))
 
 
-@njit(cache=True, parallel=True)
-def dequantize_int8(q, scales, block_size, out):
-    """q int8 [n, k], scales [n, nblocks] -> float32 [n, k] (out)."""
+def _dequantize_int8_body(q, scales, block_size, out):
     n, k = q.shape
     for r in prange(n):
         for j in range(k):
             out[r, j] = np.float32(q[r, j]) * scales[r, j // block_size]
+
+
+_dequantize_int8_parallel = njit(cache=True, parallel=True)(_dequantize_int8_body)
+_dequantize_int8_serial = njit(cache=True)(_dequantize_int8_body)
+
+# Below this many values a parallel launch (waking the thread pool) costs more than it saves.
+PARALLEL_MIN_VALUES = 1 << 18
+
+
+def dequantize_int8(q, scales, block_size, out):
+    """q int8 [n, k], scales [n, nblocks] -> float32 [n, k] (out)."""
+    kernel = _dequantize_int8_parallel if q.size >= PARALLEL_MIN_VALUES else _dequantize_int8_serial
+    kernel(q, scales, block_size, out)
 
 
 # ---------------------------------------------------------------- fp16 with a row exponent
@@ -93,15 +95,27 @@ def row_pow2_scales(values, scales_out):
 
 @njit(cache=True)
 def rows_not_finite(values):
-    """Indices of rows holding a NaN or an Inf."""
-    n, k = values.shape
+    """Indices of rows holding a NaN or an Inf (an exponent of all ones), vectorised bit test."""
+    n = values.shape[0]
+    bits = values.reshape(n, -1).view(np.uint32)
     bad = np.zeros(n, np.bool_)
     for r in range(n):
-        for j in range(k):
-            if not np.isfinite(values[r, j]):
-                bad[r] = True
-                break
+        flag = np.uint32(0)
+        for j in range(bits.shape[1]):
+            flag |= np.uint32((bits[r, j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+        bad[r] = flag != 0
     return np.nonzero(bad)[0]
+
+
+@njit(cache=True)
+def add_rows(target, slots, fresh, values):
+    """target[slots[i]] = values[i] where fresh[i], else += (slots unique)."""
+    for i in range(slots.shape[0]):
+        row = target[slots[i]]
+        if fresh[i]:
+            row[:] = values[i]
+        else:
+            row += values[i]
 
 
 # ---------------------------------------------------------------- scatter-add
@@ -113,9 +127,9 @@ def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, 
     nthreads = min(n, nparts)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        seen = np.zeros(num_params, np.uint8)
+        bitmap = np.zeros((num_params + 63) // 64, np.uint64)
         for r in range(t * per, min(n, (t + 1) * per)):
-            _fill_positions(seed, keys[r], num_params, positions[r], seen)
+            _fill_positions(seed, keys[r], num_params, positions[r], bitmap)
     # 2) each part owns the parameter range [lo, hi): no two parts touch one element
     span = (num_params + nparts - 1) // nparts
     for p in prange(nparts):
@@ -142,7 +156,7 @@ def scatter_add(flat, values, scales, block_size, keys, seed, num_params, alpha)
     n, k = values.shape
     positions = np.empty((n, k), np.int64)
     alpha = np.float32(alpha)
-    if n * k < (1 << 16) or n == 1:
+    if n * k < PARALLEL_MIN_VALUES or n == 1:
         _scatter_add_serial(flat, values, scales, block_size, keys, seed, num_params, alpha, 1, positions)
     else:
         import numba

@@ -41,11 +41,39 @@ MASK_SALT = 0
 ROUNDING_SALT = 0x5DEECE66D
 
 
+@njit(inline="always", cache=True)
+def below(draw, n):
+    """floor(draw * n / 2**64) for n < 2**32: a uniform integer in [0, n) without a division."""
+    high = draw >> uint64(32)
+    low = draw & uint64(0xFFFFFFFF)
+    return int64((high * uint64(n) + ((low * uint64(n)) >> uint64(32))) >> uint64(32))
+
+
+_DEBRUIJN = 0x03F79D71B4CB0A89
+_DEBRUIJN_TABLE = np.zeros(64, np.int64)
+for _bit in range(64):
+    _DEBRUIJN_TABLE[(((1 << _bit) * _DEBRUIJN) & _MASK64) >> 58] = _bit
+
+
+@njit(inline="always", cache=True)
+def _lowest_bit(word):
+    """Index of the lowest set bit of a non-zero uint64 (de Bruijn multiply)."""
+    isolated = word & (~word + uint64(1))
+    return _DEBRUIJN_TABLE[(isolated * uint64(_DEBRUIJN)) >> uint64(58)]
+
+
+def bitmap_words(num_params):
+    """A zeroed bitmap of num_params bits, as the scratch ``_fill_positions`` needs."""
+    return np.zeros((num_params + 63) // 64, np.uint64)
+
+
 @njit(cache=True)
-def _fill_positions(seed, key, num_params, out, seen):
+def _fill_positions(seed, key, num_params, out, bitmap):
     """Write the sorted positions of one row into ``out`` (length k).
 
-    ``seen`` is a zeroed uint8 scratch of length num_params, left zeroed on return.
+    ``bitmap`` is a zeroed uint64 scratch of ceil(num_params / 64) words, left zeroed.
+    Floyd's algorithm marks the picks in the bitmap; reading its set bits in order
+    gives them sorted in O(num_params / 64 + k), with no sort.
     """
     k = out.shape[0]
     if k == num_params:
@@ -55,23 +83,20 @@ def _fill_positions(seed, key, num_params, out, seen):
     base = stream_base(seed, key, MASK_SALT)
     i = 0
     for j in range(num_params - k, num_params):
-        t = int64(stream_draw(base, i) % uint64(j + 1))
-        pick = j if seen[t] else t
-        seen[pick] = 1
-        out[i] = pick
+        t = below(stream_draw(base, i), j + 1)
         i += 1
-    # Sorted output: scan the bitmap when it is dense, else sort the picks.
-    if k * 32 >= num_params:
-        n = 0
-        for j in range(num_params):
-            if seen[j]:
-                out[n] = j
+        if (bitmap[t >> 6] >> uint64(t & 63)) & uint64(1):
+            t = j
+        bitmap[t >> 6] |= uint64(1) << uint64(t & 63)
+    n = 0
+    for w in range(bitmap.shape[0]):
+        word = bitmap[w]
+        if word:
+            bitmap[w] = 0
+            while word:
+                out[n] = w * 64 + _lowest_bit(word)
                 n += 1
-                seen[j] = 0
-    else:
-        out.sort()
-        for j in range(k):
-            seen[out[j]] = 0
+                word &= word - uint64(1)
 
 
 @njit(cache=True, parallel=True)
@@ -80,16 +105,16 @@ def _positions_many_parallel(seed, keys, num_params, k, out):
     nthreads = min(n, 64)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        seen = np.zeros(num_params, np.uint8)
+        bitmap = np.zeros((num_params + 63) // 64, np.uint64)
         for r in range(t * per, min(n, (t + 1) * per)):
-            _fill_positions(seed, keys[r], num_params, out[r], seen)
+            _fill_positions(seed, keys[r], num_params, out[r], bitmap)
 
 
 @njit(cache=True)
 def _positions_many_serial(seed, keys, num_params, k, out):
-    seen = np.zeros(num_params, np.uint8)
+    bitmap = np.zeros((num_params + 63) // 64, np.uint64)
     for r in range(keys.shape[0]):
-        _fill_positions(seed, keys[r], num_params, out[r], seen)
+        _fill_positions(seed, keys[r], num_params, out[r], bitmap)
 
 
 # Below this many positions a parallel launch costs more than it saves.
@@ -98,6 +123,8 @@ PARALLEL_MIN_VALUES = 1 << 18
 
 def positions_many(seed, keys, num_params, k):
     """Sorted positions for each key: int64 array [len(keys), k]."""
+    if num_params >= 2**32:
+        raise ValueError(f"num_params must be below 2**32, got {num_params}")
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     out = np.empty((keys.shape[0], k), dtype=np.int64)
     if keys.shape[0] * k >= PARALLEL_MIN_VALUES and keys.shape[0] > 1:
@@ -126,6 +153,6 @@ def reference_positions(seed, key, num_params, k):
     base = mix(mix(seed ^ MASK_SALT) ^ key)
     chosen = set()
     for i, j in enumerate(range(num_params - k, num_params)):
-        t = mix(base + (i + 1) * GOLDEN) % (j + 1)
+        t = (mix(base + (i + 1) * GOLDEN) * (j + 1)) >> 64
         chosen.add(j if t in chosen else t)
     return np.array(sorted(chosen), dtype=np.int64)

@@ -11,7 +11,7 @@ chunk per run, whatever the number of samples.
 
 import numpy as np
 
-from . import chunkio
+from . import chunkio, kernels
 from .format import RUN_COMMITTED, STAGING
 
 RUN_CHUNK_BYTES = 256 * 1024
@@ -48,8 +48,7 @@ class WriteBuffer:
             slots[i] = slot
         self._grow_to(len(self))
         self.keys[slots[fresh]] = keys[fresh]
-        self.values[slots[fresh]] = values[fresh]
-        self.values[slots[~fresh]] += values[~fresh]
+        kernels.add_rows(self.values, slots, fresh, values)
 
     def _grow_to(self, rows):
         if rows <= self.values.shape[0]:

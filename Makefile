@@ -1,0 +1,20 @@
+# The two quick-start commands: `make demo` (the main job) and `make test`.
+# Both create .venv on first use (pip, Python 3.10+) and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m bench store --quick --out out/demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests

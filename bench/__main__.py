@@ -1,0 +1,41 @@
+"""python -m bench {store,codecs} ...: storage benchmarks (see README)."""
+
+import argparse
+import os
+import sys
+
+# REFERENCE.md: with 2 torch/OpenMP threads this VM sometimes parks both on one vCPU;
+# these settings make timings stable. They must be set before the process starts.
+STABLE_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "OMP_PROC_BIND": "true",
+    "OMP_PLACES": "cores",
+}
+
+
+def _reexec_with_stable_env():
+    if os.environ.get("BENCH_STABLE_ENV") == "1":
+        return
+    env = dict(os.environ, BENCH_STABLE_ENV="1", **{k: v for k, v in STABLE_ENV.items() if k not in os.environ})
+    os.execve(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]], env)
+
+
+def main():
+    from . import codecs_study, store
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    store_parser = commands.add_parser("store", help="bytes/value, ingest, read, scatter, forget on real gradients")
+    store.add_arguments(store_parser)
+    store_parser.set_defaults(run=store.main)
+    codecs_parser = commands.add_parser("codecs", help="int8 block size and error growth over epochs")
+    codecs_study.add_arguments(codecs_parser)
+    codecs_parser.set_defaults(run=codecs_study.main)
+    args = parser.parse_args()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    _reexec_with_stable_env()
+    sys.exit(main())

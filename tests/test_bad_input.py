@@ -1,0 +1,317 @@
+"""Every refusal is a clear error (its message names the problem) and leaves the files as they were."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+import gradstore
+from gradstore import BadInputError, FormatError, ReadOnlyError, RowState
+
+from conftest import gradient_rows, sha256
+
+NUM_KEYS, NUM_PARAMS, KEEP = 50, 2000, 0.1
+K = 200
+
+
+@pytest.fixture
+def recording(tmp_path):
+    """A store being recorded: keys 0..9 accumulated and committed. Yields (store, path, rows)."""
+    path = tmp_path / "rec.h5"
+    store = gradstore.create(path, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP, codec="fp32", seed=1)
+    assert store.k == K
+    rows = gradient_rows(np.random.default_rng(0), 10, K)
+    store.accumulate(np.arange(10), rows)
+    store.commit()
+    yield store, path, rows
+    store.close()
+
+
+def refused_without_change(store, path, error, match, call):
+    """``call()`` raises ``error`` matching ``match``; after a commit, the file's bytes are unchanged."""
+    before = sha256(path)
+    with pytest.raises(error, match=match) as info:
+        call()
+    store.commit()  # writes out anything the refused call would have left in memory
+    assert sha256(path) == before, "a refused call changed the store"
+    return info.value
+
+
+def finish_and_check_only_good_rows(store, rows):
+    store.finalize()
+    assert np.array_equal(store.read(np.arange(10)), rows)
+    assert np.all(store.state[10:] == RowState.EMPTY)
+
+
+# ---------------------------------------------------------------------------- not a (readable) store
+
+
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_not_hdf5(tmp_path, mode):
+    path = tmp_path / "notes.h5"
+    path.write_text("these are not gradients\n" * 100)
+    before = sha256(path)
+    with pytest.raises(FormatError, match="not an HDF5 file"):
+        gradstore.open(path, mode)
+    assert sha256(path) == before
+
+
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_hdf5_but_not_a_store(tmp_path, mode):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["rows/values"] = np.zeros((3, 4), np.float32)
+        f.attrs["something"] = 1
+    before = sha256(path)
+    with pytest.raises(FormatError, match="not a gradstore store"):
+        gradstore.open(path, mode)
+    assert sha256(path) == before
+
+
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_newer_format_version(small_store, tmp_path, mode):
+    path, _ = small_store
+    newer = tmp_path / "newer.h5"
+    shutil.copy(path, newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["gradstore_format_version"] = 99
+    before = sha256(newer)
+    with pytest.raises(FormatError, match=r"version 99") as info:
+        gradstore.open(newer, mode)
+    assert str(gradstore.FORMAT_VERSION) in str(info.value)
+    assert sha256(newer) == before
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        gradstore.open(tmp_path / "absent.h5")
+    assert not (tmp_path / "absent.h5").exists()
+
+
+# ---------------------------------------------------------------------------- accumulate
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        (np.zeros((3, K + 1), np.float32), "shape"),  # wrong length
+        (np.zeros((3, K - 1), np.float32), "shape"),
+        (np.zeros(3 * K, np.float32), "shape"),  # wrong ndim
+        (np.zeros((3, K, 1), np.float32), "shape"),
+        (np.zeros((4, K), np.float32), "shape"),  # one row too many for the keys
+        (np.zeros((3, K), np.int32), "floating point"),  # integer dtype
+        (np.zeros((3, K), np.bool_), "floating point"),
+    ],
+    ids=["long", "short", "1d", "3d", "rows", "int32", "bool"],
+)
+def test_bad_rows(recording, values, match):
+    store, path, rows = recording
+    refused_without_change(store, path, BadInputError, match, lambda: store.accumulate([20, 21, 22], values))
+    finish_and_check_only_good_rows(store, rows)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_name_the_keys(recording, bad):
+    store, path, rows = recording
+    values = gradient_rows(np.random.default_rng(1), 4, K)
+    values[1, 17] = bad
+    values[3, 0] = bad
+    keys = [13, 31, 22, 47]
+    error = refused_without_change(store, path, BadInputError, "NaN or Inf", lambda: store.accumulate(keys, values))
+    assert "[31, 47]" in str(error)
+    assert "13" not in str(error) and "22" not in str(error)
+    # a row already buffered is not touched by a refused batch on the same key
+    values2 = gradient_rows(np.random.default_rng(2), 2, K)
+    values2[0, 5] = np.nan
+    refused_without_change(store, path, BadInputError, r"\[4\]", lambda: store.accumulate([4, 5], values2))
+    finish_and_check_only_good_rows(store, rows)
+
+
+@pytest.mark.parametrize(
+    "keys,match",
+    [
+        ([20, 21, NUM_KEYS], rf"out of range \[0, {NUM_KEYS}\).*{NUM_KEYS}"),
+        ([20, 21, 10**12], "out of range"),
+        ([20, -1, 21], r"out of range.*-1"),
+        ([20, 21, 21], r"repeated: \[21\]"),
+        ([[20, 21, 22]], "1-D"),
+        ([20.5, 21, 22], "integers"),
+    ],
+    ids=["num_keys", "huge", "negative", "repeated", "2d", "fraction"],
+)
+def test_bad_keys(recording, keys, match):
+    store, path, rows = recording
+    values = gradient_rows(np.random.default_rng(3), 3, K)
+    refused_without_change(store, path, BadInputError, match, lambda: store.accumulate(keys, values))
+    finish_and_check_only_good_rows(store, rows)
+
+
+def test_bad_labels(recording):
+    store, path, rows = recording
+    values = gradient_rows(np.random.default_rng(3), 3, K)
+    refused_without_change(store, path, BadInputError, "labels", lambda: store.accumulate([20, 21, 22], values, labels=[1.5, 2, 3]))
+    refused_without_change(store, path, BadInputError, "labels", lambda: store.accumulate([20, 21, 22], values, labels=[1, 2]))
+    finish_and_check_only_good_rows(store, rows)
+    assert np.all(store.labels == -1)
+
+
+def test_accumulate_after_finalize(recording):
+    store, path, rows = recording
+    store.finalize()
+    more = gradient_rows(np.random.default_rng(4), 1, K)
+    with pytest.raises(ReadOnlyError, match="finalize"):
+        store.accumulate([20], more)
+    with pytest.raises(ReadOnlyError):
+        store.finalize()
+    with pytest.raises(ReadOnlyError):
+        store.commit()
+    store.close()
+    # (HDF5 marks a file open for writing in its superblock: compare bytes of the closed file)
+    before = sha256(path)
+    with gradstore.open(path, "r+") as again:
+        with pytest.raises(ReadOnlyError, match="finalize"):
+            again.accumulate([20], more)
+        assert np.array_equal(again.read(np.arange(10)), rows)
+        assert again.state[20] == RowState.EMPTY
+    assert sha256(path) == before
+
+
+def test_accumulate_on_read_only_recording(recording):
+    store, path, _ = recording
+    store.close()
+    before = sha256(path)
+    with gradstore.open(path, "r") as reader:
+        assert not reader.finished
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            reader.accumulate([20], gradient_rows(np.random.default_rng(4), 1, K))
+    assert sha256(path) == before
+
+
+def test_read_before_finalize(recording):
+    store, path, _ = recording
+    refused_without_change(store, path, BadInputError, "finalize", lambda: store.read([0]))
+    flat = np.zeros(NUM_PARAMS, np.float32)
+    refused_without_change(store, path, BadInputError, "finalize", lambda: store.scatter_add(flat, [0]))
+    refused_without_change(store, path, BadInputError, "finalize", lambda: store.mark_forgotten([0]))
+    assert not flat.any()
+
+
+# ---------------------------------------------------------------------------- finished store
+
+
+def test_mark_forgotten_and_purge_on_read_only(small_store):
+    path, _ = small_store
+    before = sha256(path)
+    with gradstore.open(path, "r") as store:
+        with pytest.raises(ReadOnlyError, match="r\\+"):
+            store.mark_forgotten([1, 2])
+        with pytest.raises(ReadOnlyError):
+            store.purge()
+        assert store.state[1] == RowState.LIVE
+    assert sha256(path) == before
+
+
+def test_bad_open_mode(small_store):
+    path, _ = small_store
+    before = sha256(path)
+    with pytest.raises(BadInputError, match="mode"):
+        gradstore.open(path, "w")
+    assert sha256(path) == before
+
+
+@pytest.mark.parametrize(
+    "make_flat,match",
+    [
+        (lambda m: np.zeros(m, np.float64), "float32"),
+        (lambda m: np.zeros(m - 1, np.float32), "shape"),
+        (lambda m: np.zeros(m + 1, np.float32), "shape"),
+        (lambda m: np.zeros((m, 1), np.float32), "shape"),
+        (lambda m: np.zeros(2 * m, np.float32)[::2], "C-contiguous"),
+        (lambda m: [0.0] * m, "float32"),
+    ],
+    ids=["float64", "short", "long", "2d", "strided", "list"],
+)
+def test_scatter_add_bad_vector(small_store, make_flat, match):
+    path, _ = small_store
+    before = sha256(path)
+    with gradstore.open(path, "r") as store:
+        flat = make_flat(store.num_params)
+        snapshot = np.array(flat, copy=True)
+        with pytest.raises(BadInputError, match=match):
+            store.scatter_add(flat, [0, 1, 2])
+        assert np.array_equal(np.asarray(flat), snapshot)
+    assert sha256(path) == before
+
+
+def test_scatter_add_bad_alpha_and_keys(small_store):
+    path, _ = small_store
+    with gradstore.open(path, "r") as store:
+        flat = np.zeros(store.num_params, np.float32)
+        with pytest.raises(BadInputError, match="alpha"):
+            store.scatter_add(flat, [0], alpha=float("nan"))
+        with pytest.raises(BadInputError, match="out of range"):
+            store.scatter_add(flat, [0, 300])
+        with pytest.raises(BadInputError, match="repeated"):
+            store.scatter_add(flat, [4, 4])
+        assert not flat.any()
+
+
+# ---------------------------------------------------------------------------- create
+
+
+def test_create_on_existing_path(small_store, tmp_path):
+    path, _ = small_store
+    before = sha256(path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        gradstore.create(path, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP)
+    assert sha256(path) == before
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me\n")
+    with pytest.raises(FileExistsError):
+        gradstore.create(other, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP)
+    assert other.read_text() == "keep me\n"
+    with gradstore.open(path) as store:
+        assert store.finished and store.info()["rows_live"] == 300
+
+
+@pytest.mark.parametrize("keep", [0, 0.0, -0.1, 1.0001, 2, float("nan")])
+def test_bad_keep(tmp_path, keep):
+    path = tmp_path / "s.h5"
+    with pytest.raises(BadInputError, match="keep"):
+        gradstore.create(path, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=keep)
+    assert not path.exists()
+
+
+def test_keep_that_keeps_nothing(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(BadInputError, match="keeps no value"):
+        gradstore.create(path, num_params=100, num_keys=5, keep=0.001)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_params=0), "num_params"),
+        (dict(num_keys=0), "num_keys"),
+        (dict(num_keys=2.5), "num_keys"),
+        (dict(seed=-1), "seed"),
+        (dict(labels=np.zeros(3, np.int64)), "labels"),
+        (dict(key_kind="epoch"), "key_kind"),
+    ],
+)
+def test_bad_create_arguments(tmp_path, kwargs, match):
+    path = tmp_path / "s.h5"
+    arguments = dict(num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP, **{})
+    arguments.update(kwargs)
+    with pytest.raises(BadInputError, match=match):
+        gradstore.create(path, **arguments)
+    assert not path.exists()
+
+
+def test_bad_codec_on_create(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(FormatError, match="unknown codec"):
+        gradstore.create(path, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP, codec="bf16")
+    assert not path.exists()

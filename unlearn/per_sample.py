@@ -1,0 +1,23 @@
+"""Per-sample gradients with torch.func: vmap over grad, in chunks so memory stays bounded."""
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def per_sample_grads(model, inputs, targets, loss_scale=1.0, chunk_size=64):
+    """Flat per-sample gradients [B, M] (named_parameters() order) of loss_scale * CE(sample).
+
+    With loss_scale = 1/B their sum over the batch is the gradient of the mean loss.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sample_loss(p, x, y):
+        logits = functional_call(model, p, (x.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(logits, y.unsqueeze(0)) * loss_scale
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    outputs = []
+    for start in range(0, inputs.shape[0], chunk_size):
+        grads = per_sample(params, inputs[start : start + chunk_size], targets[start : start + chunk_size])
+        outputs.append(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1))
+    return torch.cat(outputs)
