@@ -71,7 +71,7 @@ def dequantize_int8(q, scales, block_size, out):
 
 @njit(cache=True, parallel=True)
 def row_pow2_scales(values, scales_out):
-    """Per row, the power of two s with absmax / s in (0.5, 1]; 1 for an all-zero row.
+    """Per row, the smallest power of two s >= absmax (capped at 2**127); 1 for an all-zero row.
 
     Dividing by a power of two is exact, so fp16(x / s) * s is plain fp16 rounding with
     float32's exponent range: no overflow past 65504, no flush of small gradients.
@@ -80,14 +80,14 @@ def row_pow2_scales(values, scales_out):
     for r in prange(n):
         absmax = np.float32(0.0)
         for j in range(k):
-            a = abs(values[r, j])
-            if a > absmax:
-                absmax = a
+            absmax = max(absmax, abs(values[r, j]))
         if absmax == 0:
             scales_out[r, 0] = 1.0
         else:
-            mantissa, exponent = math.frexp(absmax)
-            scales_out[r, 0] = math.ldexp(1.0, exponent)
+            mantissa, exponent = math.frexp(absmax)  # absmax = mantissa * 2**exponent, mantissa in [0.5, 1)
+            if mantissa == 0.5:
+                exponent -= 1
+            scales_out[r, 0] = math.ldexp(1.0, min(exponent, 127))
 
 
 # ---------------------------------------------------------------- input checks

@@ -64,6 +64,8 @@ def create(
     path = os.fspath(path)
     if int(num_params) != num_params or num_params < 1:
         raise BadInputError(f"num_params must be a positive integer, got {num_params!r}")
+    if num_params >= 2**32:
+        raise BadInputError(f"num_params must be below 2**32 (the mask kernel's limit), got {num_params}")
     if int(num_keys) != num_keys or num_keys < 1:
         raise BadInputError(f"num_keys must be a positive integer, got {num_keys!r}")
     if int(seed) != seed or not (0 <= seed < 2**63):
@@ -240,9 +242,12 @@ class Store:
             labels = np.asarray(labels)
             if labels.shape != keys.shape or labels.dtype.kind not in "iu":
                 raise BadInputError(f"labels must be {keys.shape[0]} integers, got {labels.dtype} {labels.shape}")
-        if not self._buffer.room_for(keys):
-            self.commit()
-        self._buffer.add(keys, values)
+        step = self._buffer.capacity_rows  # a batch bigger than the buffer goes in slices
+        for start in range(0, keys.shape[0], step):
+            piece = slice(start, start + step)
+            if not self._buffer.room_for(keys[piece]):
+                self.commit()
+            self._buffer.add(keys[piece], values[piece])
         if labels is not None:
             self.labels[keys] = labels
         self.state[keys] = RowState.LIVE

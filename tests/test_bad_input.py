@@ -303,10 +303,19 @@ def test_keep_that_keeps_nothing(tmp_path):
 )
 def test_bad_create_arguments(tmp_path, kwargs, match):
     path = tmp_path / "s.h5"
-    arguments = dict(num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP, **{})
+    arguments = dict(num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP)
     arguments.update(kwargs)
     with pytest.raises(BadInputError, match=match):
         gradstore.create(path, **arguments)
+    assert not path.exists()
+
+
+def test_num_params_beyond_the_mask_limit(tmp_path):
+    """docs/FORMAT.md: M must be below 2**32 (the mask kernel's 32-bit halves). A store that
+    could never regenerate its positions must be refused at create, not after recording."""
+    path = tmp_path / "s.h5"
+    with pytest.raises(BadInputError, match="num_params"):
+        gradstore.create(path, num_params=2**32, num_keys=2, keep=1e-9)
     assert not path.exists()
 
 

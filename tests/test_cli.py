@@ -42,7 +42,7 @@ def test_info_table(small_store, capsys):
     lines = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()}
     assert REQUIRED_INFO <= set(lines)
     assert lines["rows_live"].strip() == "300"
-    assert json.loads(lines["codec"]) == {"block_size": 256, "id": "int8", "rounding": "nearest"}
+    assert json.loads(lines["codec"]) == gradstore.get_codec("int8").get_config()
 
 
 def test_verify_good_store(small_store):

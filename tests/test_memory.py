@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 NUM_KEYS, NUM_PARAMS, KEEP = 13_440, 200_000, 0.04  # k = 8000: 13440 * 8000 * 4 B = 410 MiB per epoch
 EPOCHS = 2
 RSS_GROWTH_LIMIT_MIB = 200  # less than half of one epoch's raw data
@@ -70,7 +72,7 @@ CHILD = textwrap.dedent(
     check = np.array([0, 1, 777, 6400, NUM_KEYS - 1])
     got = store.read(check).astype(np.float64)
     expected = sum(rows_for(check, k, epoch).astype(np.float64) for epoch in range(EPOCHS))
-    step = np.abs(expected).max() / 127  # int8 absmax step bound (blocks of 256)
+    step = np.abs(expected).max() / 127  # int8 step bound whatever the block size
     assert np.abs(got - expected).max() <= 0.51 * step, np.abs(got - expected).max()
     info = store.info()
     assert info["rows_live"] == NUM_KEYS and info["staging_runs"] == 0
@@ -88,6 +90,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; ru_maxrss in KiB")
 def test_recording_memory_is_bounded(tmp_path):
     script = CHILD.format(
         num_keys=NUM_KEYS, num_params=NUM_PARAMS, keep=KEEP, epochs=EPOCHS, headroom=ADDRESS_HEADROOM_MIB, rss_limit=RSS_GROWTH_LIMIT_MIB

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gradstore
-from gradstore import BadInputError, RowState, masks, staging
+from gradstore import BadInputError, RowState, kernels, masks, staging
 
 from conftest import EPS32, build_store, gradient_rows
 
@@ -242,7 +242,7 @@ def test_info_fields(small_store):
     assert required <= set(info)
     assert info["format_version"] == gradstore.FORMAT_VERSION
     assert (info["num_params"], info["keep"], info["k"], info["seed"]) == (5000, 0.1, 500, 11)
-    assert info["codec"] == {"id": "int8", "block_size": 256, "rounding": "nearest"}
+    assert info["codec"] == gradstore.get_codec("int8").get_config()
     assert (info["rows_live"], info["rows_forgotten"], info["finished"]) == (300, 0, True)
     assert info["bytes_on_disk"] == os.path.getsize(path)
     assert info["bytes_per_value"] == pytest.approx(os.path.getsize(path) / (300 * 500))
@@ -272,21 +272,30 @@ def test_scatter_add_matches_float64_reference(tmp_path, codec):
 
 @pytest.mark.parametrize("codec", ["int8", "fp32"])
 def test_scatter_add_parallel_kernel_path(tmp_path, codec):
-    """n * k >= 2**16 rows run the parallel kernel (parameter range split across threads)."""
-    path, _ = build_store(tmp_path / "big.h5", codec=codec, num_params=200_000, num_keys=24, keep=0.05)
+    """Calls of n * k >= kernels.PARALLEL_MIN_VALUES (n > 1) run the parallel kernel (the
+    parameter range split across threads); the result must not depend on it."""
+    path, _ = build_store(tmp_path / "big.h5", codec=codec, num_params=200_000, num_keys=40, keep=0.05)
     with gradstore.open(path) as store:
         assert store.k == 10_000
         flat0 = np.linspace(-1e-3, 1e-3, store.num_params, dtype=np.float32)
-        for keys in (np.arange(24), np.array([23, 1, 7, 11, 19, 5, 16])):
-            assert keys.size * store.k >= 2**16
+        subset = np.random.default_rng(5).permutation(40)[:30]
+        for keys in (np.arange(40), subset):
+            assert keys.size * store.k >= max(kernels.PARALLEL_MIN_VALUES, 2**16)
             flat = flat0.copy()
             store.scatter_add(flat, keys, alpha=-1.25)
             ref, bound = float64_scatter_reference(flat0, store, keys, -1.25)
             assert np.all(np.abs(flat - ref) <= bound)
+        # the same rows applied in serial calls (one key at a time) give the same vector
+        serial = flat0.copy()
+        for key in subset:
+            store.scatter_add(serial, [key], alpha=-1.25)
+        ref, bound = float64_scatter_reference(flat0, store, subset, -1.25)
+        assert np.all(np.abs(serial - ref) <= bound)
+        assert np.allclose(serial, flat, rtol=0, atol=float(bound.max()))
         # the order of the keys does not matter
         a, b = flat0.copy(), flat0.copy()
-        store.scatter_add(a, [3, 9, 20])
-        store.scatter_add(b, [20, 3, 9])
+        store.scatter_add(a, subset)
+        store.scatter_add(b, np.sort(subset))
         assert np.array_equal(a, b)
 
 
