@@ -16,6 +16,7 @@ from .errors import BadInputError, FormatError, ReadOnlyError
 from .format import (
     ATTR_FINISHED,
     LABELS,
+    MEMBERSHIP,
     ROWS,
     STAGING,
     STATE,
@@ -148,6 +149,7 @@ class Store:
         self.labels = h5file[LABELS][()]
         self.state = h5file[STATE][()]
         self._row_datasets = self._find_row_datasets()
+        self.members = _read_membership(h5file, self.num_keys)
         if not finished:
             self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k))
             self._runs = staging.run_names(h5file)
@@ -266,9 +268,30 @@ class Store:
         self._write_row_metadata(self._h5)
         self._h5.flush()
 
+    def add_members(self, key, samples):
+        """Record which samples a (step-keyed) row covers, so a forget can find its steps."""
+        self._require_recording()
+        key = int(self._check_keys([key])[0])
+        samples = np.asarray(samples)
+        if samples.ndim != 1 or (samples.size and samples.dtype.kind not in "iu") or (samples < 0).any():
+            raise BadInputError(f"members of key {key} must be non-negative integers, got {samples!r}")
+        self.members[key] = samples.astype(np.int64)
+
+    def keys_covering(self, samples, states=(RowState.LIVE,)):
+        """Keys whose recorded members include any of ``samples`` (rows in ``states``)."""
+        if not self.members:
+            return np.empty(0, np.int64)
+        keys = np.fromiter(self.members, np.int64, len(self.members))
+        owners = np.repeat(keys, [self.members[key].size for key in keys.tolist()])
+        flat = np.concatenate([self.members[key] for key in keys.tolist()])
+        covering = np.unique(owners[np.isin(flat, np.asarray(samples, np.int64))])
+        return covering[np.isin(self.state[covering], states)]
+
     def _write_row_metadata(self, h5file):
         h5file[LABELS][...] = self.labels
         h5file[STATE][...] = self.state
+        if self.members:
+            _write_membership(h5file, self.members)
 
     def finalize(self):
         """Merge every run and the buffer into one row per key, quantize once, and seal the file.
@@ -534,6 +557,28 @@ class Store:
                 if bad.size:
                     problems.append({"rows": keys[bad].tolist(), "problem": f"run {name}: non-finite values"})
         return problems
+
+
+def _write_membership(h5file, members):
+    """members {key: int64 samples} as CSR: membership/keys, membership/indptr, membership/samples."""
+    if MEMBERSHIP in h5file:
+        del h5file[MEMBERSHIP]
+    group = h5file.create_group(MEMBERSHIP)
+    keys = np.array(sorted(members), np.int64)
+    lengths = np.array([members[key].size for key in keys.tolist()], np.int64)
+    samples = np.concatenate([members[key] for key in keys.tolist()]) if keys.size else np.empty(0, np.int64)
+    filters = chunkio.dataset_filters(False, 1)
+    group.create_dataset("keys", data=keys, chunks=True if keys.size else None, **(filters if keys.size else {}))
+    group.create_dataset("indptr", data=np.concatenate([[0], np.cumsum(lengths)]), chunks=True, **filters)
+    group.create_dataset("samples", data=samples, chunks=True if samples.size else None, **(filters if samples.size else {}))
+
+
+def _read_membership(h5file, num_keys):
+    if MEMBERSHIP not in h5file:
+        return {}
+    group = h5file[MEMBERSHIP]
+    keys, indptr, samples = group["keys"][()], group["indptr"][()], group["samples"][()]
+    return {int(key): samples[indptr[i] : indptr[i + 1]] for i, key in enumerate(keys.tolist())}
 
 
 def _check_block(block, part_name, keys, states):

@@ -50,3 +50,136 @@ def load_mnist(root=None, split="train"):
     images = read_idx(_find(root, MNIST_FILES[(split, "images")]))
     labels = read_idx(_find(root, MNIST_FILES[(split, "labels")]))
     return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
+
+
+CIFAR100_FILES = ("train", "test", "meta")
+
+
+def load_cifar100(root, split="train"):
+    """CIFAR-100 from the standard `cifar-100-python` pickles under ``root`` (never downloaded).
+
+    Read through torchvision's CIFAR100(download=False); only its md5 check is relaxed
+    to "the files exist" so that small files in the same format load too.
+    """
+    from torchvision.datasets import CIFAR100
+
+    folder = Path(root) / "cifar-100-python"
+    missing = [name for name in CIFAR100_FILES if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-100 files {missing} not found in {folder}; put the extracted 'cifar-100-python' "
+            f"folder (train, test, meta) under --data-dir {root}; nothing is downloaded"
+        )
+
+    class LocalCIFAR100(CIFAR100):
+        def _check_integrity(self):
+            return all((folder / name).exists() for name in CIFAR100_FILES)
+
+    dataset = LocalCIFAR100(str(root), train=(split == "train"), download=False)
+    images = np.asarray(dataset.data, np.float32).transpose(0, 3, 1, 2) / 255.0
+    return np.ascontiguousarray(images), np.asarray(dataset.targets, np.int64)
+
+
+def load_digits_split(split="train", test_fraction=0.2, seed=0):
+    """scikit-learn's bundled handwritten digits (8x8, 1,797 images): the embedded default.
+
+    A fixed stratified split: 1,437 training and 360 test images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0)[:, None]
+    labels = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    return (train_x, train_y) if split == "train" else (test_x, test_y)
+
+
+DATASETS = ("digits", "mnist", "cifar100")
+
+
+class DataSplit:
+    """A training set (as used: keys index it) and a test set, as float32 / int64 numpy arrays.
+
+    ``source_indices`` maps each training key to its index in the dataset's full
+    training set, so a run can say exactly which samples it trained on.
+    """
+
+    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, source_indices=None):
+        self.name = name
+        self.train_x, self.train_y = train_x, train_y
+        self.test_x, self.test_y = test_x, test_y
+        self.num_classes = num_classes
+        self.in_channels = train_x.shape[1]
+        self.source_indices = np.arange(len(train_y)) if source_indices is None else source_indices
+
+    def __len__(self):
+        return len(self.train_y)
+
+    def subset(self, keep_mask):
+        """The split restricted to training samples where keep_mask is true (keys renumbered)."""
+        keep = np.nonzero(keep_mask)[0]
+        return DataSplit(self.name, self.train_x[keep], self.train_y[keep], self.test_x, self.test_y,
+                         self.num_classes, self.source_indices[keep])
+
+
+def load_dataset(name, data_dir=None):
+    """The full DataSplit of 'digits', 'mnist' or 'cifar100' from local files."""
+    if name == "digits":
+        train, test = load_digits_split("train"), load_digits_split("test")
+        classes = 10
+    elif name == "mnist":
+        train, test = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
+        classes = 10
+    elif name == "cifar100":
+        if data_dir is None:
+            raise FileNotFoundError("cifar100 needs --data-dir DIR holding cifar-100-python/")
+        train, test = load_cifar100(data_dir, "train"), load_cifar100(data_dir, "test")
+        classes = 100
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return DataSplit(name, train[0], train[1], test[0], test[1], classes)
+
+
+def keep_first(split, cls, count):
+    """The seed's protocol: every sample of other classes, only the first ``count`` of ``cls``."""
+    is_class = split.train_y == cls
+    if not is_class.any():
+        raise ValueError(f"class {cls} has no training samples in {split.name}")
+    rank = np.cumsum(is_class) - 1
+    return split.subset(~is_class | (rank < count))
+
+
+def exclude(split, samples=None, cls=None):
+    """The split without the given training keys, or without a class: the gold standard's data."""
+    keep = np.ones(len(split), np.bool_)
+    if samples is not None:
+        samples = np.asarray(samples, np.int64)
+        bad = samples[(samples < 0) | (samples >= len(split))]
+        if bad.size:
+            raise ValueError(f"sample indices out of range [0, {len(split)}): {bad[:10].tolist()}")
+        keep[samples] = False
+    if cls is not None:
+        keep &= split.train_y != cls
+    return split.subset(keep)
+
+
+def read_sample_file(path):
+    """Training-set indices from a text file (one per line) or a .npy file."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        values = np.load(path, allow_pickle=False)
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            values = np.array([int(line) for line in lines], np.int64)
+        except ValueError as error:
+            raise ValueError(f"{path}: every line must be one integer index ({error})") from None
+    values = np.asarray(values)
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: expected a 1-D list of integer indices, got {values.dtype} {values.shape}")
+    if np.unique(values).size != values.size:
+        raise ValueError(f"{path}: repeated indices")
+    return values.astype(np.int64)

@@ -1,0 +1,215 @@
+"""`python -m unlearn train ...` and `python -m unlearn forget ...` (see --help of each)."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradstore
+
+from . import data as datasets
+from . import runs
+from .evaluate import accuracy, evaluate
+from .forget import forget
+from .models import build_model, named_shapes
+from .recorders import PerSampleRecorder, StepRecorder
+from .train import default_device, train
+
+DEFAULT_CODEC = {"per-sample": "int8", "original": "fp32", "layer": "fp32"}
+
+
+def parse_keep_first(text):
+    try:
+        cls, count = text.split(":")
+        return [int(cls), int(count)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep-first wants CLASS:N (e.g. 3:100), got {text!r}") from None
+
+
+def create_store(path, method, keep, codec, seed, num_samples, steps, model, memory_budget):
+    num_params = sum(p.numel() for p in model.parameters())
+    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    if method == "per-sample":
+        return gradstore.create(path, num_params, num_samples, keep, codec=codec, seed=seed, fingerprint=fingerprint,
+                                memory_budget=memory_budget)
+    keep = 1.0 if method == "original" else keep
+    return gradstore.create(path, num_params, steps, keep, codec=codec, seed=seed, key_kind="step",
+                            fingerprint=fingerprint, memory_budget=memory_budget)
+
+
+def cmd_train(args):
+    out = Path(args.out)
+    if (out / "train.json").exists() and not args.overwrite:
+        raise SystemExit(f"{out} already holds a run (train.json); pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    exclude_samples = datasets.read_sample_file(args.exclude_samples).tolist() if args.exclude_samples else None
+    config = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "groups": args.groups,
+        "method": args.method, "flavour": args.flavour if args.method == "per-sample" else None,
+        "keep": args.keep if args.method in ("per-sample", "layer") else (1.0 if args.method == "original" else None),
+        "codec": (args.codec or DEFAULT_CODEC.get(args.method)) if args.method != "none" else None,
+        "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "optimizer": args.optimizer,
+        "lr": args.lr, "keep_first": args.keep_first, "exclude_class": args.exclude_class,
+        "exclude_samples": exclude_samples,
+    }
+    split = runs.apply_exclusions(runs.build_data(config), config)
+    config.update(in_channels=split.in_channels, num_classes=split.num_classes)
+    device = torch.device(args.device) if args.device else default_device()
+    model = build_model(args.model, split.in_channels, split.num_classes, seed=args.seed, groups=args.groups)
+    recorders = []
+    steps = args.epochs * -(-len(split) // args.batch_size)
+    if args.method != "none":
+        store = create_store(out / "store.h5", args.method, args.keep, config["codec"], args.seed, len(split), steps,
+                             model, args.memory_budget << 20)
+        recorders.append(PerSampleRecorder(store, args.flavour) if args.method == "per-sample" else StepRecorder(store))
+    result = train(model, split.train_x, split.train_y, args.epochs, args.batch_size, args.seed, args.optimizer,
+                   args.lr, recorders, device, progress=not args.quiet)
+    runs.save_model(out, model)
+    np.save(out / "source_indices.npy", split.source_indices)
+    report = {
+        **config,
+        "seconds": result["seconds"],
+        "record_seconds": result["record_seconds"],
+        "steps": result["steps"],
+        "num_samples": len(split),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "test_acc": accuracy(model, split.test_x, split.test_y),
+        "device": str(device),
+    }
+    if recorders:
+        with gradstore.open(out / "store.h5") as store:
+            info = store.info()
+        report["store"] = {key: info[key] for key in ("bytes_on_disk", "bytes_per_value", "k", "num_keys", "codec")}
+    runs.save_json(out / "train.json", report)
+    print(json.dumps(report, indent=2) if args.json else
+          f"{out}: {report['num_samples']} samples, {report['epochs']} epochs, {report['seconds']:.1f} s, "
+          f"test accuracy {report['test_acc']:.4f}" + (f", store {report['store']['bytes_on_disk']:,} bytes" if recorders else ""))
+    return 0
+
+
+def cmd_forget(args):
+    started = time.perf_counter()
+    samples = datasets.read_sample_file(args.samples) if args.samples else None
+    scale = "auto" if args.scale == "auto" else float(args.scale)
+    before_config = runs.load_json(_root_of(args.run_dir) / "train.json")
+    before_model = runs.load_model(args.run_dir, before_config, args.device or default_device())
+    model, no_retrain_state, data, request, report, record = forget(
+        args.run_dir, samples=samples, cls=args.cls, scale=scale, retrain_epochs=args.retrain_epochs,
+        purge=args.purge, device=args.device, progress=not args.quiet,
+    )
+    forget_keys = request.samples
+    evaluated = evaluate(model, data, forget_keys, args.cls, seed=before_config["seed"])
+    result = {**evaluated, **report, "after_train": evaluate(before_model, data, forget_keys, args.cls,
+                                                             seed=before_config["seed"])}
+    if args.retrain_epochs:
+        model_copy = runs.load_model(args.run_dir, before_config, args.device or default_device())
+        model_copy.load_state_dict(no_retrain_state)
+        result["no_retrain"] = evaluate(model_copy, data, forget_keys, args.cls, seed=before_config["seed"])
+    if args.gold:
+        gold_config = runs.load_json(Path(args.gold) / "train.json")
+        gold_model = runs.load_model(args.gold, gold_config, args.device or default_device())
+        gold = evaluate(gold_model, data, forget_keys, args.cls, seed=before_config["seed"])
+        gold["seconds"] = gold_config["seconds"]
+        result["gold"] = gold
+        result["gap_to_gold"] = {key: result[key] - gold[key] for key in ("forgotten_acc", "rest_acc", "ua", "ra", "ta", "mia_efficacy")}
+        result["speedup_vs_gold"] = gold_config["seconds"] / max(report["seconds"], 1e-9)
+    result["total_seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.save_model(out, model)
+    runs.save_json(out / "forget.json", {**record, **result})
+    if args.json:
+        print(json.dumps(result, indent=2, default=runs._jsonable))
+    else:
+        print(f"forgot {report['request']['num_samples']} samples ({report['request']['num_keys']} rows) with scale "
+              f"{report['scale']:.4g} in {report['seconds']:.2f} s: forgotten {result['forgotten_acc']:.3f} / rest "
+              f"{result['rest_acc']:.3f} (after train {result['after_train']['forgotten_acc']:.3f} / "
+              f"{result['after_train']['rest_acc']:.3f}); written to {out}")
+    return 0
+
+
+def _root_of(run_dir):
+    chain = Path(run_dir) / "forget.json"
+    return Path(runs.load_json(chain)["root_run"]) if chain.exists() else Path(run_dir)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m unlearn",
+        description="Train while recording per-sample contributions, then forget samples or a class.",
+        epilog="Example: python -m unlearn train --dataset digits --model simple --method per-sample --out runs/a && "
+               "python -m unlearn forget runs/a --class 3 --scale auto --out runs/a-forget3 --json",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("train", help="train a model, recording into RUN_DIR/store.h5",
+                            description="Train (seeded, deterministic) and record every sample or step.")
+    t.add_argument("--dataset", required=True, choices=datasets.DATASETS,
+                   help="digits: scikit-learn's bundled 8x8 digits (no files needed); mnist: IDX files; cifar100: pickles")
+    t.add_argument("--data-dir", help="folder of the dataset's files (mnist default: ../shared/data/mnist or $MNIST_DIR)")
+    t.add_argument("--model", required=True, choices=["simple", "resnet18"], help="the seed's small CNN or ResNet-18 (GroupNorm)")
+    t.add_argument("--groups", type=int, default=1, help="GroupNorm groups for resnet18 (default 1, the seed's)")
+    t.add_argument("--method", required=True, choices=["per-sample", "original", "layer", "none"],
+                   help="per-sample: ours; original: every step's dense delta; layer: a fraction of it; none: no recording")
+    t.add_argument("--flavour", choices=["grad", "update"], default="update",
+                   help="per-sample rows: raw gradient (the seed's) or the sample's share of the optimizer step (default)")
+    t.add_argument("--keep", type=float, default=0.1, help="fraction p of values kept per row (per-sample, layer)")
+    t.add_argument("--codec", choices=["fp32", "fp16", "int8"],
+                   help="row codec (default int8 for per-sample, fp32 for original/layer)")
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--optimizer", choices=["adam", "sgd", "sgd-momentum"], default="adam",
+                   help="adam (lr 1e-3), sgd (lr 0.01), sgd-momentum (lr 0.01, momentum 0.9)")
+    t.add_argument("--lr", type=float, help="learning rate (default: the optimizer's above)")
+    t.add_argument("--keep-first", type=parse_keep_first, metavar="CLASS:N",
+                   help="keep only the first N training samples of CLASS (the seed keeps 3:100 on MNIST)")
+    exclusion = t.add_mutually_exclusive_group()
+    exclusion.add_argument("--exclude-class", type=int, metavar="C", help="train without class C (gold standard)")
+    exclusion.add_argument("--exclude-samples", metavar="FILE",
+                           help="train without these training-set indices (one per line, or .npy), as --keep-first leaves them")
+    t.add_argument("--memory-budget", type=int, default=256, metavar="MIB", help="store write buffer (MiB)")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    t.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
+    t.add_argument("--json", action="store_true", help="print train.json")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(run=cmd_train)
+
+    f = commands.add_parser("forget", help="forget samples or a class from a run",
+                            description="Add the request's recorded rows back to the weights; evaluate; write OUT_DIR.")
+    f.add_argument("run_dir", metavar="RUN_DIR", help="a run written by `train`, or a previous forget's OUT_DIR")
+    what = f.add_mutually_exclusive_group(required=True)
+    what.add_argument("--class", dest="cls", type=int, metavar="C", help="forget every training sample of class C")
+    what.add_argument("--samples", metavar="FILE", help="training-set indices to forget, one per line (or .npy)")
+    f.add_argument("--scale", default="1", help="step size: a number (default 1) or 'auto' (chosen by forward passes)")
+    f.add_argument("--retrain-epochs", type=int, default=0, help="fine-tune on the retained data afterwards (seed: 4)")
+    f.add_argument("--gold", metavar="RUN_DIR", help="a model retrained without the forgotten data, to compare with")
+    f.add_argument("--purge", action="store_true", help="mark the rows forgotten in the store and erase them from disk")
+    f.add_argument("--device", help="cpu or cuda")
+    f.add_argument("--out", required=True, metavar="OUT_DIR")
+    f.add_argument("--json", action="store_true", help="print the results as JSON (also written to OUT_DIR/forget.json)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(run=cmd_forget)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "forget" and args.scale != "auto":
+        try:
+            float(args.scale)
+        except ValueError:
+            raise SystemExit(f"--scale must be a number or 'auto', got {args.scale!r}") from None
+    try:
+        return args.run(args)
+    except (gradstore.StoreError, FileNotFoundError, ValueError) as error:
+        print(f"unlearn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

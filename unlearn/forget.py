@@ -1,0 +1,224 @@
+"""Forgetting: add a request's recorded rows back to the weights, with a chosen step size.
+
+w_new = w + scale * removal, removal = sum of the rows of the request's keys:
+per-sample stores use the samples' own rows; step-keyed stores (original, layer)
+every step whose batch held a forgotten sample. ``scale="auto"`` picks the step
+with forward passes only (``choose_scale``).
+
+Requests chain: forgetting from a forget output starts from its model and skips the
+keys already applied there, so no row is ever subtracted twice. ``purge=True`` also
+marks the rows forgotten in the store and erases them from the file (a deletion
+request); the store then refuses them for good.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradstore
+
+from . import runs
+from .evaluate import accuracy, per_sample_stats
+from .models import flat_params, load_flat_params, named_shapes
+from .train import default_device, train
+
+CLASS_TARGET_ACC = 0.01  # a class is forgotten when its training samples are recognised <= 1%
+GUARD_SLICE = 2000  # retained training samples watched by the auto step's guard
+
+
+@dataclass
+class Request:
+    """A resolved request: training samples to forget and the store keys that carry them."""
+
+    samples: np.ndarray
+    keys: np.ndarray
+    cls: int = None
+    skipped_samples: np.ndarray = None  # already forgotten earlier in the chain
+
+
+@dataclass
+class ScaleChoice:
+    scale: float
+    reached: bool  # whether the forget target was met within the guard
+    evaluations: int
+    seconds: float
+    rule: str
+
+
+def removal_vector(store, keys):
+    """sum of the rows of ``keys`` as a dense float32 [M] vector."""
+    removal = np.zeros(store.num_params, np.float32)
+    if len(keys):
+        store.scatter_add(removal, keys, 1.0)
+    return removal
+
+
+def resolve_request(store, method, data, samples=None, cls=None, already=(), already_keys=()):
+    """Samples and store keys of a request; samples and keys applied earlier in the chain are skipped."""
+    if (samples is None) == (cls is None):
+        raise ValueError("give exactly one of samples= or cls=")
+    if cls is not None:
+        if not (0 <= cls < data.num_classes):
+            raise ValueError(f"class {cls} out of range [0, {data.num_classes})")
+        samples = np.nonzero(data.train_y == cls)[0]
+    samples = np.asarray(samples, np.int64)
+    bad = samples[(samples < 0) | (samples >= len(data))]
+    if bad.size:
+        raise ValueError(f"sample indices out of range [0, {len(data)}): {bad[:10].tolist()}")
+    skipped = np.intersect1d(samples, np.asarray(already, np.int64))
+    samples = np.setdiff1d(samples, skipped)
+    if method == "per-sample":
+        keys = samples[store.state[samples] == gradstore.RowState.LIVE]
+        gone = np.setdiff1d(samples, keys)
+        if gone.size:
+            skipped = np.union1d(skipped, gone)
+            samples = keys
+    else:
+        keys = store.keys_covering(samples)
+    keys = np.setdiff1d(keys, np.asarray(already_keys, np.int64))
+    return Request(samples=samples, keys=keys, cls=cls, skipped_samples=skipped)
+
+
+def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed=0, max_evaluations=40):
+    """The smallest step at which the forget set stops looking trained-on, within a guard.
+
+    Class requests: the class's training samples' accuracy falls to CLASS_TARGET_ACC
+    (what a model that never saw the class gets). Sample requests: their mean loss
+    reaches the mean loss of test samples of the same classes (unseen data).
+    Guard: accuracy on a slice of retained training data stays within guard_tolerance
+    of its value before removal. Forward passes only: a doubling search, then bisection.
+    """
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    retained = np.setdiff1d(np.arange(len(data)), request.samples)
+    guard = rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False)
+    forget_x, forget_y = data.train_x[request.samples], data.train_y[request.samples]
+    if request.cls is not None:
+        rule = f"class: forget-set accuracy <= {CLASS_TARGET_ACC}"
+        target_loss = None
+    else:
+        same_classes = np.isin(data.test_y, np.unique(forget_y))
+        _, test_loss, _ = per_sample_stats(model, data.test_x[same_classes], data.test_y[same_classes])
+        target_loss = float(test_loss.mean())
+        rule = f"samples: forget-set mean loss >= test mean loss of their classes ({target_loss:.4f})"
+    guard_floor = accuracy(model, data.train_x[guard], data.train_y[guard]) - guard_tolerance
+    evaluations = 0
+
+    def assess(scale):
+        nonlocal evaluations
+        evaluations += 1
+        load_flat_params(model, base + np.float32(scale) * removal)
+        if request.cls is not None:
+            forgotten = accuracy(model, forget_x, forget_y) <= CLASS_TARGET_ACC
+        else:
+            forgotten = per_sample_stats(model, forget_x, forget_y)[1].mean() >= target_loss
+        guarded = accuracy(model, data.train_x[guard], data.train_y[guard]) >= guard_floor
+        return forgotten, guarded
+
+    scale, last_safe, reached = 2.0**-16, 0.0, False
+    while evaluations < max_evaluations and scale <= 2.0**16:
+        forgotten, guarded = assess(scale)
+        if not guarded:
+            break
+        if forgotten:
+            reached = True
+            break
+        last_safe, scale = scale, scale * 2
+    if reached:  # bisect (geometrically) between the last scale that did not forget and this one
+        low, high = max(last_safe, scale / 2), scale
+        for _ in range(6):
+            middle = (low * high) ** 0.5
+            forgotten, guarded = assess(middle)
+            if forgotten and guarded:
+                high = middle
+            else:
+                low = middle
+        scale = high
+    else:
+        scale = last_safe
+    load_flat_params(model, base)
+    return ScaleChoice(float(scale), reached, evaluations, time.perf_counter() - started, rule)
+
+
+def check_fingerprint(store, model):
+    expected = (store.config.get("fingerprint") or {}).get("sha256")
+    actual = gradstore.model_fingerprint(named_shapes(model))
+    if expected is not None and expected != actual["sha256"]:
+        raise gradstore.FormatError(
+            f"{store.path} was recorded for another model (fingerprint {expected[:12]}..., model {actual['sha256'][:12]}...)"
+        )
+    if store.num_params != actual["num_params"]:
+        raise gradstore.FormatError(f"{store.path} holds {store.num_params} parameters; the model has {actual['num_params']}")
+
+
+def fine_tune(model, data, forget_samples, epochs, config, progress=True):
+    """The seed's "retrain": a few epochs on the retained data with a fresh optimizer."""
+    keep = np.setdiff1d(np.arange(len(data)), forget_samples)
+    return train(model, data.train_x[keep], data.train_y[keep], epochs, config["batch_size"], config["seed"] + 1,
+                 optimizer=config["optimizer"], lr=config.get("lr"), device=next(model.parameters()).device,
+                 progress=progress, description="fine-tune")
+
+
+def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, purge=False, device=None, progress=True):
+    """Forget from a run (or a forget output). Returns (model, report dict, chain record).
+
+    The report holds the request, the chosen scale and what choosing it cost, and the
+    seconds spent; ``unlearn.evaluate.evaluate`` measures the resulting model.
+    """
+    run_dir = Path(run_dir)
+    chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
+    root = Path(chain["root_run"]) if chain else run_dir
+    config = runs.load_json(root / "train.json")
+    if config["method"] == "none":
+        raise ValueError(f"{root} was trained with --method none: it has no recording to forget with")
+    device = device or default_device()
+    model = runs.load_model(run_dir, config, device)
+    data = runs.build_data(config)
+    started = time.perf_counter()
+    store = gradstore.open(root / "store.h5", "r+" if purge else "r")
+    try:
+        check_fingerprint(store, model)
+        already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
+        already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
+        request = resolve_request(store, config["method"], data, samples=samples, cls=cls, already=already,
+                                  already_keys=already_keys)
+        removal = removal_vector(store, request.keys)
+        base = flat_params(model)
+        if scale == "auto":
+            choice = choose_scale(model, base, removal, data, request, seed=config["seed"])
+        else:
+            choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
+        load_flat_params(model, base + np.float32(choice.scale) * removal)
+        removal_seconds = time.perf_counter() - started
+        if purge and request.keys.size:
+            store.mark_forgotten(request.keys)
+            store.purge()
+    finally:
+        store.close()
+    report = {
+        "method": config["method"],
+        "request": {"class": cls, "num_samples": int(request.samples.size), "num_keys": int(request.keys.size),
+                    "skipped_already_forgotten": int(request.skipped_samples.size)},
+        "scale": choice.scale,
+        "scale_search": {"rule": choice.rule, "reached": choice.reached, "evaluations": choice.evaluations,
+                         "seconds": choice.seconds},
+        "removal_norm": float(np.linalg.norm(removal)),
+        "seconds_no_retrain": removal_seconds,
+        "purged": bool(purge),
+    }
+    no_retrain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    if retrain_epochs:
+        tuned = fine_tune(model, data, request.samples, retrain_epochs, config, progress)
+        report["retrain_epochs"] = retrain_epochs
+        report["retrain_seconds"] = tuned["seconds"]
+    report["seconds"] = time.perf_counter() - started
+    record = {
+        "root_run": str(root.resolve()),
+        "base": str(run_dir.resolve()),
+        "forgotten_samples": np.union1d(already, request.samples).tolist(),
+        "forgotten_keys": np.union1d(already_keys, request.keys).tolist(),
+    }
+    return model, no_retrain_state, data, request, report, record

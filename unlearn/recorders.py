@@ -1,0 +1,134 @@
+"""Recorders: turn one training step into rows of a gradstore store.
+
+Every recorder's rows share one sign convention: a row is what must be ADDED to the
+weights to undo its key's contribution. Forgetting is then ``w + scale * sum(rows)``.
+
+- ``PerSampleRecorder`` (ours), keyed by sample, summed over epochs:
+  ``grad``   the sample's gradient g_i (with the 1/B of the mean loss): the seed's rule.
+  ``update`` the sample's share of the optimizer's step: SGD lr*g_i; Adam/AdamW
+             lr*g_i/(sqrt(v_hat)+eps) with v_hat after this step (momentum's carry-over
+             into later steps is not attributed).
+- ``StepRecorder``, keyed by step, with the step's batch as its members:
+  ``original`` (Graves et al.) the dense step delta w_before - w_after;
+  ``layer`` (partial amnesiac) a random fraction p of it, masked by (seed, step).
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gradstore import masks
+
+
+@dataclass
+class StepContext:
+    """What recorders see of one optimizer step."""
+
+    step: int
+    sample_ids: np.ndarray  # keys of the batch's samples (indices into the training set)
+    labels: np.ndarray
+    params_before: torch.Tensor  # flat, named_parameters() order
+    params_after: torch.Tensor
+    per_sample: torch.Tensor = None  # [B, M] gradients incl. 1/B, when a recorder needs them
+    preconditioner: torch.Tensor = None  # [M] multiplier turning g_i into the sample's update
+    _positions: dict = field(default_factory=dict)
+
+    def positions(self, seed, keys, num_params, k):
+        """Mask positions [len(keys), k] on the gradients' device, shared by recorders with one mask."""
+        cache_key = (seed, k, keys.tobytes())
+        if cache_key not in self._positions:
+            device = self.params_after.device
+            self._positions[cache_key] = torch.from_numpy(masks.positions_many(seed, keys, num_params, k)).to(device)
+        return self._positions[cache_key]
+
+
+class Recorder(ABC):
+    """One store fed from every step; ``needs_per_sample`` asks the session for per-sample gradients."""
+
+    needs_per_sample = False
+    needs_preconditioner = False
+
+    def __init__(self, store):
+        self.store = store
+
+    @property
+    @abstractmethod
+    def method(self):
+        """'per-sample', 'original' or 'layer'."""
+
+    @abstractmethod
+    def record(self, ctx):
+        """Add this step's rows to the store."""
+
+    def finish(self):
+        self.store.finalize()
+
+
+class PerSampleRecorder(Recorder):
+    needs_per_sample = True
+    method = "per-sample"
+    FLAVOURS = ("grad", "update")
+
+    def __init__(self, store, flavour="update"):
+        if flavour not in self.FLAVOURS:
+            raise ValueError(f"flavour must be one of {self.FLAVOURS}, got {flavour!r}")
+        super().__init__(store)
+        self.flavour = flavour
+        self.needs_preconditioner = flavour == "update"
+
+    def record(self, ctx):
+        store = self.store
+        positions = ctx.positions(store.seed, ctx.sample_ids, store.num_params, store.k)
+        values = torch.gather(ctx.per_sample, 1, positions)
+        if self.flavour == "update":
+            values = values * ctx.preconditioner[positions]
+        store.accumulate(ctx.sample_ids, values.cpu().numpy(), labels=ctx.labels)
+
+
+class StepRecorder(Recorder):
+    def __init__(self, store):
+        super().__init__(store)
+        self._method = "original" if store.k == store.num_params else "layer"
+
+    @property
+    def method(self):
+        return self._method
+
+    def record(self, ctx):
+        store = self.store
+        delta = ctx.params_before - ctx.params_after
+        if store.k < store.num_params:
+            key = np.array([ctx.step])
+            delta = delta[ctx.positions(store.seed, key, store.num_params, store.k)[0]]
+        store.accumulate([ctx.step], delta.cpu().numpy()[None])
+        store.add_members(ctx.step, ctx.sample_ids)
+
+
+def update_preconditioner(optimizer, params):
+    """Flat [M] multiplier m with (sample's update) = m * g_i, read after optimizer.step().
+
+    SGD: lr. Adam/AdamW: lr / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2**t).
+    """
+    pieces = []
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    for p in params:
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError("a model parameter is not in the optimizer's param_groups")
+        lr = group["lr"]
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            state = optimizer.state[p]
+            if "exp_avg_sq" not in state:
+                raise ValueError("Adam state missing: call the preconditioner after optimizer.step()")
+            if group.get("amsgrad"):
+                raise ValueError("the update flavour does not support amsgrad")
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
+            pieces.append((lr / (v_hat.sqrt() + group["eps"])).reshape(-1))
+        elif isinstance(optimizer, torch.optim.SGD):
+            pieces.append(torch.full((p.numel(),), lr, dtype=p.dtype, device=p.device))
+        else:
+            raise ValueError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
+    return torch.cat(pieces)

@@ -1,0 +1,209 @@
+"""Training that records: ``attach`` hooks recorders into any loop; ``train`` is a ready loop.
+
+``attach`` works like Opacus' ``make_private``: one call wraps the optimizer and the
+data loader, and the user's loop stays as it was::
+
+    optimizer, loader = attach(model, optimizer, loader, recorders)
+    for epoch in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()          # records, then steps
+    optimizer.finish()                # finalizes every store
+
+The wrapped loader draws the same batches as the original and remembers which
+training indices each batch holds; the wrapped ``step`` computes per-sample gradients
+at the pre-step weights (when a recorder needs them), steps, and hands the step to
+every recorder.
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .per_sample import per_sample_grads
+from .recorders import StepContext, update_preconditioner
+
+
+def flat_view(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class _IndexedDataset(Dataset):
+    """Yields (x, y, index) for the wrapped loader; the index is the sample's key."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return x, y, index
+
+
+class RecordingLoader:
+    """Iterates like the user's loader, remembering each batch's (x, y, indices)."""
+
+    def __init__(self, loader, session):
+        self.session = session
+        self._loader = DataLoader(
+            _IndexedDataset(loader.dataset),
+            batch_size=loader.batch_size,
+            sampler=loader.sampler if loader.batch_size is not None else None,
+            batch_sampler=None if loader.batch_size is not None else loader.batch_sampler,
+            num_workers=loader.num_workers,
+            drop_last=loader.drop_last,
+            pin_memory=loader.pin_memory,
+        )
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __iter__(self):
+        for x, y, indices in self._loader:
+            self.session.current_batch = (x, y, indices.numpy().astype(np.int64))
+            yield x, y
+
+
+class RecordingOptimizer:
+    """The user's optimizer, whose ``step`` also records. Other attributes pass through."""
+
+    def __init__(self, optimizer, session):
+        self._optimizer = optimizer
+        self._session = session
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+    def step(self, closure=None):
+        return self._session.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def finish(self):
+        self._session.finish()
+
+
+class RecordingSession:
+    """The state shared by the wrapped loader and optimizer."""
+
+    def __init__(self, model, optimizer, recorders, loss_fn=None, chunk_size=64):
+        self.model = model
+        self.optimizer = optimizer
+        self.recorders = list(recorders)
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self.params = list(model.parameters())
+        self.current_batch = None
+        self.step_index = 0
+        self.record_seconds = 0.0
+
+    def step(self, closure=None):
+        if self.current_batch is None:
+            raise RuntimeError("optimizer.step() before any batch of the recording loader")
+        x, y, indices = self.current_batch
+        started = time.perf_counter()
+        device = self.params[0].device
+        per_sample = None
+        if any(r.needs_per_sample for r in self.recorders):
+            per_sample = per_sample_grads(
+                self.model, x.to(device), y.to(device), loss_scale=1.0 / len(indices), chunk_size=self.chunk_size
+            )
+        before = flat_view(self.params).clone()
+        self.record_seconds += time.perf_counter() - started
+        result = self.optimizer.step(closure)
+        started = time.perf_counter()
+        context = StepContext(
+            step=self.step_index,
+            sample_ids=indices,
+            labels=y.numpy().astype(np.int64) if y.device.type == "cpu" else y.cpu().numpy().astype(np.int64),
+            params_before=before,
+            params_after=flat_view(self.params),
+            per_sample=per_sample,
+        )
+        if any(r.needs_preconditioner for r in self.recorders):
+            context.preconditioner = update_preconditioner(self.optimizer, self.params)
+        for recorder in self.recorders:
+            recorder.record(context)
+        self.step_index += 1
+        self.current_batch = None
+        self.record_seconds += time.perf_counter() - started
+        return result
+
+    def finish(self):
+        for recorder in self.recorders:
+            recorder.finish()
+
+
+def attach(model, optimizer, data_loader, recorders, chunk_size=64):
+    """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
+
+    Batches must be (inputs, integer class targets); the per-sample loss is cross-entropy
+    scaled by 1/B, matching a mean-reduced loss.
+    """
+    session = RecordingSession(model, optimizer, recorders, chunk_size=chunk_size)
+    return RecordingOptimizer(optimizer, session), RecordingLoader(data_loader, session)
+
+
+def make_optimizer(name, params, lr=None, momentum=0.9):
+    """'adam' (lr 1e-3), 'sgd' (lr 0.01, no momentum) or 'sgd-momentum'."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01 if lr is None else lr)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=0.01 if lr is None else lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, sgd or sgd-momentum")
+
+
+def make_loader(x, y, batch_size, seed, shuffle=True):
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", lr=None, recorders=(),
+          device=None, progress=True, description="train"):
+    """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
+
+    Returns {"seconds", "record_seconds", "steps"}. Stores are finalized at the end.
+    """
+    torch.manual_seed(seed)
+    device = device or default_device()
+    model.to(device)
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    loader = make_loader(train_x, train_y, batch_size, seed)
+    session = None
+    if recorders:
+        opt, loader = attach(model, opt, loader, recorders)
+        session = opt._session
+    started = time.perf_counter()
+    model.train()
+    steps = 0
+    for epoch in range(epochs):
+        batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            steps += 1
+    if session is not None:
+        session.finish()
+    model.eval()
+    return {
+        "seconds": time.perf_counter() - started,
+        "record_seconds": session.record_seconds if session else 0.0,
+        "steps": steps,
+    }
