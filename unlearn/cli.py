@@ -101,7 +101,7 @@ def cmd_forget(args):
         args.run_dir, samples=samples, cls=args.cls, scale=scale, retrain_epochs=args.retrain_epochs,
         purge=args.purge, device=args.device, progress=not args.quiet,
     )
-    forget_keys = request.samples
+    forget_keys = np.union1d(request.samples, request.skipped_samples)  # the request's whole forget set
     evaluated = evaluate(model, data, forget_keys, args.cls, seed=before_config["seed"])
     result = {**evaluated, **report, "after_train": evaluate(before_model, data, forget_keys, args.cls,
                                                              seed=before_config["seed"])}

@@ -75,6 +75,13 @@ def load_cifar100(root, split="train"):
         def _check_integrity(self):
             return all((folder / name).exists() for name in CIFAR100_FILES)
 
+        def _load_meta(self):  # torchvision's also checks the official md5
+            import pickle
+
+            with open(folder / "meta", "rb") as handle:
+                self.classes = pickle.load(handle, encoding="latin1")["fine_label_names"]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
     dataset = LocalCIFAR100(str(root), train=(split == "train"), download=False)
     images = np.asarray(dataset.data, np.float32).transpose(0, 3, 1, 2) / 255.0
     return np.ascontiguousarray(images), np.asarray(dataset.targets, np.int64)

@@ -30,6 +30,8 @@ def accuracy(model, x, y):
 
 def per_sample_stats(model, x, y):
     """(correct bool [N], loss [N], true-label confidence [N])."""
+    if len(y) == 0:
+        return np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32)
     logits = predict(model, x)
     target = torch.as_tensor(y)
     loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
