@@ -86,6 +86,7 @@ def measure_config(rows, codec, keep, seed, path, epochs):
         read_ms[count] = _median_ms(lambda: store.read(next(it)), len(picks))
     flat = np.zeros(store.num_params, np.float32)
     scatter_ms = _median_ms(lambda: store.scatter_add(flat, all_keys, 1.0), 3)
+    positions_ms = _median_ms(lambda: masks.positions_many(seed, all_keys, store.num_params, k), 3)
     one_keys = iter(rng.choice(n, size=51, replace=False).tolist())
     forget_ms = [_median_ms(lambda: store.scatter_add(flat, [next(one_keys)], -1.0), 1) for _ in range(51)]
     entropy = entropy_bytes_per_value(store.codec, expected.astype(np.float32), all_keys, seed)
@@ -110,6 +111,7 @@ def measure_config(rows, codec, keep, seed, path, epochs):
         "read_ms_100": read_ms[100],
         "read_ms_1000": read_ms[1000],
         "scatter_mvalues_s": n * k / (scatter_ms / 1e3) / 1e6,
+        "positions_mvalues_s": n * k / (positions_ms / 1e3) / 1e6,
         "forget_one_ms": statistics.median(forget_ms),
         "forget_one_ms_p95": sorted(forget_ms)[int(0.95 * len(forget_ms))],
         "bytes_on_disk": info["bytes_on_disk"],
@@ -125,11 +127,11 @@ def warm_up(out_dir):
     os.remove(Path(out_dir) / "warmup.h5")
 
 
-def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, log=print):
+def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, log=print, dataset="mnist"):
     grid = QUICK_GRID if quick else FULL_GRID
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gradients = mnist_gradients(samples, log=log)
+    gradients = mnist_gradients(samples, log=log, dataset=dataset)
     gradients = {stage: gradients[stage] for stage in grid["stages"]}
     warm_up(out_dir)
     results = []
@@ -146,14 +148,14 @@ def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, 
 
 HEADER = (f"{'stage':<8}{'keep':>6}{'codec':>6}{'B/value':>9}{'entropy':>9}{'gap':>7}{'x dense':>9}"
           f"{'rel.err':>9}{'ingest MB/s':>12}{'read1 ms':>9}{'read100':>9}{'read1000':>9}"
-          f"{'scatter Mv/s':>13}{'forget1 ms':>11}")
+          f"{'scatter Mv/s':>13}{'masks Mv/s':>11}{'forget1 ms':>11}")
 
 
 def format_row(r):
     return (f"{r['stage']:<8}{r['keep']:>6}{r['codec']:>6}{r['bytes_per_value']:>9.3f}{r['entropy_bytes_per_value']:>9.3f}"
             f"{r['entropy_gap']:>+7.1%}{r['ratio_vs_dense_fp32']:>9.0f}{r['rel_l2_error']:>9.1e}{r['ingest_mb_s']:>12.0f}"
             f"{r['read_ms_1']:>9.2f}{r['read_ms_100']:>9.2f}{r['read_ms_1000']:>9.2f}"
-            f"{r['scatter_mvalues_s']:>13.0f}{r['forget_one_ms']:>11.3f}")
+            f"{r['scatter_mvalues_s']:>13.0f}{r['positions_mvalues_s']:>11.0f}{r['forget_one_ms']:>11.3f}")
 
 
 def check_targets(results):
@@ -177,7 +179,8 @@ def main(args):
     log = (lambda *a: None) if args.json else print
     if not args.json:
         print(HEADER)
-    results = run(quick=args.quick, out_dir=args.out, samples=args.samples, epochs=args.epochs, log=log)
+    results = run(quick=args.quick, out_dir=args.out, samples=args.samples, epochs=args.epochs, log=log,
+                  dataset=args.dataset)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -191,5 +194,7 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="reduced grid (p=0.1, trained gradients), under a minute")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per configuration")
     parser.add_argument("--out", default="out/bench-store", help="directory for the stores written (kept)")
-    parser.add_argument("--samples", type=int, default=1024, help="MNIST samples whose gradients are stored")
+    parser.add_argument("--samples", type=int, default=1024, help="training samples whose gradients are stored")
+    parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist",
+                        help="mnist (real files, ../shared/data/mnist) or digits (bundled with scikit-learn)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of accumulation per store (ingest volume)")

@@ -49,8 +49,10 @@ def quantize_int8(values, keys, block_size, stochastic, seed, q_out, scales_out)
 def _dequantize_int8_body(q, scales, block_size, out):
     n, k = q.shape
     for r in prange(n):
-        for j in range(k):
-            out[r, j] = np.float32(q[r, j]) * scales[r, j // block_size]
+        for b in range(scales.shape[1]):
+            scale = scales[r, b]
+            for j in range(b * block_size, min(k, (b + 1) * block_size)):
+                out[r, j] = np.float32(q[r, j]) * scale
 
 
 _dequantize_int8_parallel = njit(cache=True, parallel=True)(_dequantize_int8_body)
@@ -139,8 +141,13 @@ def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, 
             row_pos = positions[r]
             start = np.searchsorted(row_pos, lo)
             stop = np.searchsorted(row_pos, hi)
-            for j in range(start, stop):
-                flat[row_pos[j]] += alpha * (np.float32(values[r, j]) * scales[r, j // block_size])
+            j = start
+            while j < stop:  # block by block: one scale per block, no division per value
+                block_end = min(stop, (j // block_size + 1) * block_size)
+                weight = alpha * scales[r, j // block_size]
+                for i in range(j, block_end):
+                    flat[row_pos[i]] += weight * np.float32(values[r, i])
+                j = block_end
 
 
 _scatter_add_parallel = njit(cache=True, parallel=True)(_scatter_add_body)

@@ -175,9 +175,14 @@ def merge(cursors, num_keys, k, block_rows, emit):
     """Stream every key block [lo, lo + block_rows): emit(lo, sums float32 [rows, k], present bool)."""
     for lo in range(0, num_keys, block_rows):
         hi = min(num_keys, lo + block_rows)
+        if len(cursors) == 1:
+            keys, rows = cursors[0].rows_in(lo, hi)
+            if keys.size == hi - lo:  # one source covering every key: its rows are the sums
+                emit(lo, rows, np.ones(hi - lo, np.bool_))
+                continue
         sums = np.zeros((hi - lo, k), np.float32)
         present = np.zeros(hi - lo, np.bool_)
-        for cursor in cursors:
+        for cursor in cursors:  # one cursor's rows in memory at a time
             keys, rows = cursor.rows_in(lo, hi)
             sums[keys - lo] += rows  # keys are unique within one cursor
             present[keys - lo] = True

@@ -208,3 +208,13 @@ def test_mnist_smoke_real_data(tmp_path, capsys):
     weights = flat_params(model)
     store.scatter_add(weights, np.arange(10), 1.0)
     assert 0 < np.abs(weights - flat_params(model)).max() < 1.0
+
+
+def test_models_match_the_seeds_parameter_counts():
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    assert count(build_model("simple", 1, 10)) == 95_110
+    assert count(build_model("simple", 3, 100)) == 133_000
+    resnet = build_model("resnet18", 3, 100, groups=1)
+    assert count(resnet) == 11_227_812
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in resnet.modules())
+    assert resnet(torch.zeros(2, 3, 32, 32)).shape == (2, 100)

@@ -1,0 +1,164 @@
+"""`python -m bench protocol`: the seed's MNIST protocol, every method side by side.
+
+Per seed and class: one training run (SimpleModel, every other class + the first 100
+samples of the class, Adam 1e-3, B=64) records into every store at once (per-sample
+update/grad at several p, original, layer); a gold model is retrained without the
+class; then each store forgets the class with NO fine-tune (scale 1 and scale auto),
+next to a fine-tune-only control. Prints a table, writes protocol-results.json.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradstore
+from unlearn import data as datasets
+from unlearn.evaluate import accuracy
+from unlearn.forget import choose_scale, removal_vector, resolve_request
+from unlearn.models import build_model, flat_params, load_flat_params, named_shapes
+from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.train import train
+
+
+def class_cells(model, data, cls):
+    in_class = data.test_y == cls
+    return accuracy(model, data.test_x[in_class], data.test_y[in_class]), accuracy(model, data.test_x[~in_class], data.test_y[~in_class])
+
+
+def make_recorders(out_dir, model, data, config):
+    num_params = sum(p.numel() for p in model.parameters())
+    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    steps = config["epochs"] * -(-len(data) // config["batch_size"])
+    recorders = {}
+    for flavour, keeps in (("update", config["keeps"]), ("grad", config["grad_keeps"])):
+        for keep in keeps:
+            for codec in config["codecs"]:
+                name = f"per-sample {flavour} p={keep} {codec}"
+                store = gradstore.create(out_dir / f"ps-{flavour}-{keep}-{codec}.h5", num_params, len(data), keep,
+                                         codec=codec, seed=config["seed"], fingerprint=fingerprint, overwrite=True)
+                recorders[name] = PerSampleRecorder(store, flavour)
+    if config["original"]:
+        store = gradstore.create(out_dir / "original.h5", num_params, steps, 1.0, codec="fp32", key_kind="step",
+                                 fingerprint=fingerprint, overwrite=True)
+        recorders["original"] = StepRecorder(store)
+    for keep in config["layer_keeps"]:
+        store = gradstore.create(out_dir / f"layer-{keep}.h5", num_params, steps, keep, codec="fp32", key_kind="step",
+                                 seed=config["seed"], fingerprint=fingerprint, overwrite=True)
+        recorders[f"layer p={keep}"] = StepRecorder(store)
+    return recorders
+
+
+def run_one(seed, cls, config, out_dir, log=print):
+    out_dir = Path(out_dir) / f"seed{seed}-class{cls}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = datasets.keep_first(datasets.load_dataset("mnist", config.get("data_dir")), cls, config["keep_first"])
+    device = torch.device("cpu")
+    model = build_model("simple", 1, 10, seed=seed)
+    recorders = make_recorders(out_dir, model, data, {**config, "seed": seed})
+    trained = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
+                    recorders=list(recorders.values()), device=device, description=f"seed {seed} class {cls} recording")
+    gold_data = datasets.exclude(data, cls=cls)
+    gold = build_model("simple", 1, 10, seed=seed)
+    gold_run = train(gold, gold_data.train_x, gold_data.train_y, config["epochs"], config["batch_size"], seed,
+                     device=device, description="gold (retrain without the class)")
+    rows = []
+    after = class_cells(model, data, cls)
+    gold_cells = class_cells(gold, data, cls)
+    rows.append({"method": "after train", "forgotten": after[0], "rest": after[1], "seconds": trained["seconds"]})
+    rows.append({"method": "gold (retrained from scratch)", "forgotten": gold_cells[0], "rest": gold_cells[1],
+                 "seconds": gold_run["seconds"]})
+    base = flat_params(model)
+    control = build_model("simple", 1, 10, seed=seed)
+    load_flat_params(control, base)
+    keep = data.train_y != cls
+    tuned = train(control, data.train_x[keep], data.train_y[keep], 1, config["batch_size"], seed + 1, device=device,
+                  description="fine-tune-only control")
+    cells = class_cells(control, data, cls)
+    rows.append({"method": "fine-tune 1 epoch, no removal", "forgotten": cells[0], "rest": cells[1], "seconds": tuned["seconds"]})
+    original_bytes = None
+    for name, recorder in recorders.items():
+        store = gradstore.open(recorder.store.path)
+        started = time.perf_counter()
+        request = resolve_request(store, recorder.method, data, cls=cls)
+        removal = removal_vector(store, request.keys)
+        removal_seconds = time.perf_counter() - started
+        size = store.info()["bytes_on_disk"]
+        if name == "original":
+            original_bytes = size
+        scales = [1.0]
+        if recorder.method == "per-sample" or config["auto_for_baselines"]:
+            scales.append("auto")
+        for scale in scales:
+            choice = None
+            if scale == "auto":
+                choice = choose_scale(model, base, removal, data, request, seed=seed)
+                scale = choice.scale
+            load_flat_params(model, base + np.float32(scale) * removal)
+            cells = class_cells(model, data, cls)
+            rows.append({
+                "method": name, "scale": scale, "auto": choice is not None, "forgotten": cells[0], "rest": cells[1],
+                "bytes_on_disk": size, "bytes_per_value": store.info()["bytes_per_value"],
+                "seconds": removal_seconds + (choice.seconds if choice else 0.0),
+                "scale_reached_target": choice.reached if choice else None,
+            })
+            load_flat_params(model, base)
+        store.close()
+    for row in rows:
+        if original_bytes and "bytes_on_disk" in row:
+            row["ratio_vs_original"] = original_bytes / row["bytes_on_disk"]
+        row.update(seed=seed, cls=cls, gold_forgotten=gold_cells[0], gold_rest=gold_cells[1])
+    log(format_table(rows))
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'method':<32}{'scale':>8}{'forgotten':>10}{'rest':>7}{'gap rest':>9}{'MB':>9}{'x smaller':>10}{'seconds':>9}"]
+    for r in rows:
+        scale = "" if "scale" not in r else (f"{r['scale']:.3g}" + ("*" if r["auto"] else ""))
+        size = f"{r['bytes_on_disk'] / 1e6:.1f}" if "bytes_on_disk" in r else ""
+        ratio = f"{r['ratio_vs_original']:.0f}" if "ratio_vs_original" in r else ""
+        lines.append(f"{r['method']:<32}{scale:>8}{r['forgotten']:>10.3f}{r['rest']:>7.3f}"
+                     f"{r['rest'] - r['gold_rest']:>+9.3f}{size:>9}{ratio:>10}{r['seconds']:>9.2f}")
+    return "\n".join(lines) + "\n(* = scale chosen by scale='auto'; gap rest = rest - gold's rest)"
+
+
+def main(args):
+    config = {
+        "epochs": args.epochs, "batch_size": 64, "keep_first": 100, "keeps": args.keeps, "grad_keeps": args.grad_keeps,
+        "codecs": args.codecs, "original": not args.no_original, "layer_keeps": args.layer_keeps,
+        "auto_for_baselines": False, "data_dir": args.data_dir,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "protocol-results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["seed"], r["cls"]) for r in results}
+    for seed in args.seeds:
+        for cls in args.classes:
+            if (seed, cls) in done:
+                print(f"seed {seed} class {cls}: already in {results_path}, skipped")
+                continue
+            print(f"== seed {seed}, class {cls} ==")
+            results += run_one(seed, cls, config, out)
+            results_path.write_text(json.dumps(results, indent=2))
+            if not args.keep_stores:
+                for path in (out / f"seed{seed}-class{cls}").glob("*.h5"):
+                    path.unlink()
+    return 0
+
+
+def add_arguments(parser):
+    parser.add_argument("--classes", type=int, nargs="+", default=[3], help="classes kept at 100 samples and forgotten")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.02], help="p of the per-sample update stores")
+    parser.add_argument("--grad-keeps", type=float, nargs="*", default=[0.02], help="p of the per-sample grad stores")
+    parser.add_argument("--codecs", nargs="+", default=["int8"], choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--layer-keeps", type=float, nargs="*", default=[0.1])
+    parser.add_argument("--no-original", action="store_true", help="skip the original method's (large) store")
+    parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores after measuring")
+    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR)")
+    parser.add_argument("--out", default="out/bench-protocol")
