@@ -102,6 +102,8 @@ def measure_config(rows, codec, keep, seed, path, epochs):
         "bytes_per_value": info["bytes_per_value"],
         "entropy_bytes_per_value": entropy,
         "entropy_gap": info["bytes_per_value"] / entropy - 1,
+        "payload_bytes_per_value": info["payload_bytes"] / (n * k),
+        "file_overhead_bytes": info["bytes_on_disk"] - info["payload_bytes"],
         "ratio_vs_dense_fp32": info["ratio_vs_dense_fp32"],
         "rel_l2_error": rel_error,
         "ingest_mb_s": n * k * 4 * epochs / ingest_seconds / 1e6,

@@ -514,6 +514,10 @@ class Store:
             "bytes_per_value": bytes_on_disk / (stored_rows * self.k) if stored_rows and self.finished else None,
             "dense_fp32_bytes": stored_rows * self.num_params * 4,
         }
+        if self.finished:  # the compressed chunks of the row datasets alone, without HDF5's own structures
+            info["payload_bytes"] = int(sum(
+                dset.id.get_chunk_info(i).size for dset in self._row_datasets.values() for i in range(dset.id.get_num_chunks())
+            ))
         info["ratio_vs_dense_fp32"] = (
             info["dense_fp32_bytes"] / bytes_on_disk if stored_rows and self.finished else None
         )
