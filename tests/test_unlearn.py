@@ -218,3 +218,31 @@ def test_models_match_the_seeds_parameter_counts():
     assert count(resnet) == 11_227_812
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in resnet.modules())
     assert resnet(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_training_is_seeded_and_deterministic():
+    x, y = digits_subset(128)
+    weights = []
+    for _ in range(2):
+        model = build_model("simple", 1, 10, seed=4)
+        train(model, x, y, epochs=1, batch_size=32, seed=9, device=torch.device("cpu"), progress=False)
+        weights.append(flat_params(model))
+    np.testing.assert_array_equal(weights[0], weights[1])
+    other = build_model("simple", 1, 10, seed=4)
+    train(other, x, y, epochs=1, batch_size=32, seed=10, device=torch.device("cpu"), progress=False)
+    assert not np.array_equal(weights[0], flat_params(other))  # the seed matters (batch order)
+
+
+def test_sample_request_auto_scale_uses_the_loss_rule(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "2",
+                         "--keep", "0.05", "--out", str(run), "--quiet"]) == 0
+    np.save(tmp_path / "s.npy", np.arange(0, 200, 10))
+    capsys.readouterr()
+    assert unlearn_main(["forget", str(run), "--samples", str(tmp_path / "s.npy"), "--scale", "auto",
+                         "--out", str(tmp_path / "o"), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scale_search"]["rule"].startswith("samples: forget-set mean loss")
+    assert result["scale_search"]["evaluations"] >= 2 and result["scale"] > 0
+    if result["scale_search"]["reached"]:  # the target, when reached, is met by the written model
+        assert result["forget_loss"] >= result["after_train"]["forget_loss"]
