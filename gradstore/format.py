@@ -26,6 +26,7 @@ STAGING = "staging"  # group of runs while recording: staging/run_<n>/{keys, val
 MEMBERSHIP = "membership"  # reserved: which samples a step-keyed row covers (CSR)
 
 RUN_COMMITTED = "committed"
+RUN_REPLACES = "replaces"  # JSON list of the runs a merged run stands for
 
 
 class RowState:

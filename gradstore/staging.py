@@ -9,10 +9,12 @@ quantization however many epochs there were, and memory is the buffer plus one
 chunk per run, whatever the number of samples.
 """
 
+import json
+
 import numpy as np
 
 from . import chunkio, kernels
-from .format import RUN_COMMITTED, STAGING
+from .format import RUN_COMMITTED, RUN_REPLACES, STAGING
 
 RUN_CHUNK_BYTES = 256 * 1024
 MAX_FANIN = 64  # runs merged at once; more are first merged into bigger runs
@@ -107,15 +109,19 @@ class RunCursor:
             stop = min(i1, (chunk + 1) * self.rows_per_chunk)
             out[i - i0 : stop - i0] = self._chunk(chunk)[i - chunk * self.rows_per_chunk : stop - chunk * self.rows_per_chunk]
             i = stop
+        if i1 == self.keys.size:
+            self._chunks = {}  # exhausted: hold no decoded chunk
         return self.keys[i0:i1], out
 
 
 def run_names(h5file):
-    """Committed runs, oldest first."""
+    """Committed runs that no committed merge replaced, oldest first."""
     if STAGING not in h5file:
         return []
     group = h5file[STAGING]
-    return sorted(name for name in group if group[name].attrs.get(RUN_COMMITTED, False))
+    committed = [name for name in group if group[name].attrs.get(RUN_COMMITTED, False)]
+    replaced = {old for name in committed for old in json.loads(group[name].attrs.get(RUN_REPLACES, "[]"))}
+    return sorted(name for name in committed if name not in replaced)
 
 
 class RunWriter:
@@ -133,18 +139,19 @@ class RunWriter:
         self.values = self.group.create_dataset(
             "values", shape=(0, k), maxshape=(None, k), dtype=np.float32, chunks=(rows_per_chunk, k), **filters
         )
-        self.keys = self.group.create_dataset(
-            "keys", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **chunkio.dataset_filters(False, zstd_level)
-        )
+        int_filters = chunkio.dataset_filters(False, zstd_level)
+        self.keys = self.group.create_dataset("keys", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **int_filters)
+        self.labels = self.group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **int_filters)
         self.rows_per_chunk = rows_per_chunk
         self.flush_rows = rows_per_chunk * max(1, (16 << 20) // (4 * k * rows_per_chunk))
-        self.pending_keys, self.pending_rows, self.pending = [], [], 0
+        self.pending_keys, self.pending_rows, self.pending_labels, self.pending = [], [], [], 0
         self.written = 0
 
-    def append(self, keys, rows):
+    def append(self, keys, rows, labels):
         if keys.size:
             self.pending_keys.append(keys)
             self.pending_rows.append(rows)
+            self.pending_labels.append(labels)
             self.pending += keys.size
         if self.pending >= self.flush_rows:
             self._write(final=False)
@@ -152,20 +159,27 @@ class RunWriter:
     def _write(self, final):
         keys = np.concatenate(self.pending_keys) if self.pending_keys else np.empty(0, np.int64)
         rows = np.concatenate(self.pending_rows) if self.pending_rows else np.empty((0, self.k), np.float32)
+        labels = np.concatenate(self.pending_labels) if self.pending_labels else np.empty(0, np.int64)
         cut = keys.size if final else keys.size - keys.size % self.rows_per_chunk
         if cut:
             total = self.written + cut
             self.values.resize((total, self.k))
             self.keys.resize((total,))
+            self.labels.resize((total,))
             chunkio.write_rows(self.values, self.written, rows[:cut], True, self.zstd_level)
             self.keys[self.written : total] = keys[:cut]
+            self.labels[self.written : total] = labels[:cut]
             self.written = total
-        self.pending_keys, self.pending_rows = [keys[cut:]], [rows[cut:]]
+        self.pending_keys, self.pending_rows, self.pending_labels = [keys[cut:]], [rows[cut:]], [labels[cut:]]
         self.pending = keys.size - cut
 
-    def close(self):
-        """Write what is pending and mark the run committed (a crash before this loses only this run)."""
+    def close(self, replaces=()):
+        """Write what is pending and mark the run committed (a crash before this loses only this run).
+
+        ``replaces``: runs this one merges; once it is committed they no longer count.
+        """
         self._write(final=True)
+        self.group.attrs[RUN_REPLACES] = json.dumps(list(replaces))
         self.group.attrs[RUN_COMMITTED] = True
         self.h5file.flush()
         return self.name
@@ -175,15 +189,15 @@ def merge(cursors, num_keys, k, block_rows, emit):
     """Stream every key block [lo, lo + block_rows): emit(lo, sums float32 [rows, k], present bool)."""
     for lo in range(0, num_keys, block_rows):
         hi = min(num_keys, lo + block_rows)
-        if len(cursors) == 1:
-            keys, rows = cursors[0].rows_in(lo, hi)
-            if keys.size == hi - lo:  # one source covering every key: its rows are the sums
-                emit(lo, rows, np.ones(hi - lo, np.bool_))
-                continue
-        sums = np.zeros((hi - lo, k), np.float32)
+        sums = None
         present = np.zeros(hi - lo, np.bool_)
         for cursor in cursors:  # one cursor's rows in memory at a time
             keys, rows = cursor.rows_in(lo, hi)
-            sums[keys - lo] += rows  # keys are unique within one cursor
+            if len(cursors) == 1 and keys.size == hi - lo:  # one source covering every key: no copy
+                sums = rows
+            else:
+                if sums is None:
+                    sums = np.zeros((hi - lo, k), np.float32)
+                sums[keys - lo] += rows  # keys are unique within one cursor
             present[keys - lo] = True
-        emit(lo, sums, present)
+        emit(lo, np.zeros((hi - lo, k), np.float32) if sums is None else sums, present)

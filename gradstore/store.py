@@ -28,7 +28,7 @@ from .format import (
 
 FINAL_CHUNK_BYTES = 64 * 1024  # one row read decodes one chunk: ~40 us at this size
 DEFAULT_MEMORY_BUDGET = 256 << 20
-SCATTER_BATCH_VALUES = 8 << 20  # rows decoded at once by scatter_add/read of many keys
+SCATTER_BATCH_VALUES = 8 << 20  # values decoded at once (rows, and whole chunks) by read / scatter_add
 
 
 def keep_to_k(keep, num_params):
@@ -153,6 +153,7 @@ class Store:
         if not finished:
             self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k))
             self._runs = staging.run_names(h5file)
+            self._rebuild_row_metadata_from_runs()
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -164,6 +165,16 @@ class Store:
         if missing:
             raise FormatError(f"{self.path}: finished store lacks datasets {[f'{ROWS}/{m}' for m in missing]}")
         return {part.name: self._h5[ROWS][part.name] for part in self.parts}
+
+    def _rebuild_row_metadata_from_runs(self):
+        """While recording, the committed runs are the truth: rows/state and rows/labels only cache them."""
+        self.state[:] = RowState.EMPTY
+        for name in self._runs:
+            run = self._h5[STAGING][name]
+            keys = run["keys"][()]
+            self.state[keys] = RowState.LIVE
+            if "labels" in run:
+                self.labels[keys] = run["labels"][()]
 
     def _reopen(self, mode):
         self._h5 = open_h5(self.path, mode)
@@ -262,7 +273,8 @@ class Store:
             writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
             step = writer.flush_rows
             for i0 in range(0, keys.size, step):
-                writer.append(keys[i0 : i0 + step], self._buffer.values[slots[i0 : i0 + step]])
+                batch = keys[i0 : i0 + step]
+                writer.append(batch, self._buffer.values[slots[i0 : i0 + step]], self.labels[batch])
             self._runs.append(writer.close())
             self._buffer.clear()
         self._write_row_metadata(self._h5)
@@ -308,7 +320,7 @@ class Store:
         out = open_h5(tmp_path, "w")
         try:
             write_header(out, self.config, finished=True)
-            datasets = self._create_row_datasets(out)
+            datasets = self._create_row_datasets(out, self.labels, self.state)
             rows = self.rows_per_chunk
             block_rows = rows * max(1, (16 << 20) // (4 * self.k * rows))
 
@@ -319,7 +331,6 @@ class Store:
                     chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, self.zstd_level)
 
             staging.merge(cursors, self.num_keys, self.k, block_rows, emit)
-            self._write_row_metadata(out)
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         except BaseException:
@@ -343,13 +354,19 @@ class Store:
             group, rest = self._runs[:fanin], self._runs[fanin:]
             cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in group]
             writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
-            emit = lambda lo, sums, present: writer.append(np.nonzero(present)[0] + lo, sums[present])
+
+            def emit(lo, sums, present):
+                keys = np.nonzero(present)[0] + lo
+                writer.append(keys, sums[present], self.labels[keys])
+
             staging.merge(cursors, self.num_keys, self.k, self.rows_per_chunk, emit)
+            merged = writer.close(replaces=group)  # committed first: a crash now leaves it standing for them
             for old in group:
                 del self._h5[STAGING][old]
-            self._runs = rest + [writer.close()]
+            self._runs = rest + [merged]
 
-    def _create_row_datasets(self, h5file):
+    def _create_row_datasets(self, h5file, labels, state):
+        """The row datasets of a finished file, with its labels, state and membership."""
         rows = h5file.require_group(ROWS)
         datasets = {}
         for part in self.parts:
@@ -360,8 +377,10 @@ class Store:
                 chunks=(self.rows_per_chunk, part.width),
                 **chunkio.dataset_filters(part.shuffle, self.zstd_level),
             )
-        rows.create_dataset("labels", data=self.labels, chunks=True, **chunkio.dataset_filters(False, 1))
-        rows.create_dataset("state", data=self.state, chunks=True, **chunkio.dataset_filters(False, 1))
+        rows.create_dataset("labels", data=labels, chunks=True, **chunkio.dataset_filters(False, 1))
+        rows.create_dataset("state", data=state, chunks=True, **chunkio.dataset_filters(False, 1))
+        if self.members:
+            _write_membership(h5file, self.members)
         return datasets
 
     # ------------------------------------------------------------------ reading
@@ -375,17 +394,31 @@ class Store:
         lo = chunk_index * self.rows_per_chunk
         return list(range(lo, min(self.num_keys, lo + self.rows_per_chunk)))
 
-    def _read_parts(self, keys):
-        """Stored parts of the rows of ``keys`` (in that order): {part: array [n, width]}."""
+    def _read_parts(self, sorted_keys):
+        """Stored parts of the rows of ascending ``sorted_keys``: {part: array [n, width]}."""
         rows = self.rows_per_chunk
-        chunk_of_key = keys // rows
-        chunks, inverse = np.unique(chunk_of_key, return_inverse=True)
+        chunks, first = np.unique(sorted_keys // rows, return_index=True)
+        bounds = np.append(first, sorted_keys.size)
         parts = {}
         for part in self.parts:
             decoded = chunkio.read_chunks(self._row_datasets[part.name], chunks.tolist(), part.shuffle, self._chunk_keys)
-            stacked = np.stack([decoded[c] for c in chunks.tolist()])
-            parts[part.name] = stacked[inverse, keys - chunk_of_key * rows]
+            out = np.empty((sorted_keys.size, part.width), part.dtype)
+            for i, chunk in enumerate(chunks.tolist()):
+                out[bounds[i] : bounds[i + 1]] = decoded.pop(chunk)[sorted_keys[bounds[i] : bounds[i + 1]] - chunk * rows]
+            parts[part.name] = out
         return parts
+
+    def _batches(self, sorted_keys):
+        """Slices of ascending keys whose decoded chunks and rows stay within SCATTER_BATCH_VALUES."""
+        max_rows = max(1, SCATTER_BATCH_VALUES // self.k)
+        max_chunks = max(1, SCATTER_BATCH_VALUES // (self.k * self.rows_per_chunk))
+        _, chunk_ordinal = np.unique(sorted_keys // self.rows_per_chunk, return_inverse=True)
+        start = 0
+        while start < sorted_keys.size:
+            stop = min(sorted_keys.size, start + max_rows)
+            stop = min(stop, int(np.searchsorted(chunk_ordinal, chunk_ordinal[start] + max_chunks)))
+            yield slice(start, stop)
+            start = stop
 
     def _require_states(self, keys, allowed, action):
         bad = keys[~np.isin(self.state[keys], allowed)]
@@ -398,9 +431,11 @@ class Store:
         self._require_finished("read rows")
         keys = self._check_keys(keys)
         self._require_states(keys, [RowState.LIVE, RowState.FORGOTTEN], "read")
-        if keys.size == 0:
-            return np.empty((0, self.k), np.float32)
-        return self.codec.decode(self._read_parts(keys))
+        order = np.argsort(keys)
+        out = np.empty((keys.size, self.k), np.float32)
+        for batch in self._batches(keys[order]):
+            out[order[batch]] = self.codec.decode(self._read_parts(keys[order[batch]]))
+        return out
 
     def scatter_add(self, flat_params, keys, alpha=1.0):
         """flat_params[positions(key)] += alpha * row(key) for every key (live rows only).
@@ -417,9 +452,8 @@ class Store:
             raise BadInputError(f"alpha must be finite, got {alpha!r}")
         keys = np.sort(self._check_keys(keys))
         self._require_states(keys, [RowState.LIVE], "scatter_add")
-        batch = max(1, SCATTER_BATCH_VALUES // self.k)
-        for start in range(0, keys.size, batch):
-            batch_keys = keys[start : start + batch]
+        for batch in self._batches(keys):
+            batch_keys = keys[batch]
             values, scales, block = self.codec.scatter_operands(self._read_parts(batch_keys))
             kernels.scatter_add(flat_params, values, scales, block, batch_keys, self.seed, self.num_params, alpha)
 
@@ -456,8 +490,12 @@ class Store:
         tmp_path = self.path + ".purge.tmp"
         out = open_h5(tmp_path, "w")
         try:
+            purged_state = self.state.copy()
+            purged_state[doomed] = RowState.PURGED
+            purged_labels = self.labels.copy()
+            purged_labels[doomed] = -1
             write_header(out, self.config, finished=True)
-            datasets = self._create_row_datasets(out)
+            datasets = self._create_row_datasets(out, purged_labels, purged_state)
             rows = self.rows_per_chunk
             for part in self.parts:
                 source = self._row_datasets[part.name]
@@ -471,12 +509,6 @@ class Store:
                     block = chunkio.read_chunks(source, [chunk], part.shuffle, self._chunk_keys)[chunk].copy()
                     block[: hit.size][hit] = 0
                     chunkio.write_rows(datasets[part.name], lo, block[: hit.size], part.shuffle, self.zstd_level)
-            purged_state = self.state.copy()
-            purged_state[doomed] = RowState.PURGED
-            purged_labels = self.labels.copy()
-            purged_labels[doomed] = -1
-            out[STATE][...] = purged_state
-            out[LABELS][...] = purged_labels
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         except BaseException:

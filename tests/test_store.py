@@ -403,3 +403,36 @@ def test_labels_given_with_batches(tmp_path):
         assert np.array_equal(store.keys_with_label(4), np.arange(10))
         assert np.array_equal(store.keys_with_label(1), np.arange(10, 15))
         assert np.array_equal(store.keys_with_label(-1), np.arange(15, 20))
+
+
+def test_purge_keeps_the_membership_of_step_keyed_stores(tmp_path):
+    store = gradstore.create(tmp_path / "steps.h5", 50, 4, 1.0, codec="fp32", key_kind="step")
+    for step in range(4):
+        store.accumulate([step], np.full((1, 50), step + 1, np.float32))
+        store.add_members(step, [2 * step, 2 * step + 1])
+    store.finalize()
+    store.close()
+    store = gradstore.open(tmp_path / "steps.h5", "r+")
+    assert store.keys_covering([2, 7]).tolist() == [1, 3]
+    store.mark_forgotten([1])
+    store.purge()
+    store.close()
+    store = gradstore.open(tmp_path / "steps.h5")
+    assert store.keys_covering([2, 7]).tolist() == [3]  # step 1 is purged, step 3 still found
+    assert store.keys_covering([2], states=tuple(gradstore.RowState.NAMES)).tolist() == [1]
+
+
+def test_reopened_unfinished_store_takes_state_and_labels_from_its_runs(tmp_path):
+    store = gradstore.create(tmp_path / "r.h5", 100, 10, 0.5, codec="fp32")
+    store.accumulate([1, 4], np.ones((2, 50), np.float32), labels=[7, 8])
+    store.commit()
+    store._h5["rows/state"][...] = 0  # as if a crash hit between the run's commit and the metadata write
+    store._h5["rows/labels"][...] = -1
+    store._h5.close()
+    store._h5 = None
+    reopened = gradstore.store.Store(str(tmp_path / "r.h5"), gradstore.format.open_h5(str(tmp_path / "r.h5"), "r+"),
+                                     *gradstore.format.read_header(gradstore.format.open_h5(str(tmp_path / "r.h5"), "r"), "x"),
+                                     writable=True)
+    assert reopened.state[[1, 4]].tolist() == [1, 1] and reopened.labels[[1, 4]].tolist() == [7, 8]
+    reopened.finalize()
+    np.testing.assert_array_equal(reopened.read([1, 4]), np.ones((2, 50), np.float32))

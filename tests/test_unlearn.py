@@ -138,9 +138,13 @@ def test_class_forget_with_auto_scale_gold_and_purge(tmp_path, capsys):
     assert result["gold"]["forgotten_acc"] == 0.0 and "gap_to_gold" in result
     with gradstore.open(run / "store.h5") as store:
         assert store.info()["rows_purged"] == 60
-    # purged rows cannot be applied again, even from the original run
-    assert unlearn_main(["forget", str(run), "--class", "3", "--out", str(tmp_path / "x"), "--quiet"]) == 0
-    assert "forgot 0 samples" in capsys.readouterr().out
+    assert result["purged_rows"] == 60
+    # the original run's model still holds the class but its rows are gone: refused, not silently skipped
+    assert unlearn_main(["forget", str(run), "--class", "3", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "not live" in capsys.readouterr().err
+    # from the forget output the same request is a no-op
+    assert unlearn_main(["forget", str(out), "--class", "3", "--out", str(tmp_path / "y"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["request"]["num_keys"] == 0
 
 
 def test_cifar100_loader_reads_the_standard_pickles(tmp_path):
@@ -246,3 +250,34 @@ def test_sample_request_auto_scale_uses_the_loss_rule(tmp_path, capsys):
     assert result["scale_search"]["evaluations"] >= 2 and result["scale"] > 0
     if result["scale_search"]["reached"]:  # the target, when reached, is met by the written model
         assert result["forget_loss"] >= result["after_train"]["forget_loss"]
+
+
+def test_forget_on_a_run_trained_with_exclusions_maps_keys_to_its_own_samples(tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "ex.txt").write_text("0\n1\n2\n")
+    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1",
+                         "--keep", "0.02", "--exclude-samples", str(tmp_path / "ex.txt"), "--out", str(run),
+                         "--quiet"]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "train.json").read_text())["num_samples"] == 1437 - 3
+    np.save(tmp_path / "f.npy", np.array([len(datasets.load_dataset("digits")) - 4]))  # the run's last key
+    assert unlearn_main(["forget", str(run), "--samples", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o"),
+                         "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["request"]["num_keys"] == 1
+
+
+def test_sgd_momentum_update_rows_carry_the_momentum(tmp_path):
+    """With momentum mu, a gradient moves the weights by lr*g/(1-mu) over the following steps:
+    the rows (p=1, fp32) should add up to about the whole trajectory, not a tenth of it."""
+    x, y = digits_subset(256)
+    model = build_model("simple", 1, 10, seed=2)
+    w0 = flat_params(model)
+    store = gradstore.create(tmp_path / "m.h5", w0.size, len(y), 1.0, codec="fp32")
+    train(model, x, y, epochs=6, batch_size=16, seed=0, optimizer="sgd-momentum", lr=0.01,
+          recorders=[PerSampleRecorder(store, "update")], device=torch.device("cpu"), progress=False)
+    travelled = w0 - flat_params(model)
+    rows = gradstore.open(tmp_path / "m.h5").read(np.arange(len(y))).sum(0)
+    projection = float(rows @ travelled / (travelled @ travelled))
+    # ~96 steps: the last ~10 steps' momentum is not yet spent, so slightly above 1 (without the
+    # 1/(1-mu) factor it would be about 0.1)
+    assert 0.8 < projection < 1.25, projection

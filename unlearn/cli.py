@@ -14,7 +14,7 @@ import gradstore
 from . import data as datasets
 from . import runs
 from .evaluate import accuracy, evaluate
-from .forget import forget
+from .forget import forget, purge_applied, root_run
 from .models import build_model, named_shapes
 from .recorders import PerSampleRecorder, StepRecorder
 from .train import default_device, train
@@ -56,7 +56,7 @@ def cmd_train(args):
         "lr": args.lr, "keep_first": args.keep_first, "exclude_class": args.exclude_class,
         "exclude_samples": exclude_samples,
     }
-    split = runs.apply_exclusions(runs.build_data(config), config)
+    split = runs.build_data(config)
     config.update(in_channels=split.in_channels, num_classes=split.num_classes)
     device = torch.device(args.device) if args.device else default_device()
     model = build_model(args.model, split.in_channels, split.num_classes, seed=args.seed, groups=args.groups)
@@ -95,33 +95,35 @@ def cmd_forget(args):
     started = time.perf_counter()
     samples = datasets.read_sample_file(args.samples) if args.samples else None
     scale = "auto" if args.scale == "auto" else float(args.scale)
-    before_config = runs.load_json(_root_of(args.run_dir) / "train.json")
-    before_model = runs.load_model(args.run_dir, before_config, args.device or default_device())
-    model, no_retrain_state, data, request, report, record = forget(
-        args.run_dir, samples=samples, cls=args.cls, scale=scale, retrain_epochs=args.retrain_epochs,
-        purge=args.purge, device=args.device, progress=not args.quiet,
-    )
-    forget_keys = np.union1d(request.samples, request.skipped_samples)  # the request's whole forget set
-    evaluated = evaluate(model, data, forget_keys, args.cls, seed=before_config["seed"])
-    result = {**evaluated, **report, "after_train": evaluate(before_model, data, forget_keys, args.cls,
-                                                             seed=before_config["seed"])}
+    device = args.device or default_device()
+    outcome = forget(args.run_dir, samples=samples, cls=args.cls, scale=scale, retrain_epochs=args.retrain_epochs,
+                     device=device, progress=not args.quiet)
+    config = runs.load_json(root_run(args.run_dir) / "train.json")
+    data, request, report = outcome.data, outcome.request, outcome.report
+
+    def measure(model):
+        return evaluate(model, data, request.forget_set, args.cls, excluded=request.excluded, seed=config["seed"])
+
+    result = {**measure(outcome.model), **report, "after_train": measure(runs.load_model(args.run_dir, config, device))}
     if args.retrain_epochs:
-        model_copy = runs.load_model(args.run_dir, before_config, args.device or default_device())
-        model_copy.load_state_dict(no_retrain_state)
-        result["no_retrain"] = evaluate(model_copy, data, forget_keys, args.cls, seed=before_config["seed"])
+        no_retrain = runs.load_model(args.run_dir, config, device)
+        no_retrain.load_state_dict(outcome.no_retrain_state)
+        result["no_retrain"] = measure(no_retrain)
     if args.gold:
         gold_config = runs.load_json(Path(args.gold) / "train.json")
-        gold_model = runs.load_model(args.gold, gold_config, args.device or default_device())
-        gold = evaluate(gold_model, data, forget_keys, args.cls, seed=before_config["seed"])
-        gold["seconds"] = gold_config["seconds"]
+        gold = {**measure(runs.load_model(args.gold, gold_config, device)), "seconds": gold_config["seconds"]}
         result["gold"] = gold
         result["gap_to_gold"] = {key: result[key] - gold[key] for key in ("forgotten_acc", "rest_acc", "ua", "ra", "ta", "mia_efficacy")}
         result["speedup_vs_gold"] = gold_config["seconds"] / max(report["seconds"], 1e-9)
-    result["total_seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs.save_model(out, model)
-    runs.save_json(out / "forget.json", {**record, **result})
+    runs.save_model(out, outcome.model)
+    result["purged_rows"] = None
+    runs.save_json(out / "forget.json", {**outcome.record, **result})
+    if args.purge:  # only once the forgotten model is on disk: afterwards the rows are gone
+        result["purged_rows"] = purge_applied(outcome.record)
+        runs.save_json(out / "forget.json", {**outcome.record, **result})
+    result["total_seconds"] = time.perf_counter() - started
     if args.json:
         print(json.dumps(result, indent=2, default=runs._jsonable))
     else:
@@ -130,11 +132,6 @@ def cmd_forget(args):
               f"{result['rest_acc']:.3f} (after train {result['after_train']['forgotten_acc']:.3f} / "
               f"{result['after_train']['rest_acc']:.3f}); written to {out}")
     return 0
-
-
-def _root_of(run_dir):
-    chain = Path(run_dir) / "forget.json"
-    return Path(runs.load_json(chain)["root_run"]) if chain.exists() else Path(run_dir)
 
 
 def build_parser():

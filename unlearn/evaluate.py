@@ -56,14 +56,17 @@ def mia_efficacy(model, retained_x, retained_y, test_x, test_y, forget_x, forget
     return float((classifier.predict(conf_forget[:, None]) == 0).mean())
 
 
-def evaluate(model, data, forget_keys, forget_class=None, retained_limit=None, seed=0):
+def evaluate(model, data, forget_keys, forget_class=None, excluded=None, retained_limit=None, seed=0):
     """Every metric of a forget request on one model.
+
+    ``excluded``: every training sample not retained (default: the forget set); a chain
+    of requests excludes what earlier requests forgot too.
 
     forgotten_acc / rest_acc: the seed's cells, on the test set (class requests: the
     class / every other class; sample requests: the forget samples / the test set).
     ua / ra / ta: accuracy on the forget set, the retained training set, the test set.
     """
-    retained = np.setdiff1d(np.arange(len(data)), forget_keys)
+    retained = np.setdiff1d(np.arange(len(data)), forget_keys if excluded is None else excluded)
     if retained_limit is not None and retained.size > retained_limit:
         retained = np.sort(np.random.default_rng(seed).choice(retained, retained_limit, replace=False))
     forget_x, forget_y = data.train_x[forget_keys], data.train_y[forget_keys]

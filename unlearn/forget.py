@@ -6,9 +6,10 @@ every step whose batch held a forgotten sample. ``scale="auto"`` picks the step
 with forward passes only (``choose_scale``).
 
 Requests chain: forgetting from a forget output starts from its model and skips the
-keys already applied there, so no row is ever subtracted twice. ``purge=True`` also
-marks the rows forgotten in the store and erases them from the file (a deletion
-request); the store then refuses them for good.
+keys already applied there, so no row is ever subtracted twice. ``purge_applied`` then
+marks a chain's rows forgotten in the store and erases them from the file (a deletion
+request); the store refuses them for good, and a forget from a model that still holds
+them (one not in that chain) is refused rather than silently skipped.
 """
 
 import time
@@ -33,10 +34,16 @@ GUARD_SLICE = 2000  # retained training samples watched by the auto step's guard
 class Request:
     """A resolved request: training samples to forget and the store keys that carry them."""
 
-    samples: np.ndarray
+    samples: np.ndarray  # to remove now
     keys: np.ndarray
     cls: int = None
     skipped_samples: np.ndarray = None  # already forgotten earlier in the chain
+    excluded: np.ndarray = None  # every sample forgotten once this request is applied (not retained data)
+
+    @property
+    def forget_set(self):
+        """The request's samples, including those an earlier request in the chain removed."""
+        return np.union1d(self.samples, self.skipped_samples)
 
 
 @dataclass
@@ -68,18 +75,22 @@ def resolve_request(store, method, data, samples=None, cls=None, already=(), alr
     bad = samples[(samples < 0) | (samples >= len(data))]
     if bad.size:
         raise ValueError(f"sample indices out of range [0, {len(data)}): {bad[:10].tolist()}")
-    skipped = np.intersect1d(samples, np.asarray(already, np.int64))
+    already = np.asarray(already, np.int64)
+    skipped = np.intersect1d(samples, already)
     samples = np.setdiff1d(samples, skipped)
     if method == "per-sample":
-        keys = samples[store.state[samples] == gradstore.RowState.LIVE]
-        gone = np.setdiff1d(samples, keys)
-        if gone.size:
-            skipped = np.union1d(skipped, gone)
-            samples = keys
+        keys = samples
     else:
-        keys = store.keys_covering(samples)
-    keys = np.setdiff1d(keys, np.asarray(already_keys, np.int64))
-    return Request(samples=samples, keys=keys, cls=cls, skipped_samples=skipped)
+        keys = np.setdiff1d(store.keys_covering(samples, states=tuple(gradstore.RowState.NAMES)), already_keys)
+    gone = keys[store.state[keys] != gradstore.RowState.LIVE]
+    if gone.size:
+        raise ValueError(
+            f"rows {gone[:10].tolist()} of this request are not live in {store.path} (forgotten or purged by a "
+            "forget outside this chain, or never recorded): this model still holds them and they cannot be "
+            "removed again; forget from that forget's output instead"
+        )
+    excluded = np.union1d(np.union1d(already, samples), skipped)
+    return Request(samples=samples, keys=keys, cls=cls, skipped_samples=skipped, excluded=excluded)
 
 
 def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed=0, max_evaluations=40):
@@ -92,8 +103,10 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
     of its value before removal. Forward passes only: a doubling search, then bisection.
     """
     started = time.perf_counter()
+    if request.keys.size == 0:
+        return ScaleChoice(0.0, False, 0, 0.0, "empty request: nothing to remove")
     rng = np.random.default_rng(seed)
-    retained = np.setdiff1d(np.arange(len(data)), request.samples)
+    retained = np.setdiff1d(np.arange(len(data)), request.excluded)
     guard = rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False)
     forget_x, forget_y = data.train_x[request.samples], data.train_y[request.samples]
     if request.cls is not None:
@@ -154,23 +167,35 @@ def check_fingerprint(store, model):
         raise gradstore.FormatError(f"{store.path} holds {store.num_params} parameters; the model has {actual['num_params']}")
 
 
-def fine_tune(model, data, forget_samples, epochs, config, progress=True):
-    """The seed's "retrain": a few epochs on the retained data with a fresh optimizer."""
-    keep = np.setdiff1d(np.arange(len(data)), forget_samples)
+def fine_tune(model, data, excluded, epochs, config, progress=True):
+    """The seed's "retrain": a few epochs on the retained data (all but ``excluded``) with a fresh optimizer."""
+    keep = np.setdiff1d(np.arange(len(data)), excluded)
     return train(model, data.train_x[keep], data.train_y[keep], epochs, config["batch_size"], config["seed"] + 1,
                  optimizer=config["optimizer"], lr=config.get("lr"), device=next(model.parameters()).device,
                  progress=progress, description="fine-tune")
 
 
-def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, purge=False, device=None, progress=True):
-    """Forget from a run (or a forget output). Returns (model, report dict, chain record).
+@dataclass
+class ForgetResult:
+    model: torch.nn.Module  # the weights after removal (and fine-tune, if asked)
+    no_retrain_state: dict  # state_dict after removal, before any fine-tune
+    data: object  # the run's DataSplit
+    request: Request
+    report: dict  # scale, its search, seconds, request sizes
+    record: dict  # the chain: root run, base, samples and keys applied so far
 
-    The report holds the request, the chosen scale and what choosing it cost, and the
-    seconds spent; ``unlearn.evaluate.evaluate`` measures the resulting model.
-    """
+
+def root_run(run_dir):
+    """The training run behind a run directory or a forget output."""
+    chain = Path(run_dir) / "forget.json"
+    return Path(runs.load_json(chain)["root_run"]) if chain.exists() else Path(run_dir)
+
+
+def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=None, progress=True):
+    """Forget from a run (or a forget output) without touching the store. See the module doc."""
     run_dir = Path(run_dir)
     chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
-    root = Path(chain["root_run"]) if chain else run_dir
+    root = root_run(run_dir)
     config = runs.load_json(root / "train.json")
     if config["method"] == "none":
         raise ValueError(f"{root} was trained with --method none: it has no recording to forget with")
@@ -178,26 +203,20 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, purge=F
     model = runs.load_model(run_dir, config, device)
     data = runs.build_data(config)
     started = time.perf_counter()
-    store = gradstore.open(root / "store.h5", "r+" if purge else "r")
-    try:
+    with gradstore.open(root / "store.h5") as store:
         check_fingerprint(store, model)
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
         request = resolve_request(store, config["method"], data, samples=samples, cls=cls, already=already,
                                   already_keys=already_keys)
         removal = removal_vector(store, request.keys)
-        base = flat_params(model)
-        if scale == "auto":
-            choice = choose_scale(model, base, removal, data, request, seed=config["seed"])
-        else:
-            choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
-        load_flat_params(model, base + np.float32(choice.scale) * removal)
-        removal_seconds = time.perf_counter() - started
-        if purge and request.keys.size:
-            store.mark_forgotten(request.keys)
-            store.purge()
-    finally:
-        store.close()
+    base = flat_params(model)
+    if scale == "auto":
+        choice = choose_scale(model, base, removal, data, request, seed=config["seed"])
+    else:
+        choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
+    load_flat_params(model, base + np.float32(choice.scale) * removal)
+    removal_seconds = time.perf_counter() - started
     report = {
         "method": config["method"],
         "request": {"class": cls, "num_samples": int(request.samples.size), "num_keys": int(request.keys.size),
@@ -207,11 +226,10 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, purge=F
                          "seconds": choice.seconds},
         "removal_norm": float(np.linalg.norm(removal)),
         "seconds_no_retrain": removal_seconds,
-        "purged": bool(purge),
     }
     no_retrain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     if retrain_epochs:
-        tuned = fine_tune(model, data, request.samples, retrain_epochs, config, progress)
+        tuned = fine_tune(model, data, request.excluded, retrain_epochs, config, progress)
         report["retrain_epochs"] = retrain_epochs
         report["retrain_seconds"] = tuned["seconds"]
     report["seconds"] = time.perf_counter() - started
@@ -221,4 +239,18 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, purge=F
         "forgotten_samples": np.union1d(already, request.samples).tolist(),
         "forgotten_keys": np.union1d(already_keys, request.keys).tolist(),
     }
-    return model, no_retrain_state, data, request, report, record
+    return ForgetResult(model, no_retrain_state, data, request, report, record)
+
+
+def purge_applied(record):
+    """Mark a chain's applied rows forgotten in the root store and erase them from disk.
+
+    Call it once the forgotten model is safely written: afterwards the rows are gone.
+    Returns the number of rows erased.
+    """
+    with gradstore.open(Path(record["root_run"]) / "store.h5", "r+") as store:
+        keys = np.asarray(record["forgotten_keys"], np.int64)
+        live = keys[store.state[keys] == gradstore.RowState.LIVE]
+        if live.size:
+            store.mark_forgotten(live)
+        return store.purge()

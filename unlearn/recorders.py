@@ -5,9 +5,11 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
 
 - ``PerSampleRecorder`` (ours), keyed by sample, summed over epochs:
   ``grad``   the sample's gradient g_i (with the 1/B of the mean loss): the seed's rule.
-  ``update`` the sample's share of the optimizer's step: SGD lr*g_i; Adam/AdamW
-             lr*g_i/(sqrt(v_hat)+eps) with v_hat after this step (momentum's carry-over
-             into later steps is not attributed).
+  ``update`` the sample's whole effect on the weights through the optimizer, this step
+             and (through momentum) the later ones, with the preconditioner of the step
+             its gradient was taken at: SGD lr*g_i, with momentum mu lr*g_i/(1-mu);
+             Adam/AdamW lr*g_i/(sqrt(v_hat)+eps) with v_hat after this step (the first
+             moment's weights (1-beta1)*beta1^j sum to 1 over the following steps).
 - ``StepRecorder``, keyed by step, with the step's batch as its members:
   ``original`` (Graves et al.) the dense step delta w_before - w_after;
   ``layer`` (partial amnesiac) a random fraction p of it, masked by (seed, step).
@@ -107,9 +109,11 @@ class StepRecorder(Recorder):
 
 
 def update_preconditioner(optimizer, params):
-    """Flat [M] multiplier m with (sample's update) = m * g_i, read after optimizer.step().
+    """Flat [M] multiplier m with (sample's effect on the weights) = m * g_i, read after optimizer.step().
 
-    SGD: lr. Adam/AdamW: lr / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2**t).
+    SGD: lr, times (1 - dampening) / (1 - momentum) with momentum (nesterov:
+    1 + momentum * (1 - dampening) / (1 - momentum)). Adam/AdamW: lr / (sqrt(v_hat) + eps),
+    v_hat = exp_avg_sq / (1 - beta2**t). Weight decay is not attributed to samples.
     """
     pieces = []
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -128,6 +132,11 @@ def update_preconditioner(optimizer, params):
             v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
             pieces.append((lr / (v_hat.sqrt() + group["eps"])).reshape(-1))
         elif isinstance(optimizer, torch.optim.SGD):
+            momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
+            if momentum and group.get("nesterov"):
+                lr = lr * (1 + momentum * (1 - dampening) / (1 - momentum))
+            elif momentum:
+                lr = lr * (1 - dampening) / (1 - momentum)
             pieces.append(torch.full((p.numel(),), lr, dtype=p.dtype, device=p.device))
         else:
             raise ValueError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")

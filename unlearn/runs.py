@@ -38,15 +38,15 @@ def load_json(path):
 
 
 def build_data(config):
-    """The training/test split a run used (keep-first applied; exclusions applied only for gold runs)."""
+    """The training/test split a run trained on: its keys index this training set."""
     split = datasets.load_dataset(config["dataset"], config.get("data_dir"))
     if config.get("keep_first"):
         cls, count = config["keep_first"]
         split = datasets.keep_first(split, cls, count)
-    return split
+    return _apply_exclusions(split, config)
 
 
-def apply_exclusions(split, config):
+def _apply_exclusions(split, config):
     if config.get("exclude_class") is not None:
         split = datasets.exclude(split, cls=config["exclude_class"])
     if config.get("exclude_samples") is not None:

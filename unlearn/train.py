@@ -29,11 +29,12 @@ from .recorders import StepContext, update_preconditioner
 
 
 def flat_view(params):
+    """The parameters as one flat torch tensor on their device (``models.flat_params`` gives numpy)."""
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 class _IndexedDataset(Dataset):
-    """Yields (x, y, index) for the wrapped loader; the index is the sample's key."""
+    """Yields (the dataset's item, index); the index is the sample's key."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -42,31 +43,46 @@ class _IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        x, y = self.dataset[index]
-        return x, y, index
+        return self.dataset[index], index
+
+
+class _IndexedCollate:
+    """The user's collate_fn on the items, the indices beside them."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        return self.collate([item for item, _ in items]), torch.tensor([index for _, index in items], dtype=torch.int64)
 
 
 class RecordingLoader:
-    """Iterates like the user's loader, remembering each batch's (x, y, indices)."""
+    """Iterates like the user's loader (same sampler, collate_fn, workers), remembering each batch's indices."""
 
     def __init__(self, loader, session):
         self.session = session
-        self._loader = DataLoader(
-            _IndexedDataset(loader.dataset),
-            batch_size=loader.batch_size,
-            sampler=loader.sampler if loader.batch_size is not None else None,
-            batch_sampler=None if loader.batch_size is not None else loader.batch_sampler,
-            num_workers=loader.num_workers,
-            drop_last=loader.drop_last,
-            pin_memory=loader.pin_memory,
+        options = dict(
+            num_workers=loader.num_workers, collate_fn=_IndexedCollate(loader.collate_fn), pin_memory=loader.pin_memory,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+            multiprocessing_context=loader.multiprocessing_context,
         )
+        if loader.num_workers:
+            options.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+        if loader.batch_size is None:  # the user gave a batch_sampler
+            options["batch_sampler"] = loader.batch_sampler
+        else:
+            options.update(batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last)
+        self._loader = DataLoader(_IndexedDataset(loader.dataset), **options)
 
     def __len__(self):
         return len(self._loader)
 
     def __iter__(self):
-        for x, y, indices in self._loader:
-            self.session.current_batch = (x, y, indices.numpy().astype(np.int64))
+        for batch, indices in self._loader:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError("recording needs batches of (inputs, targets)")
+            x, y = batch
+            self.session.current_batch = (x, y, indices.numpy())
             yield x, y
 
 
