@@ -27,14 +27,14 @@ def rel_error(decoded, exact):
     return float(np.mean(np.linalg.norm(decoded - exact, axis=1) / np.maximum(np.linalg.norm(exact, axis=1), 1e-30)))
 
 
-def block_size_table(rows, keep, out_dir, seed=0):
+def block_size_table(rows, num_params, keep, out_dir, seed=0):
     n, k = rows.shape
     table = []
     for block in BLOCKS:
         for rounding in ("nearest", "stochastic"):
             codec = Int8Block(block or k, rounding)
             path = Path(out_dir) / f"block-{block or 'row'}-{rounding}.h5"
-            store = gradstore.create(path, int(round(k / keep)), n, keep, codec=codec.get_config(), seed=seed, overwrite=True)
+            store = gradstore.create(path, num_params, n, keep, codec=codec.get_config(), seed=seed, overwrite=True)
             store.accumulate(np.arange(n), rows)
             store.finalize()
             decoded = store.read(np.arange(n))
@@ -70,7 +70,7 @@ def epoch_gradients(num_samples, epochs, steps_between=50, seed=0):
 
 
 def epoch_growth_table(snapshots, keep, out_dir, seed=0):
-    n = snapshots[0].shape[0]
+    n, num_params = snapshots[0].shape
     per_epoch = [masked_rows(g, seed, keep) for g in snapshots]
     k = per_epoch[0].shape[1]
     keys = np.arange(n)
@@ -80,7 +80,7 @@ def epoch_growth_table(snapshots, keep, out_dir, seed=0):
             break
         exact = np.sum([rows.astype(np.float64) for rows in per_epoch[:epochs]], axis=0)
         path = Path(out_dir) / f"epochs-{epochs}.h5"
-        store = gradstore.create(path, int(round(k / keep)), n, keep, codec="int8", seed=seed, overwrite=True)
+        store = gradstore.create(path, num_params, n, keep, codec="int8", seed=seed, overwrite=True)
         for rows in per_epoch[:epochs]:
             store.accumulate(keys, rows)
             store.commit()  # one lossless run per epoch, as a big store would spill
@@ -103,7 +103,7 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     gradients = mnist_gradients(args.samples)["trained"]
     rows = masked_rows(gradients, 0, args.keep)
-    blocks = block_size_table(rows, args.keep, out_dir)
+    blocks = block_size_table(rows, gradients.shape[1], args.keep, out_dir)
     print(f"int8 block size (trained gradients, p={args.keep}, {args.samples} rows, all-in bytes on disk):")
     print(f"{'block':>7}{'rounding':>12}{'B/value':>9}{'entropy':>9}{'rel.err':>9}")
     for r in blocks:

@@ -64,6 +64,8 @@ def run_one(seed, cls, config, out_dir, log=print):
     gold = build_model("simple", 1, 10, seed=seed)
     gold_run = train(gold, gold_data.train_x, gold_data.train_y, config["epochs"], config["batch_size"], seed,
                      device=device, description="gold (retrain without the class)")
+    for recorder in recorders.values():
+        recorder.store.close()
     rows = []
     after = class_cells(model, data, cls)
     gold_cells = class_cells(gold, data, cls)

@@ -56,10 +56,9 @@ def _median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def measure_config(rows, codec, keep, seed, path, epochs):
-    """One store written from ``rows`` ([n, k] float32) over ``epochs`` epochs, then measured."""
+def measure_config(rows, num_params, codec, keep, seed, path, epochs):
+    """One store of a num_params model written from ``rows`` ([n, k] float32) over ``epochs`` epochs, then measured."""
     n, k = rows.shape
-    num_params = int(round(k / keep)) if keep < 1 else k
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(epochs):
@@ -125,7 +124,7 @@ def warm_up(out_dir):
     """Compile every kernel once (numba caches them on disk too) so timings exclude JIT."""
     rows = np.random.default_rng(0).standard_normal((70, 50)).astype(np.float32)
     for codec in FULL_GRID["codecs"]:
-        measure_config(rows, codec, 0.5, 0, Path(out_dir) / "warmup.h5", 1)
+        measure_config(rows, 100, codec, 0.5, 0, Path(out_dir) / "warmup.h5", 1)
     os.remove(Path(out_dir) / "warmup.h5")
 
 
@@ -142,7 +141,7 @@ def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, 
             rows = masked_rows(stage_grads, seed, keep)
             for codec in grid["codecs"]:
                 path = out_dir / f"{stage}-p{keep}-{codec}.h5"
-                result = {"stage": stage, **measure_config(rows, codec, keep, seed, path, epochs)}
+                result = {"stage": stage, **measure_config(rows, stage_grads.shape[1], codec, keep, seed, path, epochs)}
                 results.append(result)
                 log(format_row(result))
     return results

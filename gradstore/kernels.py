@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .masks import ROUNDING_SALT, _fill_positions, stream_base, stream_draw
+from .masks import PARALLEL_MIN_VALUES, ROUNDING_SALT, fill_rows, stream_base, stream_draw
 
 # ---------------------------------------------------------------- int8, absmax per block
 
@@ -57,9 +57,6 @@ def _dequantize_int8_body(q, scales, block_size, out):
 
 _dequantize_int8_parallel = njit(cache=True, parallel=True)(_dequantize_int8_body)
 _dequantize_int8_serial = njit(cache=True)(_dequantize_int8_body)
-
-# Below this many values a parallel launch (waking the thread pool) costs more than it saves.
-PARALLEL_MIN_VALUES = 1 << 18
 
 
 def dequantize_int8(q, scales, block_size, out):
@@ -129,9 +126,7 @@ def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, 
     nthreads = min(n, nparts)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        bitmap = np.zeros((num_params + 63) // 64, np.uint64)
-        for r in range(t * per, min(n, (t + 1) * per)):
-            _fill_positions(seed, keys[r], num_params, positions[r], bitmap)
+        fill_rows(seed, keys, num_params, positions, t * per, min(n, (t + 1) * per))
     # 2) each part owns the parameter range [lo, hi): no two parts touch one element
     span = (num_params + nparts - 1) // nparts
     for p in prange(nparts):

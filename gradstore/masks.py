@@ -99,25 +99,29 @@ def _fill_positions(seed, key, num_params, out, bitmap):
                 word &= word - uint64(1)
 
 
+@njit(cache=True)
+def fill_rows(seed, keys, num_params, out, start, stop):
+    """Positions of keys[start:stop] into out[start:stop], with one scratch bitmap."""
+    bitmap = np.zeros((num_params + 63) // 64, np.uint64)
+    for r in range(start, stop):
+        _fill_positions(seed, keys[r], num_params, out[r], bitmap)
+
+
 @njit(cache=True, parallel=True)
 def _positions_many_parallel(seed, keys, num_params, k, out):
     n = keys.shape[0]
     nthreads = min(n, 64)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        bitmap = np.zeros((num_params + 63) // 64, np.uint64)
-        for r in range(t * per, min(n, (t + 1) * per)):
-            _fill_positions(seed, keys[r], num_params, out[r], bitmap)
+        fill_rows(seed, keys, num_params, out, t * per, min(n, (t + 1) * per))
 
 
 @njit(cache=True)
 def _positions_many_serial(seed, keys, num_params, k, out):
-    bitmap = np.zeros((num_params + 63) // 64, np.uint64)
-    for r in range(keys.shape[0]):
-        _fill_positions(seed, keys[r], num_params, out[r], bitmap)
+    fill_rows(seed, keys, num_params, out, 0, keys.shape[0])
 
 
-# Below this many positions a parallel launch costs more than it saves.
+# Below this many values a parallel launch (waking the thread pool) costs more than it saves.
 PARALLEL_MIN_VALUES = 1 << 18
 
 
