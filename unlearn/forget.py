@@ -26,7 +26,10 @@ from .evaluate import accuracy, per_sample_stats
 from .models import flat_params, load_flat_params, named_shapes
 from .train import default_device, train
 
-CLASS_TARGET_ACC = 0.01  # a class is forgotten when its training samples are recognised <= 1%
+# A class is forgotten when none of its training samples is recognised any more: a model
+# that never saw the class never predicts it. (A 1% threshold left 1.3% of the test
+# samples of MNIST's class 3 recognised at p = 0.01: docs/RESULTS.md.)
+CLASS_TARGET_ACC = 0.0
 GUARD_SLICE = 2000  # retained training samples watched by the auto step's guard
 
 
@@ -96,7 +99,7 @@ def resolve_request(store, method, data, samples=None, cls=None, already=(), alr
 def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed=0, max_evaluations=40):
     """The smallest step at which the forget set stops looking trained-on, within a guard.
 
-    Class requests: the class's training samples' accuracy falls to CLASS_TARGET_ACC
+    Class requests: the class's training samples' accuracy falls to CLASS_TARGET_ACC = 0
     (what a model that never saw the class gets). Sample requests: their mean loss
     reaches the mean loss of test samples of the same classes (unseen data).
     Guard: accuracy on a slice of retained training data stays within guard_tolerance
