@@ -1,4 +1,4 @@
-"""python -m bench {store,codecs,protocol} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,codecs,footprint,protocol} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -22,7 +22,7 @@ def _reexec_with_stable_env():
 
 
 def main():
-    from . import codecs_study, protocol, store
+    from . import codecs_study, footprint, protocol, store
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +32,9 @@ def main():
     codecs_parser = commands.add_parser("codecs", help="int8 block size and error growth over epochs")
     codecs_study.add_arguments(codecs_parser)
     codecs_parser.set_defaults(run=codecs_study.main)
+    footprint_parser = commands.add_parser("footprint", help="analytic vs measured bytes of every method")
+    footprint.add_arguments(footprint_parser)
+    footprint_parser.set_defaults(run=footprint.main)
     protocol_parser = commands.add_parser("protocol", help="the seed's MNIST protocol: every method vs retrain")
     protocol.add_arguments(protocol_parser)
     protocol_parser.set_defaults(run=protocol.main)

@@ -1,0 +1,182 @@
+"""`python -m bench footprint`: analytic storage of each method next to measured stores.
+
+The original method stores every step's dense delta: steps * M values, about N*M*E/B.
+Ours stores one row of round(p*M) values per sample: N*M*p. In fp32 ours is smaller
+exactly when p < E/B (the seed's break-even condition); codecs move the line. One
+training run records into every store at once; their files are measured on disk.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradstore
+from gradstore.codecs import get_codec
+from unlearn import data as datasets
+from unlearn.models import build_model, named_shapes
+from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.train import train
+
+RAW_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+def analytic_bytes(codec, rows, k):
+    """Raw (uncompressed) bytes of ``rows`` rows of k values, scales included."""
+    parts = get_codec(codec).parts(k)
+    return rows * sum(part.width * part.dtype.itemsize for part in parts)
+
+
+def record_all(data, config, out_dir):
+    """One training run writing every store; returns {name: (method, keep, codec, path, rows)}."""
+    model = build_model("simple", data.in_channels, data.num_classes, seed=config["seed"])
+    num_params = sum(p.numel() for p in model.parameters())
+    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
+    recorders, stores = [], {}
+    for keep in config["keeps"]:
+        for codec in config["codecs"]:
+            path = out_dir / f"per-sample-{keep}-{codec}.h5"
+            store = gradstore.create(path, num_params, len(data), keep, codec=codec, seed=config["seed"],
+                                     fingerprint=fingerprint, overwrite=True)
+            recorders.append(PerSampleRecorder(store, "update"))
+            stores[f"ours p={keep} {codec}"] = ("per-sample", keep, codec, path, len(data))
+    for keep, codec in [(1.0, "fp32")] + [(config["layer_keep"], "fp32")]:
+        method = "original" if keep == 1.0 else "layer"
+        path = out_dir / f"{method}.h5"
+        store = gradstore.create(path, num_params, steps, keep, codec=codec, key_kind="step", seed=config["seed"],
+                                 fingerprint=fingerprint, overwrite=True)
+        recorders.append(StepRecorder(store))
+        stores[method if method == "original" else f"layer p={keep}"] = (method, keep, codec, path, steps)
+    train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], config["seed"],
+          recorders=recorders, device=torch.device("cpu"), description="recording every method")
+    for recorder in recorders:
+        recorder.store.close()
+    return stores, num_params, steps
+
+
+def footprint(data, config, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stores, num_params, steps = record_all(data, config, out_dir)
+    n, epochs, batch = len(data), config["epochs"], config["batch_size"]
+    break_even = epochs / batch
+    original_measured = (out_dir / "original.h5").stat().st_size
+    table = []
+    for name, (method, keep, codec, path, rows) in stores.items():
+        k = gradstore.store.keep_to_k(keep, num_params)
+        measured = path.stat().st_size
+        row = {
+            "store": name, "method": method, "keep": keep, "codec": codec, "rows": rows, "k": k,
+            "analytic_bytes": analytic_bytes(codec, rows, k),
+            "measured_bytes": measured,
+            "measured_vs_original": original_measured / measured,
+        }
+        if method == "per-sample":
+            row["predicted_smaller_fp32"] = keep < break_even
+            row["analytic_smaller"] = row["analytic_bytes"] < analytic_bytes("fp32", steps, num_params)
+            row["measured_smaller"] = measured < original_measured
+        table.append(row)
+    summary = {
+        "N": n, "M": num_params, "E": epochs, "B": batch, "steps": steps, "break_even_p_fp32": break_even,
+        "original_analytic_NME_over_B_bytes": n * num_params * epochs / batch * 4,
+    }
+    fp32_rows = sorted((r for r in table if r["method"] == "per-sample" and r["codec"] == "fp32"), key=lambda r: r["keep"])
+    summary["break_even_holds_analytic"] = all(r["predicted_smaller_fp32"] == r["analytic_smaller"] for r in fp32_rows)
+    summary["break_even_holds_measured"] = all(r["predicted_smaller_fp32"] == r["measured_smaller"] for r in fp32_rows)
+    summary["measured_break_even_p_fp32"] = measured_crossing(fp32_rows, original_measured)
+    return table, summary
+
+
+def measured_crossing(rows, original_bytes):
+    """The p at which ours (fp32, measured) reaches the original's measured bytes: log-log interpolation."""
+    points = [(r["keep"], r["measured_bytes"]) for r in rows]
+    for (p0, b0), (p1, b1) in zip(points, points[1:]):
+        if (b0 - original_bytes) * (b1 - original_bytes) <= 0 and b0 != b1:
+            t = (math.log(original_bytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0)))
+    return None
+
+
+def write_outputs(table, summary, out_dir):
+    out_dir = Path(out_dir)
+    with open(out_dir / "footprint.csv", "w", newline="") as handle:
+        fields = list(table[0]) + [f for f in ("predicted_smaller_fp32", "analytic_smaller", "measured_smaller") if f not in table[0]]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    (out_dir / "footprint.json").write_text(json.dumps({"summary": summary, "stores": table}, indent=2))
+    plot(table, summary, out_dir / "footprint.png")
+
+
+def plot(table, summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    keeps = sorted({r["keep"] for r in table if r["method"] == "per-sample"})
+    grid = np.geomspace(min(keeps) / 2, 1.0, 50)
+    n, m = summary["N"], summary["M"]
+    for codec, colour in zip(RAW_BYTES, ("tab:blue", "tab:orange", "tab:green")):
+        axes.plot(grid, n * m * grid * RAW_BYTES[codec], color=colour, lw=1, ls=":", label=f"ours analytic {codec} (N·M·p·b)")
+        measured = sorted((r["keep"], r["measured_bytes"]) for r in table if r["method"] == "per-sample" and r["codec"] == codec)
+        if measured:
+            axes.plot(*zip(*measured), "o-", color=colour, label=f"ours measured {codec}")
+    original = next(r for r in table if r["method"] == "original")
+    axes.axhline(summary["original_analytic_NME_over_B_bytes"], color="k", ls=":", lw=1, label="original analytic (N·M·E/B·4)")
+    axes.axhline(original["measured_bytes"], color="k", label="original measured (fp32 + zstd)")
+    axes.axvline(summary["break_even_p_fp32"], color="grey", ls="--", lw=1, label="break-even p = E/B (fp32)")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("keep fraction p")
+    axes.set_ylabel("bytes")
+    axes.set_title(f"Footprint: N={n}, M={m}, E={summary['E']}, B={summary['B']}")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def format_table(table, summary):
+    crossing = summary["measured_break_even_p_fp32"]
+    lines = [f"N={summary['N']} M={summary['M']} E={summary['E']} B={summary['B']} ({summary['steps']} steps): "
+             f"break-even p = E/B = {summary['break_even_p_fp32']:.4f} for fp32; "
+             f"raw sizes: {'holds' if summary['break_even_holds_analytic'] else 'does not hold'}; "
+             f"measured files: {'holds' if summary['break_even_holds_measured'] else 'does not hold'}"
+             + (f" (measured crossing at p = {crossing:.4f}: zstd shrinks the two stores differently)" if crossing else ""),
+             f"{'store':<22}{'rows':>7}{'k':>8}{'analytic MB':>13}{'measured MB':>13}{'x smaller than original':>25}"]
+    for r in table:
+        lines.append(f"{r['store']:<22}{r['rows']:>7}{r['k']:>8}{r['analytic_bytes'] / 1e6:>13.2f}"
+                     f"{r['measured_bytes'] / 1e6:>13.2f}{r['measured_vs_original']:>25.1f}")
+    return "\n".join(lines)
+
+
+def main(args):
+    split = datasets.load_dataset(args.dataset, args.data_dir)
+    if args.samples:
+        split = split.subset(np.arange(len(split)) < args.samples)
+    config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "keeps": args.keeps,
+              "codecs": args.codecs, "layer_keep": args.layer_keep}
+    table, summary = footprint(split, config, args.out)
+    write_outputs(table, summary, args.out)
+    print(format_table(table, summary))
+    print(f"wrote {Path(args.out) / 'footprint.csv'}, footprint.json, footprint.png")
+    return 0
+
+
+def add_arguments(parser):
+    parser.add_argument("--dataset", choices=["digits", "mnist", "cifar100"], default="digits")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--samples", type=int, help="use only the first N training samples")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "int8"], choices=list(RAW_BYTES))
+    parser.add_argument("--layer-keep", type=float, default=0.1)
+    parser.add_argument("--out", default="out/bench-footprint")
