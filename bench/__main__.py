@@ -1,4 +1,4 @@
-"""python -m bench {store,codecs,footprint,protocol} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,codecs,footprint,throughput,protocol} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -6,11 +6,12 @@ import sys
 
 # REFERENCE.md: with 2 torch/OpenMP threads this VM sometimes parks both on one vCPU;
 # these settings make timings stable. They must be set before the process starts.
+# OMP_WAIT_POLICY=passive rather than OMP_PROC_BIND/OMP_PLACES: binding pins the main
+# thread (and so numba's pool and the zstd threads, which inherit its affinity) to CPU 0.
 STABLE_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
-    "OMP_PROC_BIND": "true",
-    "OMP_PLACES": "cores",
+    "OMP_WAIT_POLICY": "passive",
 }
 
 
@@ -22,7 +23,7 @@ def _reexec_with_stable_env():
 
 
 def main():
-    from . import codecs_study, footprint, protocol, store
+    from . import codecs_study, footprint, protocol, store, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +36,9 @@ def main():
     footprint_parser = commands.add_parser("footprint", help="analytic vs measured bytes of every method")
     footprint.add_arguments(footprint_parser)
     footprint_parser.set_defaults(run=footprint.main)
+    throughput_parser = commands.add_parser("throughput", help="recording overhead, ingest, forget latency vs retrain")
+    throughput.add_arguments(throughput_parser)
+    throughput_parser.set_defaults(run=throughput.main)
     protocol_parser = commands.add_parser("protocol", help="the seed's MNIST protocol: every method vs retrain")
     protocol.add_arguments(protocol_parser)
     protocol_parser.set_defaults(run=protocol.main)

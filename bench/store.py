@@ -90,7 +90,9 @@ def measure_config(rows, num_params, codec, keep, seed, path, epochs):
     forget_ms = [_median_ms(lambda: store.scatter_add(flat, [next(one_keys)], -1.0), 1) for _ in range(51)]
     entropy = entropy_bytes_per_value(store.codec, expected.astype(np.float32), all_keys, seed)
     store.close()
-    cores = os.cpu_count() or 1
+    import numba
+
+    cores = numba.get_num_threads()
     return {
         "codec": codec,
         "keep": keep,
@@ -106,8 +108,8 @@ def measure_config(rows, num_params, codec, keep, seed, path, epochs):
         "ratio_vs_dense_fp32": info["ratio_vs_dense_fp32"],
         "rel_l2_error": rel_error,
         "ingest_mb_s": n * k * 4 * epochs / ingest_seconds / 1e6,
-        "ingest_mb_s_per_core": n * k * 4 * epochs / ingest_seconds / 1e6 / cores,
-        "cores": cores,
+        "ingest_mb_s_per_thread": n * k * 4 * epochs / ingest_seconds / 1e6 / cores,
+        "threads": cores,
         "read_ms_1": read_ms[1],
         "read_ms_100": read_ms[100],
         "read_ms_1000": read_ms[1000],
@@ -170,14 +172,26 @@ def check_targets(results):
         if r["codec"] == "int8":
             checks["B/value<=0.75"] = r["bytes_per_value"] <= TARGETS["int8_bytes_per_value"]
             checks["entropy gap<=5%"] = r["entropy_gap"] <= TARGETS["int8_entropy_gap"]
-            checks["ingest>=1000MB/s/core"] = r["ingest_mb_s_per_core"] >= TARGETS["ingest_mb_s_per_core"]
+            checks["ingest>=1000MB/s/core"] = r["ingest_mb_s_per_thread"] >= TARGETS["ingest_mb_s_per_core"]
         missed = [name for name, ok in checks.items() if not ok]
         lines.append(f"{r['stage']} p={r['keep']} {r['codec']}: " + ("all targets met" if not missed else "MISSED " + ", ".join(missed)))
     return lines
 
 
+def set_threads(count):
+    """numba's pool and the zstd pool both use ``count`` threads."""
+    import numba
+
+    from gradstore import chunkio
+
+    numba.set_num_threads(count)
+    chunkio.set_worker_threads(count)
+
+
 def main(args):
     log = (lambda *a: None) if args.json else print
+    if args.threads:
+        set_threads(args.threads)
     if not args.json:
         print(HEADER)
     results = run(quick=args.quick, out_dir=args.out, samples=args.samples, epochs=args.epochs, log=log,
@@ -199,3 +213,4 @@ def add_arguments(parser):
     parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist",
                         help="mnist (real files, ../shared/data/mnist) or digits (bundled with scikit-learn)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of accumulation per store (ingest volume)")
+    parser.add_argument("--threads", type=int, help="numba and zstd threads (default: every CPU); 1 gives per-core figures")

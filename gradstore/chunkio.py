@@ -22,11 +22,25 @@ _local = threading.local()
 _pool = None
 
 
+_pool_threads = None
+
+
+def set_worker_threads(count):
+    """Threads that compress and decompress chunks (default: the CPUs this process may use)."""
+    global _pool, _pool_threads
+    if _pool is not None:
+        _pool.shutdown()
+    _pool, _pool_threads = None, int(count)
+
+
 def worker_pool():
-    """The shared compression pool (one thread per core)."""
+    """The shared compression pool, one compressor per thread."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gradstore-zstd")
+        threads = _pool_threads
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradstore-zstd")
     return _pool
 
 
