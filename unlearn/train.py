@@ -119,6 +119,24 @@ class RecordingSession:
         self.current_batch = None
         self.step_index = 0
         self.record_seconds = 0.0
+        self._per_sample = None  # computed by backward() for this batch, reused by step()
+
+    @property
+    def needs_per_sample(self):
+        return any(r.needs_per_sample for r in self.recorders)
+
+    def backward(self, x, y):
+        """Set every parameter's .grad to the batch's mean-loss gradient from per-sample gradients.
+
+        A loop that calls this instead of ``loss.backward()`` computes gradients once per
+        step instead of twice (the sum of the per-sample gradients is the batch gradient).
+        """
+        self._per_sample = per_sample_grads(self.model, x, y, loss_scale=1.0 / len(y), chunk_size=self.chunk_size)
+        total = self._per_sample.sum(0)
+        offset = 0
+        for p in self.params:
+            p.grad = total[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
 
     def step(self, closure=None):
         if self.current_batch is None:
@@ -126,8 +144,8 @@ class RecordingSession:
         x, y, indices = self.current_batch
         started = time.perf_counter()
         device = self.params[0].device
-        per_sample = None
-        if any(r.needs_per_sample for r in self.recorders):
+        per_sample, self._per_sample = self._per_sample, None
+        if per_sample is None and self.needs_per_sample:
             per_sample = per_sample_grads(
                 self.model, x.to(device), y.to(device), loss_scale=1.0 / len(indices), chunk_size=self.chunk_size
             )
@@ -211,8 +229,10 @@ def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", l
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            if session is not None and session.needs_per_sample:
+                session.backward(x, y)  # one gradient computation serves the step and the recording
+            else:
+                torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             steps += 1
     if session is not None:
