@@ -25,23 +25,18 @@ def _reexec_with_stable_env():
 def main():
     from . import codecs_study, footprint, protocol, store, throughput
 
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store.")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
-    store_parser = commands.add_parser("store", help="bytes/value, ingest, read, scatter, forget on real gradients")
-    store.add_arguments(store_parser)
-    store_parser.set_defaults(run=store.main)
-    codecs_parser = commands.add_parser("codecs", help="int8 block size and error growth over epochs")
-    codecs_study.add_arguments(codecs_parser)
-    codecs_parser.set_defaults(run=codecs_study.main)
-    footprint_parser = commands.add_parser("footprint", help="analytic vs measured bytes of every method")
-    footprint.add_arguments(footprint_parser)
-    footprint_parser.set_defaults(run=footprint.main)
-    throughput_parser = commands.add_parser("throughput", help="recording overhead, ingest, forget latency vs retrain")
-    throughput.add_arguments(throughput_parser)
-    throughput_parser.set_defaults(run=throughput.main)
-    protocol_parser = commands.add_parser("protocol", help="the seed's MNIST protocol: every method vs retrain")
-    protocol.add_arguments(protocol_parser)
-    protocol_parser.set_defaults(run=protocol.main)
+    for name, module, summary in (
+        ("store", store, "bytes/value, ingest, read, scatter, forget on real gradients"),
+        ("codecs", codecs_study, "int8 block size and error growth over epochs"),
+        ("footprint", footprint, "analytic vs measured bytes of every method"),
+        ("throughput", throughput, "recording overhead, ingest, forget latency vs retrain"),
+        ("protocol", protocol, "the seed's MNIST protocol: every method vs retrain"),
+    ):
+        sub = commands.add_parser(name, help=summary)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
     args = parser.parse_args()
     return args.run(args)
 
