@@ -114,6 +114,13 @@ def test_each_method_end_to_end_through_the_cli(tmp_path, method, capsys):
     before = torch.load(run / "model.pt", weights_only=True)
     after = torch.load(out / "model.pt", weights_only=True)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+    # --mark records the request in the store: the original run's model can no longer claim those rows
+    again_marked = tmp_path / "marked"
+    assert unlearn_main(["forget", str(run), "--samples", str(samples), "--mark", "--out", str(again_marked),
+                         "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["marked_rows"] >= 1
+    with gradstore.open(run / "store.h5") as store:
+        assert store.info()["rows_forgotten"] >= 1 and store.info()["rows_purged"] == 0
     # forgetting the same samples again from the forget output is a no-op, never a second subtraction
     again = tmp_path / "again"
     assert unlearn_main(["forget", str(out), "--samples", str(samples), "--out", str(again), "--json", "--quiet"]) == 0

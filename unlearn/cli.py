@@ -14,7 +14,7 @@ import gradstore
 from . import data as datasets
 from . import runs
 from .evaluate import accuracy, evaluate
-from .forget import forget, purge_applied, root_run
+from .forget import forget, mark_applied, root_run
 from .models import build_model, named_shapes
 from .recorders import PerSampleRecorder, StepRecorder
 from .train import default_device, train
@@ -118,10 +118,11 @@ def cmd_forget(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs.save_model(out, outcome.model)
-    result["purged_rows"] = None
+    result["marked_rows"] = result["purged_rows"] = None
     runs.save_json(out / "forget.json", {**outcome.record, **result})
-    if args.purge:  # only once the forgotten model is on disk: afterwards the rows are gone
-        result["purged_rows"] = purge_applied(outcome.record)
+    if args.mark or args.purge:  # only once the forgotten model is on disk
+        count = mark_applied(outcome.record, erase=args.purge)
+        result["purged_rows" if args.purge else "marked_rows"] = count
         runs.save_json(out / "forget.json", {**outcome.record, **result})
     result["total_seconds"] = time.perf_counter() - started
     if args.json:
@@ -185,7 +186,9 @@ def build_parser():
     f.add_argument("--scale", default="1", help="step size: a number (default 1) or 'auto' (chosen by forward passes)")
     f.add_argument("--retrain-epochs", type=int, default=0, help="fine-tune on the retained data afterwards (seed: 4)")
     f.add_argument("--gold", metavar="RUN_DIR", help="a model retrained without the forgotten data, to compare with")
-    f.add_argument("--purge", action="store_true", help="mark the rows forgotten in the store and erase them from disk")
+    f.add_argument("--mark", action="store_true",
+                   help="mark the applied rows forgotten in the store (later requests from other bases refuse them)")
+    f.add_argument("--purge", action="store_true", help="mark the applied rows forgotten and erase them from disk")
     f.add_argument("--device", help="cpu or cuda")
     f.add_argument("--out", required=True, metavar="OUT_DIR")
     f.add_argument("--json", action="store_true", help="print the results as JSON (also written to OUT_DIR/forget.json)")

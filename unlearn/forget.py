@@ -6,9 +6,9 @@ every step whose batch held a forgotten sample. ``scale="auto"`` picks the step
 with forward passes only (``choose_scale``).
 
 Requests chain: forgetting from a forget output starts from its model and skips the
-keys already applied there, so no row is ever subtracted twice. ``purge_applied`` then
-marks a chain's rows forgotten in the store and erases them from the file (a deletion
-request); the store refuses them for good, and a forget from a model that still holds
+keys already applied there, so no row is ever subtracted twice. ``mark_applied`` then
+marks a chain's rows forgotten in the store, and erases them from the file if asked (a
+deletion request); the store refuses them for good, and a forget from a model that still holds
 them (one not in that chain) is refused rather than silently skipped.
 """
 
@@ -245,15 +245,16 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=
     return ForgetResult(model, no_retrain_state, data, request, report, record)
 
 
-def purge_applied(record):
-    """Mark a chain's applied rows forgotten in the root store and erase them from disk.
+def mark_applied(record, erase=False):
+    """Mark a chain's applied rows forgotten in the root store; with ``erase``, purge them from disk.
 
-    Call it once the forgotten model is safely written: afterwards the rows are gone.
-    Returns the number of rows erased.
+    Call it once the forgotten model is safely written: marked rows are refused to every
+    later request that does not start from this chain, and erased rows are gone.
+    Returns the number of rows marked (or erased).
     """
     with gradstore.open(Path(record["root_run"]) / "store.h5", "r+") as store:
         keys = np.asarray(record["forgotten_keys"], np.int64)
         live = keys[store.state[keys] == gradstore.RowState.LIVE]
         if live.size:
             store.mark_forgotten(live)
-        return store.purge()
+        return store.purge() if erase else int(live.size)
