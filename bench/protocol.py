@@ -127,7 +127,35 @@ def format_table(rows):
     return "\n".join(lines) + "\n(* = scale chosen by scale='auto'; gap rest = rest - gold's rest)"
 
 
+def summary_markdown(results, target_method="per-sample update p=0.01 int8"):
+    """One line per (seed, class): the cells of every method, and whether the target holds."""
+    by_run = {}
+    for row in results:
+        by_run.setdefault((row["seed"], row["cls"]), []).append(row)
+    methods = []
+    for rows in by_run.values():
+        for row in rows:
+            name = row["method"] + (" auto" if row.get("auto") else (" scale 1" if "scale" in row else ""))
+            if name not in methods:
+                methods.append(name)
+    lines = ["| seed | class | " + " | ".join(methods) + f" | target ({target_method} auto) |",
+             "|---" * (len(methods) + 3) + "|"]
+    for (seed, cls), rows in sorted(by_run.items()):
+        cells = {}
+        for row in rows:
+            name = row["method"] + (" auto" if row.get("auto") else (" scale 1" if "scale" in row else ""))
+            cells[name] = f"{row['forgotten']:.3f}/{row['rest']:.3f}"
+        ours = next(r for r in rows if r["method"] == target_method and r.get("auto"))
+        met = ours["forgotten"] <= 0.01 and ours["rest"] >= ours["gold_rest"] - 0.01 and ours.get("ratio_vs_original", 0) >= 20
+        verdict = f"{'met' if met else 'MISSED'} (rest gap {ours['rest'] - ours['gold_rest']:+.3f}, {ours.get('ratio_vs_original', 0):.1f}x smaller)"
+        lines.append(f"| {seed} | {cls} | " + " | ".join(cells.get(m, "") for m in methods) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(args):
+    if args.summary:
+        print(summary_markdown(json.loads((Path(args.out) / "protocol-results.json").read_text())))
+        return 0
     config = {
         "epochs": args.epochs, "batch_size": 64, "keep_first": 100, "keeps": args.keeps, "grad_keeps": args.grad_keeps,
         "codecs": args.codecs, "original": not args.no_original, "layer_keeps": args.layer_keeps,
@@ -164,3 +192,4 @@ def add_arguments(parser):
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores after measuring")
     parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR)")
     parser.add_argument("--out", default="out/bench-protocol")
+    parser.add_argument("--summary", action="store_true", help="print the markdown summary of --out's results and exit")
