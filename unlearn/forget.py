@@ -119,7 +119,7 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
     guard = rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False)
     forget_x, forget_y = data.train_x[request.samples], data.train_y[request.samples]
     if request.cls is not None:
-        rule = f"class: forget-set accuracy <= {CLASS_TARGET_ACC}"
+        rule = f"class: training-sample accuracy <= {CLASS_TARGET_ACC}, then x{CLASS_MARGIN} if the guard allows"
         target_loss = None
     else:
         same_classes = np.isin(data.test_y, np.unique(forget_y))
