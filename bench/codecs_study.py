@@ -72,7 +72,6 @@ def epoch_gradients(num_samples, epochs, steps_between=50, seed=0):
 def epoch_growth_table(snapshots, keep, out_dir, seed=0):
     n, num_params = snapshots[0].shape
     per_epoch = [masked_rows(g, seed, keep) for g in snapshots]
-    k = per_epoch[0].shape[1]
     keys = np.arange(n)
     table = []
     for epochs in (1, 2, 4, 8):
@@ -109,7 +108,7 @@ def main(args):
     for r in blocks:
         print(f"{r['block_size']:>7}{r['rounding']:>12}{r['bytes_per_value']:>9.3f}{r['entropy_bytes_per_value']:>9.3f}{r['rel_l2_error']:>9.4f}")
     growth = epoch_growth_table(epoch_gradients(args.samples // 4, 8), args.keep, out_dir)
-    print(f"\nrelative L2 error of the summed row against the exact float64 sum, int8 (default block):")
+    print("\nrelative L2 error of the summed row against the exact float64 sum, int8 (default block):")
     names = [key for key in growth[0] if key != "epochs"]
     print(f"{'epochs':>7}" + "".join(f"{name:>36}" for name in names))
     for r in growth:

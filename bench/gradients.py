@@ -6,7 +6,6 @@ reused by every configuration, so configurations differ only in what they store.
 
 import time
 
-import numpy as np
 import torch
 
 from unlearn.data import load_dataset
