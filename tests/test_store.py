@@ -430,9 +430,7 @@ def test_reopened_unfinished_store_takes_state_and_labels_from_its_runs(tmp_path
     store._h5["rows/labels"][...] = -1
     store._h5.close()
     store._h5 = None
-    reopened = gradstore.store.Store(str(tmp_path / "r.h5"), gradstore.format.open_h5(str(tmp_path / "r.h5"), "r+"),
-                                     *gradstore.format.read_header(gradstore.format.open_h5(str(tmp_path / "r.h5"), "r"), "x"),
-                                     writable=True)
+    reopened = gradstore.open(tmp_path / "r.h5", "r+")  # an unfinished store reopened for recording
     assert reopened.state[[1, 4]].tolist() == [1, 1] and reopened.labels[[1, 4]].tolist() == [7, 8]
     reopened.finalize()
     np.testing.assert_array_equal(reopened.read([1, 4]), np.ones((2, 50), np.float32))
