@@ -2,7 +2,7 @@
 
 High level: ``create`` a store, ``accumulate`` batches, ``finalize``; ``open`` it to
 ``read`` rows, ``scatter_add`` them into a flat parameter vector, ``mark_forgotten``
-and ``purge``. The low-level pieces are importable on their own: ``masks``
+and ``purge``; ``transcode`` rewrites a store in another codec. The low-level pieces are importable on their own: ``masks``
 (positions from (seed, key)), ``codecs``, ``kernels``, ``chunkio``, ``format``.
 """
 
@@ -12,6 +12,7 @@ from .codecs import get_codec  # noqa: E402
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError  # noqa: E402
 from .format import FORMAT_VERSION, RowState, model_fingerprint  # noqa: E402
 from .store import Store, create, open  # noqa: E402,A004
+from .transcode import transcode  # noqa: E402
 
 __all__ = [
     "BadInputError",
@@ -26,4 +27,5 @@ __all__ = [
     "get_codec",
     "model_fingerprint",
     "open",
+    "transcode",
 ]

@@ -10,6 +10,7 @@ chunk per run, whatever the number of samples.
 """
 
 import json
+import tempfile
 
 import numpy as np
 
@@ -21,12 +22,23 @@ MAX_FANIN = 64  # runs merged at once; more are first merged into bigger runs
 
 
 class WriteBuffer:
-    """float32 sums of the rows seen since the last spill, one slot per key."""
+    """float32 sums of the rows seen since the last spill, one slot per key.
 
-    def __init__(self, k, capacity_rows):
+    ``scratch_dir``: hold the sums in a memory-mapped, already-unlinked file there
+    instead of in anonymous memory, so that a buffer larger than RAM pages to disk
+    rather than exhausting memory (the kernel writes cold rows back; nothing is
+    compressed). The file vanishes with the buffer, even after a crash.
+    """
+
+    def __init__(self, k, capacity_rows, scratch_dir=None):
         self.k = k
         self.capacity_rows = max(1, int(capacity_rows))
-        self.values = np.zeros((min(self.capacity_rows, 1024), k), np.float32)
+        self._scratch = None
+        if scratch_dir is not None:
+            self._scratch = tempfile.TemporaryFile(dir=scratch_dir, prefix="gradstore-buffer-")
+            self.values = np.memmap(self._scratch, np.float32, "w+", shape=(self.capacity_rows, k))  # sparse file
+        else:
+            self.values = np.zeros((min(self.capacity_rows, 1024), k), np.float32)
         self.keys = np.empty(self.values.shape[0], np.int64)
         self.slot_of_key = {}
 
@@ -70,6 +82,14 @@ class WriteBuffer:
 
     def clear(self):
         self.slot_of_key.clear()
+
+    def release(self):
+        """Drop the sums (and the scratch file, if any)."""
+        self.slot_of_key.clear()
+        self.values = self.keys = None
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
 
 
 class MemoryCursor:

@@ -53,6 +53,7 @@ def create(
     fingerprint=None,
     labels=None,
     memory_budget=DEFAULT_MEMORY_BUDGET,
+    buffer_dir=None,
     overwrite=False,
 ):
     """Create a store for recording and return it open for ``accumulate``.
@@ -60,6 +61,8 @@ def create(
     num_params: M, the model's flat parameter count. num_keys: rows (keys 0..num_keys-1).
     keep: p, the fraction of the M values each row keeps. codec: 'fp32', 'fp16', 'int8'
     or a codec config dict. memory_budget: bytes of float32 sums held before spilling.
+    buffer_dir: keep those sums in a memory-mapped scratch file in this folder (a budget
+    larger than RAM then pages to disk instead of exhausting memory).
     fingerprint: from ``format.model_fingerprint`` (checked at forget time by callers).
     """
     path = os.fspath(path)
@@ -96,6 +99,8 @@ def create(
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     label_array = _check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
+    if buffer_dir is not None and not os.path.isdir(buffer_dir):
+        raise BadInputError(f"buffer_dir {os.fspath(buffer_dir)!r} is not a directory")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     h5file = open_h5(path, "w")
@@ -104,7 +109,7 @@ def create(
     rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
     rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True, **chunkio.dataset_filters(False, 1))
     h5file.flush()
-    return Store(path, h5file, config, finished=False, writable=True, memory_budget=memory_budget)
+    return Store(path, h5file, config, finished=False, writable=True, memory_budget=memory_budget, buffer_dir=buffer_dir)
 
 
 def open(path, mode="r"):  # noqa: A001 - mirrors h5py.File / builtins.open
@@ -131,7 +136,7 @@ def _check_labels(labels, count):
 class Store:
     """An open store. Use ``gradstore.create`` or ``gradstore.open`` rather than this class."""
 
-    def __init__(self, path, h5file, config, finished, writable, memory_budget=DEFAULT_MEMORY_BUDGET):
+    def __init__(self, path, h5file, config, finished, writable, memory_budget=DEFAULT_MEMORY_BUDGET, buffer_dir=None):
         self.path = path
         self._h5 = h5file
         self.config = config
@@ -150,8 +155,9 @@ class Store:
         self.state = h5file[STATE][()]
         self._row_datasets = self._find_row_datasets()
         self.members = _read_membership(h5file, self.num_keys)
+        self._buffer, self._runs = None, []
         if not finished:
-            self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k))
+            self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k), buffer_dir)
             self._runs = staging.run_names(h5file)
             self._rebuild_row_metadata_from_runs()
 
@@ -184,6 +190,8 @@ class Store:
         if self._h5 is not None:
             if self.writable and not self.finished and len(self._buffer):
                 self.commit()
+            if self._buffer is not None:
+                self._buffer.release()
             self._h5.close()
             self._h5 = None
 
@@ -342,6 +350,7 @@ class Store:
         os.replace(tmp_path, self.path)
         self.finished = True
         self._reopen("r+" if self.writable else "r")
+        self._buffer.release()
         self._buffer = None
         self._runs = []
 

@@ -434,3 +434,69 @@ def test_reopened_unfinished_store_takes_state_and_labels_from_its_runs(tmp_path
     assert reopened.state[[1, 4]].tolist() == [1, 1] and reopened.labels[[1, 4]].tolist() == [7, 8]
     reopened.finalize()
     np.testing.assert_array_equal(reopened.read([1, 4]), np.ones((2, 50), np.float32))
+
+
+# ---------------------------------------------------------------------------- scratch buffer, transcode
+
+
+def test_buffer_in_a_scratch_file_records_the_same_store(tmp_path):
+    """A write buffer memory-mapped in buffer_dir sums exactly as one in RAM, and leaves no scratch file."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    rng = np.random.default_rng(3)
+    stores = {}
+    for name, buffer_dir in (("ram", None), ("file", scratch)):
+        store = gradstore.create(tmp_path / f"{name}.h5", 3000, 120, 0.2, codec="fp32", seed=4,
+                                 memory_budget=120 * 600 * 4, buffer_dir=buffer_dir)
+        stores[name] = store
+    for _ in range(3):
+        for keys in np.array_split(rng.permutation(120), 7):
+            rows = gradient_rows(rng, keys.size, 600)
+            for store in stores.values():
+                store.accumulate(keys, rows)
+    assert stores["file"].info()["staging_runs"] == 0  # the whole recording fitted the buffer
+    for store in stores.values():
+        store.finalize()
+    keys = np.arange(120)
+    np.testing.assert_array_equal(stores["ram"].read(keys), stores["file"].read(keys))
+    assert list(scratch.iterdir()) == []  # unlinked at creation, closed at finalize
+
+
+def test_buffer_dir_that_is_not_a_folder_creates_nothing(tmp_path):
+    with pytest.raises(BadInputError, match="buffer_dir"):
+        gradstore.create(tmp_path / "s.h5", 100, 10, 0.5, buffer_dir=tmp_path / "missing")
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", {"id": "int8", "rounding": "stochastic", "block_size": 64}])
+def test_transcode_from_fp32_equals_recording_in_the_codec(tmp_path, codec):
+    """Quantization happens once, from the float32 sums: recording in fp32 then transcoding gives the same bytes."""
+    direct, _, _, _ = record(tmp_path / "direct.h5", codec, epochs=3)
+    source, _, _, _ = record(tmp_path / "fp32.h5", "fp32", epochs=3)
+    source.mark_forgotten([5, 6])
+    source.close()
+    direct.close()
+    info = gradstore.transcode(tmp_path / "fp32.h5", tmp_path / "derived.h5", codec)
+    assert info["codec"] == gradstore.get_codec(codec).get_config()
+    assert info["transcoded_from"]["id"] == "fp32"
+    with h5py.File(tmp_path / "direct.h5") as a, h5py.File(tmp_path / "derived.h5") as b:
+        for part in a["rows"]:
+            if part != "state":
+                np.testing.assert_array_equal(a["rows"][part][()], b["rows"][part][()], err_msg=part)
+    with gradstore.open(tmp_path / "derived.h5") as derived:
+        assert derived.state[[5, 6]].tolist() == [RowState.FORGOTTEN] * 2
+        assert derived.verify() == []
+
+
+def test_transcode_refuses_an_unfinished_source_and_an_existing_destination(tmp_path):
+    store = gradstore.create(tmp_path / "open.h5", 100, 10, 0.5, codec="fp32")
+    store.accumulate([1], np.ones((1, 50)))
+    store.commit()
+    store.close()
+    with pytest.raises(BadInputError, match="before finalize"):
+        gradstore.transcode(tmp_path / "open.h5", tmp_path / "out.h5", "int8")
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.transcode.tmp").exists()
+    (tmp_path / "taken.h5").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        gradstore.transcode(tmp_path / "open.h5", tmp_path / "taken.h5", "int8")
+    assert (tmp_path / "taken.h5").read_bytes() == b"keep me"
