@@ -114,6 +114,7 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
     started = time.perf_counter()
     if request.keys.size == 0:
         return ScaleChoice(0.0, False, 0, 0.0, "empty request: nothing to remove")
+    load_flat_params(model, base)  # the guard's reference is the model before removal, whatever it holds now
     rng = np.random.default_rng(seed)
     retained = np.setdiff1d(np.arange(len(data)), request.excluded)
     guard = rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False)

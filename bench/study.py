@@ -1,0 +1,152 @@
+"""`python -m bench study [--quick] --out DIR`: the seed report's tables, every codec and flavour.
+
+Per seed: one training run records every store (bench/study_record.py), models are
+retrained from scratch without each request, then every store forgets (a) the seed's
+class and (b) a random 1% of the training samples, with scale 1 and scale "auto"
+(bench/study_cells.py). Each finished cell is appended to DIR/cells.json at once, so an
+interrupted study resumes where it stopped. DIR/results.{md,csv,json} and the plots are
+rewritten from every cell at the end (bench/study_report.py).
+
+--quick: scikit-learn's bundled digits (no data files), one seed: a few minutes on 2 cores.
+Default: the seed's MNIST protocol (class 3 kept at its first 100 samples, 4 epochs,
+B = 64, Adam 1e-3), seeds 0 and 1.
+"""
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import study_cells, study_record, study_report
+
+KEEPS = [0.2, 0.1, 0.075, 0.05, 0.02, 0.01]
+CODECS = ["fp32", "fp16", "int8"]
+FLAVOURS = ["grad", "update"]
+
+
+def build_config(args):
+    quick = args.quick
+    return {
+        "dataset": args.dataset or ("digits" if quick else "mnist"),
+        "data_dir": args.data_dir,
+        "forget_class": args.forget_class,
+        "keep_first": args.keep_first if args.keep_first is not None else (None if quick else 100),
+        "epochs": args.epochs,
+        "batch_size": 64,
+        "optimizer": "adam",
+        "keeps": args.keeps,
+        "codecs": args.codecs,
+        "flavours": args.flavours,
+        "layer_keep": 0.1,
+        "sample_fraction": args.sample_fraction,
+        "finetune_epochs": args.finetune_epochs,
+        "finetune_samples": args.finetune_samples if args.finetune_samples is not None else (0 if quick else 10_000),
+        "seeds": args.seeds if args.seeds is not None else ([0] if quick else [0, 1]),
+        "progress": not args.no_progress,
+    }
+
+
+def cell_id(seed, task, row):
+    return f"{seed}|{task}|{row}"
+
+
+class CellLog:
+    """DIR/cells.json: every finished cell, rewritten atomically after each one."""
+
+    def __init__(self, path, config):
+        self.path = path
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved and saved["config"] != _comparable(config):
+            raise SystemExit(f"{path} holds a study with another configuration; use a new --out or delete it")
+        self.cells = saved["cells"] if saved else {}
+        self.config = config
+
+    def __contains__(self, key):
+        return key in self.cells
+
+    def add(self, key, cell):
+        self.cells[key] = cell
+        study_record.write_json(self.path, {"config": _comparable(self.config), "cells": self.cells})
+
+
+def _comparable(config):
+    """The fields that decide a cell's value (not progress display, not which seeds run)."""
+    return {key: value for key, value in config.items() if key not in ("progress", "seeds")}
+
+
+def run_seed(seed, config, out, log, progress):
+    seed_dir = out / f"seed{seed}"
+    recorded = study_record.record(seed, config, seed_dir, log)
+    data = study_record.load_data(config)
+    trained = np.load(seed_dir / "trained.npy", allow_pickle=False)
+    samples = study_record.forget_samples(config, seed, len(data))
+    cls = config["forget_class"]
+    class_subset = study_cells.finetune_subset(config, seed, data, (data.train_y == cls).nonzero()[0])
+    references = {
+        "class": study_record.reference_model("class", seed, config, seed_dir, data, log),
+        "samples": study_record.reference_model("samples", seed, config, seed_dir, data, log),
+    }
+    stores = recorded["stores"]
+    for task in ("class", "samples"):
+        rows = [("after train", trained, recorded["train_seconds"]), ("retrain", *references[task])]
+        if task == "class" and config["finetune_epochs"]:
+            rows.append(("finetune only", trained, 0.0))
+        for kind, weights, seconds in rows:
+            key = cell_id(seed, task, kind)
+            if key not in progress:
+                cell = study_cells.reference_cells(task, kind, weights, data, config, seed, samples, class_subset, seconds)
+                progress.add(key, {"seed": seed, "task": task, "row": kind, "method": kind, **cell})
+        for name, entry in stores.items():
+            keys = {mode: cell_id(seed, task, f"{name}|{mode}") for mode in ("1", "auto")}
+            wanted = ["1", "auto"] if entry["method"] == "per-sample" else ["1"]
+            if all(keys[mode] in progress for mode in wanted):
+                continue
+            started = time.perf_counter()
+            cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
+                                            samples, class_subset)
+            for mode, cell in cells.items():
+                row = {key: value for key, value in entry.items() if key != "path"}
+                progress.add(keys[mode], {"seed": seed, "task": task, "row": name, "scale_mode": mode, **row, **cell})
+            log(f"seed {seed} {task:<7} {name:<26} " + study_report.cell_line(task, cells)
+                + f"  ({time.perf_counter() - started:.1f} s)")
+
+
+def main(args):
+    config = build_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = CellLog(out / "cells.json", config)
+    started = time.perf_counter()
+    for seed in config["seeds"]:
+        run_seed(seed, config, out, print, progress)
+        if not args.keep_stores:
+            for path in (out / f"seed{seed}").glob("*.h5"):
+                path.unlink()
+    command = "python -m bench " + shlex.join(sys.argv[1:])
+    outputs = study_report.write(progress.cells, config, out, command=command)
+    print(study_report.console_table(progress.cells, config))
+    print(f"study finished in {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="bundled digits, one seed: a few minutes on 2 cores")
+    parser.add_argument("--out", default="out/study", help="results folder (cells.json there makes the study resumable)")
+    parser.add_argument("--dataset", choices=["digits", "mnist"], help="default: digits with --quick, else mnist")
+    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 with --quick, else 0 1")
+    parser.add_argument("--forget-class", type=int, default=3)
+    parser.add_argument("--keep-first", type=int, help="samples of the forgotten class kept (default 100 on MNIST, all with --quick)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--keeps", type=float, nargs="+", default=KEEPS, help="p of the per-sample stores")
+    parser.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
+    parser.add_argument("--flavours", nargs="+", default=FLAVOURS, choices=FLAVOURS)
+    parser.add_argument("--sample-fraction", type=float, default=0.01, help="share of the training set in the sample request")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the 'after retrain' fine-tune (0: none)")
+    parser.add_argument("--finetune-samples", type=int,
+                        help="retained samples the fine-tune passes over (default 10,000 on MNIST; all with --quick)")
+    parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores of finished seeds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

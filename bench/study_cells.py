@@ -1,0 +1,102 @@
+"""The study's cells: one forget request applied from one store, measured against retraining.
+
+Class requests (the seed's tables): forgotten/rest test accuracy after train, with no
+retrain (the removal alone) and after retrain (the removal, then a short fine-tune on
+retained data). Sample requests: UA/RA/TA and MIA efficacy with no retrain.
+"""
+
+import time
+
+import numpy as np
+import torch
+
+import gradstore
+from unlearn.evaluate import accuracy, evaluate
+from unlearn.forget import choose_scale, removal_vector, resolve_request
+from unlearn.models import build_model, load_flat_params
+from unlearn.train import train
+
+RETAINED_EVAL = 10_000  # retained samples behind RA and the MIA's members
+
+
+def class_cells(model, data, cls):
+    """(forgotten, rest): test accuracy on the class and on every other class."""
+    in_class = data.test_y == cls
+    return (accuracy(model, data.test_x[in_class], data.test_y[in_class]),
+            accuracy(model, data.test_x[~in_class], data.test_y[~in_class]))
+
+
+def fresh_model(data, weights):
+    model = build_model("simple", data.in_channels, data.num_classes)
+    load_flat_params(model, weights)
+    return model
+
+
+def finetune_subset(config, seed, data, excluded):
+    """The retained samples every fine-tune of a seed uses (the same for every method)."""
+    retained = np.setdiff1d(np.arange(len(data)), excluded)
+    count = min(retained.size, config["finetune_samples"] or retained.size)
+    return np.sort(np.random.default_rng([seed, 2]).choice(retained, count, replace=False))
+
+
+def fine_tune(model, data, subset, config, seed):
+    """The seed's "retrain": epochs over retained samples with a fresh Adam. Returns seconds."""
+    run = train(model, data.train_x[subset], data.train_y[subset], config["finetune_epochs"], config["batch_size"],
+                seed + 1, device=torch.device("cpu"), progress=False, description="fine-tune")
+    return run["seconds"]
+
+
+def sample_metrics(model, data, samples, seed):
+    metrics = evaluate(model, data, samples, retained_limit=RETAINED_EVAL, seed=seed)
+    return {key: metrics[key] for key in ("ua", "ra", "ta", "mia_efficacy", "forget_loss")}
+
+
+def reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds):
+    """A row without a store: 'after train', 'retrain' (from scratch), or 'finetune only'."""
+    model = fresh_model(data, weights)
+    cell = {"seconds": seconds}
+    if kind == "finetune only":
+        cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)
+    if task == "class":
+        cell["forgotten"], cell["rest"] = class_cells(model, data, config["forget_class"])
+    else:
+        cell.update(sample_metrics(model, data, samples, seed))
+    return cell
+
+
+def store_cells(task, store_path, entry, trained, data, config, seed, samples, subset):
+    """Cells of one store for one request: scale 1 (with the fine-tuned column for class
+    requests) and, for per-sample stores, scale 'auto'. Returns {scale mode: cell}."""
+    with gradstore.open(store_path) as store:
+        started = time.perf_counter()
+        if task == "class":
+            request = resolve_request(store, entry["method"], data, cls=config["forget_class"])
+        else:
+            request = resolve_request(store, entry["method"], data, samples=samples)
+        removal = removal_vector(store, request.keys)
+        removal_seconds = time.perf_counter() - started
+        info = store.info()
+    common = {"bytes_on_disk": info["bytes_on_disk"], "bytes_per_value": info["bytes_per_value"],
+              "keys_removed": int(request.keys.size)}
+    model = fresh_model(data, trained)
+    modes = {"1": None}
+    if entry["method"] == "per-sample":
+        modes["auto"] = None
+    cells = {}
+    for mode in modes:
+        cell = dict(common)
+        if mode == "auto":
+            choice = choose_scale(model, trained, removal, data, request, seed=seed)
+            cell.update(scale=choice.scale, scale_reached=choice.reached, seconds=removal_seconds + choice.seconds)
+        else:
+            cell.update(scale=1.0, seconds=removal_seconds)
+        load_flat_params(model, trained + np.float32(cell["scale"]) * removal)
+        if task == "class":
+            cell["forgotten"], cell["rest"] = class_cells(model, data, config["forget_class"])
+            if mode == "1" and config["finetune_epochs"]:
+                cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)
+                cell["forgotten_after_retrain"], cell["rest_after_retrain"] = class_cells(model, data, config["forget_class"])
+        else:
+            cell.update(sample_metrics(model, data, samples, seed))
+        cells[mode] = cell
+    return cells

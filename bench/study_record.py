@@ -1,0 +1,158 @@
+"""The study's one training run per seed, and the models it is compared against.
+
+One training run records every configuration at once: for each (flavour, p) one fp32
+store whose float32 sums sit in a memory-mapped scratch file (all of them together
+exceed RAM on the full MNIST study: N*M*sum(p)*2 flavours*4 bytes = 19 GB), the
+original method's store and the layer-wise one. Per-sample gradients are computed once
+per step and each mask once per (p, batch), shared by both flavours. fp16 and int8
+stores are then transcoded from the fp32 ones: finalize quantizes the float32 sums once
+either way, so they hold exactly what recording in those codecs would have written.
+
+Every phase leaves a JSON marker beside its outputs (weights as .npy, never pickle), so
+an interrupted study resumes at the first phase without one.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradstore
+from unlearn import data as datasets
+from unlearn.models import build_model, flat_params, named_shapes
+from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.train import train
+
+RECORDED = "recorded.json"
+
+
+def load_data(config):
+    data = datasets.load_dataset(config["dataset"], config.get("data_dir"))
+    if config.get("keep_first"):
+        data = datasets.keep_first(data, config["forget_class"], config["keep_first"])
+    return data
+
+
+def forget_samples(config, seed, num_samples):
+    """The random-sample request: a fixed fraction of the training set, drawn from the seed."""
+    count = max(1, round(config["sample_fraction"] * num_samples))
+    return np.sort(np.random.default_rng([seed, 1]).choice(num_samples, count, replace=False))
+
+
+def store_name(method, flavour=None, keep=None, codec=None):
+    if method == "per-sample":
+        return f"ours-{flavour}-p{keep}-{codec}"
+    return "original" if method == "original" else f"layer-p{keep}"
+
+
+def write_json(path, value):
+    """Write atomically: a marker is either absent or complete."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def disk_needed(config, num_samples, num_params):
+    """Bytes of disk the recording phase needs at its peak (scratch sums + fp32 stores + the rest)."""
+    steps = config["epochs"] * math.ceil(num_samples / config["batch_size"])
+    values = num_samples * num_params * sum(config["keeps"]) * len(config["flavours"])
+    codec_bytes = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05}
+    derived = sum(codec_bytes[c] for c in config["codecs"] if c != "fp32")
+    # float32 sums (in scratch files, then in the fp32 stores: each store's scratch goes as it
+    # finalizes, so the two overlap by one store at most), then the transcoded codecs beside them
+    overlap = values * 4 * max(config["keeps"]) / sum(config["keeps"])
+    return int(values * (4 + derived) + overlap + steps * num_params * 4 * (1 + config["layer_keep"]))
+
+
+def record(seed, config, seed_dir, log=print):
+    """Train once with every recorder attached; finalize, transcode. Returns the marker's content."""
+    marker = seed_dir / RECORDED
+    if marker.exists():
+        return json.loads(marker.read_text())
+    if seed_dir.exists():  # a recording interrupted before its marker: start it again
+        shutil.rmtree(seed_dir)
+    seed_dir.mkdir(parents=True)
+    data = load_data(config)
+    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(seed_dir).free
+    needed = disk_needed(config, len(data), num_params)
+    if needed > free:
+        raise RuntimeError(f"the recording needs about {needed / 1e9:.1f} GB under {seed_dir}; {free / 1e9:.1f} GB are free")
+    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    scratch = seed_dir / "scratch"
+    scratch.mkdir()
+    stores, recorders = {}, []
+    for flavour in config["flavours"]:
+        for keep in config["keeps"]:
+            name = store_name("per-sample", flavour, keep, "fp32")
+            k = gradstore.store.keep_to_k(keep, num_params)
+            store = gradstore.create(seed_dir / f"{name}.h5", num_params, len(data), keep, codec="fp32", seed=seed,
+                                     fingerprint=fingerprint, memory_budget=len(data) * k * 4, buffer_dir=scratch)
+            recorders.append(PerSampleRecorder(store, flavour))
+            stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "fp32"}
+    steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
+    for method, keep in (("original", 1.0), ("layer", config["layer_keep"])):
+        name = store_name(method, keep=keep)
+        store = gradstore.create(seed_dir / f"{name}.h5", num_params, steps, keep, codec="fp32", key_kind="step",
+                                 seed=seed, fingerprint=fingerprint)
+        recorders.append(StepRecorder(store))
+        stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": "fp32"}
+    log(f"seed {seed}: training {config['epochs']} epochs on {len(data)} samples, recording {len(recorders)} stores")
+    run = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
+                recorders=recorders, device=torch.device("cpu"), progress=config["progress"],
+                description=f"seed {seed} recording")
+    for recorder in recorders:
+        recorder.store.close()
+    shutil.rmtree(scratch)
+    started = time.perf_counter()
+    for name, entry in list(stores.items()):
+        if entry["method"] != "per-sample":
+            continue
+        for codec in config["codecs"]:
+            if codec != "fp32":
+                derived = store_name("per-sample", entry["flavour"], entry["keep"], codec)
+                gradstore.transcode(seed_dir / f"{name}.h5", seed_dir / f"{derived}.h5", codec)
+                stores[derived] = {**entry, "codec": codec}
+        if "fp32" not in config["codecs"]:
+            os.remove(seed_dir / f"{name}.h5")
+            del stores[name]
+    np.save(seed_dir / "trained.npy", flat_params(model))
+    result = {
+        "seed": seed, "num_samples": len(data), "num_params": num_params, "steps": run["steps"],
+        "train_seconds": run["seconds"], "record_seconds": run["record_seconds"],
+        "transcode_seconds": time.perf_counter() - started,
+        "stores": {name: {**entry, "path": f"{name}.h5"} for name, entry in stores.items()},
+    }
+    write_json(marker, result)
+    log(f"seed {seed}: trained and recorded in {run['seconds']:.0f} s, transcoded in {result['transcode_seconds']:.0f} s")
+    return result
+
+
+def reference_model(kind, seed, config, seed_dir, data, log=print):
+    """A model trained from scratch (``kind`` 'class' or 'samples': without the forget set) or
+    the fine-tune-only control ('finetune': the trained model, one fine-tune, no removal).
+
+    Returns (flat weights, seconds); cached as seed_dir/<kind>.npy + .json.
+    """
+    weights, marker = seed_dir / f"reference-{kind}.npy", seed_dir / f"reference-{kind}.json"
+    if marker.exists():
+        return np.load(weights, allow_pickle=False), json.loads(marker.read_text())["seconds"]
+    if kind == "class":
+        kept = datasets.exclude(data, cls=config["forget_class"])
+    elif kind == "samples":
+        kept = datasets.exclude(data, samples=forget_samples(config, seed, len(data)))
+    else:
+        raise ValueError(kind)
+    log(f"seed {seed}: retraining from scratch without the {kind} request")
+    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], seed,
+                device=torch.device("cpu"), progress=config["progress"], description=f"seed {seed} retrain ({kind})")
+    np.save(weights, flat_params(model))
+    write_json(marker, {"seconds": run["seconds"]})
+    return flat_params(model), run["seconds"]

@@ -1,0 +1,312 @@
+"""The study's outputs: results.json / results.csv (every cell of every seed), results.md
+(the seed's tables, mean and spread over seeds) and two plots."""
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+REFERENCE_ROWS = ("after train", "retrain", "finetune only")
+CLASS_FIELDS = ("forgotten", "rest", "forgotten_after_retrain", "rest_after_retrain")
+SAMPLE_FIELDS = ("ua", "ra", "ta", "mia_efficacy")
+NUMERIC = CLASS_FIELDS + SAMPLE_FIELDS + ("scale", "bytes_on_disk", "bytes_per_value", "ratio_vs_original",
+                                          "seconds", "finetune_seconds", "forget_loss")
+
+
+def display_name(cell):
+    method = cell["method"]
+    if method == "after train":
+        return "After train (no removal)"
+    if method == "retrain":
+        return "Retrain from scratch"
+    if method == "finetune only":
+        return "Fine-tune only (control)"
+    if method == "original":
+        return "Original"
+    if method == "layer":
+        return f"Layer, p = {cell['keep']:g}"
+    return f"Ours {cell['flavour']}, p = {cell['keep']:g}, {cell['codec']}"
+
+
+def row_order(cell):
+    method = cell["method"]
+    if method in REFERENCE_ROWS:
+        return (0, REFERENCE_ROWS.index(method))
+    if method in ("original", "layer"):
+        return (1, 0 if method == "original" else 1)
+    return (2, ["update", "grad"].index(cell["flavour"]), ["fp32", "fp16", "int8"].index(cell["codec"]), -cell["keep"])
+
+
+def with_ratios(cells):
+    """Every cell (a list), with ratio_vs_original from the original's store of the same seed and task."""
+    cells = [dict(cell) for cell in cells.values()]
+    original = {(c["seed"], c["task"]): c["bytes_on_disk"] for c in cells if c["method"] == "original"}
+    for cell in cells:
+        base = original.get((cell["seed"], cell["task"]))
+        if base and cell.get("bytes_on_disk"):
+            cell["ratio_vs_original"] = base / cell["bytes_on_disk"]
+    return cells
+
+
+def aggregate(cells):
+    """{(task, row, scale mode): {"cell": a representative cell, field: (mean, std, n)}} over seeds."""
+    groups = {}
+    for cell in cells:
+        groups.setdefault((cell["task"], cell["row"], cell.get("scale_mode", "")), []).append(cell)
+    summary = {}
+    for key, members in groups.items():
+        entry = {"cell": members[0], "seeds": sorted(c["seed"] for c in members)}
+        for field in NUMERIC:
+            values = [c[field] for c in members if c.get(field) is not None]
+            if values:
+                entry[field] = (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0, len(values))
+        summary[key] = entry
+    return summary
+
+
+def _pair(entry, first, second, spread=True):
+    if entry is None or first not in entry or second not in entry:
+        return ""
+    (a, sa, n), (b, sb, _) = entry[first], entry[second]
+    text = f"{a:.3f}/{b:.3f}"
+    return text + (f" ±{sa:.3f}/{sb:.3f}" if spread and n > 1 else "")
+
+
+def _value(entry, field, fmt):
+    if entry is None or field not in entry:
+        return ""
+    return format(entry[field][0], fmt)
+
+
+def _ordered_rows(summary, task):
+    rows = {}
+    for (row_task, row, _), entry in summary.items():
+        if row_task == task:
+            rows.setdefault(row, entry["cell"])
+    return sorted(rows.items(), key=lambda item: row_order(item[1]))
+
+
+def class_table(summary, spread=True):
+    """The seed's Table 1 layout, widened: every codec and flavour, auto scale, bytes, times."""
+    after = summary.get(("class", "after train", ""))
+    lines = ["| Technique | After train | No retrain (scale 1) | After retrain (scale 1 + fine-tune) | No retrain (scale auto) "
+             "| auto scale | MB on disk | bytes/value | x smaller than original | forget s (1 / auto) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, cell in _ordered_rows(summary, "class"):
+        one = summary.get(("class", row, "1")) or summary.get(("class", row, ""))
+        auto = summary.get(("class", row, "auto"))
+        if cell["method"] in REFERENCE_ROWS:
+            no_retrain = "" if cell["method"] == "finetune only" else _pair(one, "forgotten", "rest", spread)
+            retrained = _pair(one, "forgotten", "rest", spread) if cell["method"] == "finetune only" else ""
+            seconds = _value(one, "finetune_seconds" if cell["method"] == "finetune only" else "seconds", ".1f")
+            lines.append(f"| {display_name(cell)} | {_pair(after, 'forgotten', 'rest', False)} | {no_retrain} | {retrained} "
+                         f"| | | | | | {seconds} |")
+            continue
+        seconds = _value(one, "seconds", ".2f") + (f" / {_value(auto, 'seconds', '.2f')}" if auto else "")
+        lines.append(
+            f"| {display_name(cell)} | {_pair(after, 'forgotten', 'rest', False)} | {_pair(one, 'forgotten', 'rest', spread)} "
+            f"| {_pair(one, 'forgotten_after_retrain', 'rest_after_retrain', spread)} | {_pair(auto, 'forgotten', 'rest', spread)} "
+            f"| {_value(auto, 'scale', '.3g')} | {_value(one, 'bytes_on_disk', '.0f') and format(one['bytes_on_disk'][0] / 1e6, '.1f')} "
+            f"| {_value(one, 'bytes_per_value', '.3f')} | {_value(one, 'ratio_vs_original', '.1f')} | {seconds} |"
+        )
+    return "\n".join(lines)
+
+
+def sample_table(summary, spread=True):
+    lines = ["| Technique | scale | UA | RA | TA | MIA efficacy | mean gap to retrain | forget s |", "|---|---|---|---|---|---|---|---|"]
+    retrain = summary.get(("samples", "retrain", ""))
+    for row, cell in _ordered_rows(summary, "samples"):
+        for mode in ("", "1", "auto"):
+            entry = summary.get(("samples", row, mode))
+            if entry is None:
+                continue
+            values = []
+            for field in SAMPLE_FIELDS:
+                mean, std, n = entry[field]
+                values.append(f"{mean:.3f}" + (f" ±{std:.3f}" if spread and n > 1 else ""))
+            gap = ""
+            if retrain and cell["method"] != "retrain":
+                gap = f"{statistics.fmean(abs(entry[f][0] - retrain[f][0]) for f in SAMPLE_FIELDS):.3f}"
+            scale = {"": "", "1": "1", "auto": f"auto ({entry['scale'][0]:.3g})" if "scale" in entry else "auto"}[mode]
+            lines.append(f"| {display_name(cell)} | {scale} | " + " | ".join(values) + f" | {gap} | {_value(entry, 'seconds', '.2f')} |")
+    return "\n".join(lines)
+
+
+def target_lines(cells):
+    """The project's MNIST target per seed: int8 per-sample stores, no fine-tune, auto scale."""
+    by_seed = {}
+    gold = {c["seed"]: c for c in cells if c["task"] == "class" and c["method"] == "retrain"}
+    for cell in cells:
+        if cell["task"] == "class" and cell["method"] == "per-sample" and cell["codec"] == "int8" and cell["scale_mode"] == "auto":
+            rest_gap = cell["rest"] - gold[cell["seed"]]["rest"]
+            met = cell["forgotten"] <= 0.01 and rest_gap >= -0.01 and cell.get("ratio_vs_original", 0) >= 20
+            by_seed.setdefault(cell["seed"], []).append(
+                f"{cell['flavour']} p={cell['keep']:g}: {'met' if met else 'missed'} "
+                f"(forgotten {cell['forgotten']:.3f}, rest {rest_gap:+.3f} vs retrain, {cell.get('ratio_vs_original', 0):.1f}x smaller)"
+            )
+    return [f"- seed {seed}: " + "; ".join(lines) for seed, lines in sorted(by_seed.items())]
+
+
+def cell_line(task, cells):
+    """One console line for a store's cells."""
+    parts = []
+    for mode, cell in cells.items():
+        if task == "class":
+            parts.append(f"scale {mode}: {cell['forgotten']:.3f}/{cell['rest']:.3f}")
+        else:
+            parts.append(f"scale {mode}: UA {cell['ua']:.3f} TA {cell['ta']:.3f} MIA {cell['mia_efficacy']:.3f}")
+    return "  ".join(parts)
+
+
+def console_table(cells, config):
+    summary = aggregate(with_ratios(cells))
+    return "Forgetting class {} (forgotten/rest test accuracy):\n".format(config["forget_class"]) + class_table(summary, spread=False)
+
+
+def plot(cells, out):
+    """study-quality-vs-bytes.png and study-frontier.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = aggregate(cells)
+    colours = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green"}
+    styles = {"update": "-", "grad": "--"}
+    gold = summary.get(("class", "retrain", ""))
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for col, mode in enumerate(("1", "auto")):
+        for flavour in ("update", "grad"):
+            for codec in colours:
+                points = sorted(
+                    (entry["bytes_on_disk"][0], entry["forgotten"][0], entry["rest"][0])
+                    for (task, _, m), entry in summary.items()
+                    if task == "class" and m == mode and entry["cell"]["method"] == "per-sample"
+                    and entry["cell"]["flavour"] == flavour and entry["cell"]["codec"] == codec
+                )
+                if points:
+                    x, forgotten, rest = zip(*points)
+                    label = f"ours {flavour} {codec}"
+                    axes[0, col].plot(x, forgotten, styles[flavour], marker="o", color=colours[codec], label=label, ms=4)
+                    axes[1, col].plot(x, [r - gold["rest"][0] for r in rest] if gold else rest, styles[flavour], marker="o",
+                                      color=colours[codec], label=label, ms=4)
+        if mode == "1":
+            for method, marker in (("original", "s"), ("layer", "^")):
+                for (task, _, m), entry in summary.items():
+                    if task == "class" and m == "1" and entry["cell"]["method"] == method:
+                        axes[0, col].plot(entry["bytes_on_disk"][0], entry["forgotten"][0], marker, color="k", label=method)
+                        axes[1, col].plot(entry["bytes_on_disk"][0], entry["rest"][0] - (gold["rest"][0] if gold else 0),
+                                          marker, color="k", label=method)
+        axes[0, col].set_title(f"class forgetting, no retrain, scale {mode}")
+        axes[0, col].set_ylabel("forgotten-class test accuracy")
+        axes[1, col].set_ylabel("rest accuracy minus retrain's")
+        axes[1, col].axhline(0, color="grey", lw=0.8)
+        axes[1, col].set_xlabel("store bytes on disk (log)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    figure.tight_layout()
+    quality = Path(out) / "study-quality-vs-bytes.png"
+    figure.savefig(quality, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, task in zip(axes, ("class", "samples")):
+        reference = summary.get((task, "retrain", ""))
+        if reference is None:
+            continue
+        fields = ("forgotten", "rest") if task == "class" else SAMPLE_FIELDS
+        for codec, colour in colours.items():
+            points = []
+            for (t, _, _), entry in summary.items():
+                if t == task and entry["cell"].get("codec") == codec and entry["cell"]["method"] == "per-sample":
+                    gap = statistics.fmean(abs(entry[f][0] - reference[f][0]) for f in fields)
+                    points.append((entry["bytes_on_disk"][0], gap))
+            frontier, best = [], float("inf")
+            for x, gap in sorted(points):
+                if gap < best:
+                    frontier.append((x, gap))
+                    best = gap
+            if points:
+                ax.scatter(*zip(*points), color=colour, s=10, alpha=0.4)
+                ax.step(*zip(*frontier), where="post", color=colour, label=f"ours {codec} (frontier)")
+        for method, marker in (("original", "s"), ("layer", "^")):
+            for (t, _, _), entry in summary.items():
+                if t == task and entry["cell"]["method"] == method:
+                    gap = statistics.fmean(abs(entry[f][0] - reference[f][0]) for f in fields)
+                    ax.plot(entry["bytes_on_disk"][0], gap, marker, color="k", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("store bytes on disk (log)")
+        ax.set_ylabel("mean |metric - retrain's|, no retrain")
+        ax.set_title("class request (forgotten, rest)" if task == "class" else "1% sample request (UA, RA, TA, MIA)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    frontier_path = Path(out) / "study-frontier.png"
+    figure.savefig(frontier_path, dpi=110)
+    plt.close(figure)
+    return [quality, frontier_path]
+
+
+def write(cells_by_id, config, out, command=None):
+    """Write results.json, results.csv, results.md and the plots; returns their paths."""
+    out = Path(out)
+    cells = sorted(with_ratios(cells_by_id), key=lambda c: (c["seed"], c["task"], row_order(c), c.get("scale_mode", "")))
+    summary = aggregate(cells)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    date = datetime.date.today().isoformat()
+    (out / "results.json").write_text(json.dumps({
+        "config": config, "machine": machine, "date": date, "command": command, "cells": cells,
+        "summary": [{"task": t, "row": r, "scale_mode": m, "seeds": e["seeds"],
+                     **{f: {"mean": v[0], "std": v[1], "n": v[2]} for f, v in e.items() if f in NUMERIC}}
+                    for (t, r, m), e in summary.items()],
+    }, indent=1))
+    fields = ["seed", "task", "row", "method", "flavour", "keep", "codec", "scale_mode", *NUMERIC, "scale_reached", "keys_removed"]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(cells)
+    plots = plot(cells, out)
+    seeds = sorted({c["seed"] for c in cells})
+    text = [
+        f"# Study: {config['dataset']}, forgetting class {config['forget_class']} and {config['sample_fraction']:.0%} of the samples",
+        "",
+        f"Command: `{command or 'python -m bench study'}`; machine: {machine}; date: {date}; seeds: {seeds} "
+        "(cells are the mean over seeds, ± the spread (population std) when there are several).",
+        "",
+        f"Protocol: SimpleModel, {config['epochs']} epochs, B = {config['batch_size']}, Adam 1e-3"
+        + (f", class {config['forget_class']} kept at its first {config['keep_first']} training samples" if config["keep_first"] else "")
+        + ". One training run per seed records every store. \"After retrain\": the removal, then "
+        f"{config['finetune_epochs']} epoch(s) of fine-tuning on "
+        + (f"{config['finetune_samples']:,} retained samples" if config["finetune_samples"] else "the retained samples")
+        + " (the same samples for every row and for the fine-tune-only control). Scale auto: the step chosen "
+        "with forward passes only (`unlearn.forget.choose_scale`). Forget seconds: reading the rows and "
+        "building the removal (plus the auto search); retrain seconds: training from scratch.",
+        "",
+        f"## Forgetting class {config['forget_class']} (forgotten/rest test accuracy)",
+        "",
+        class_table(summary),
+        "",
+        f"## Forgetting {config['sample_fraction']:.0%} of the training samples at random (no retrain)",
+        "",
+        "UA/RA/TA: accuracy on the forget set, on retained training samples (10,000 at most), on the test set. "
+        "MIA efficacy: share of the forget set a membership classifier calls non-members (SalUn's).",
+        "",
+        sample_table(summary),
+        "",
+        "## Target (int8 per-sample stores, no fine-tune, scale auto: forgotten <= 0.01, rest within 1 point of retrain, >= 20x smaller)",
+        "",
+        *target_lines(cells),
+        "",
+        "![quality against bytes](study-quality-vs-bytes.png)",
+        "",
+        "![frontier per codec](study-frontier.png)",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(text))
+    return [out / "results.md", out / "results.csv", out / "results.json", *plots]
