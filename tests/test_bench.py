@@ -34,3 +34,68 @@ def footprint_file(row):
     if row["method"] == "per-sample":
         return f"per-sample-{row['keep']}-{row['codec']}.h5"
     return f"{row['method']}.h5"
+
+
+def run_study(out, *extra):
+    import argparse
+
+    from bench import study
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(out), "--keeps", "0.1", "0.02", "--codecs", "fp32", "int8",
+                              "--flavours", "update", "--epochs", "2", "--no-progress", *extra])
+    return study.main(args)
+
+
+def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
+    import json
+
+    import pytest
+
+    out = tmp_path / "study"
+    assert run_study(out, "--keep-stores") == 0
+    result = json.loads((out / "results.json").read_text())
+    cells = result["cells"]
+    rows = {(c["task"], c["row"], c.get("scale_mode", "")) for c in cells}
+    for task in ("class", "samples"):
+        assert {(task, "after train", ""), (task, "retrain", ""), (task, "original", "1"), (task, "layer-p0.1", "1")} <= rows
+        for keep in (0.1, 0.02):
+            for codec in ("fp32", "int8"):
+                assert {(task, f"ours-update-p{keep}-{codec}", mode) for mode in ("1", "auto")} <= rows
+    assert ("class", "finetune only", "") in rows
+    by_row = {(c["task"], c["row"], c.get("scale_mode", "")): c for c in cells}
+    fp32, int8 = by_row[("class", "ours-update-p0.1-fp32", "1")], by_row[("class", "ours-update-p0.1-int8", "1")]
+    assert int8["bytes_on_disk"] < fp32["bytes_on_disk"] / 3  # int8 transcoded from the same fp32 sums
+    assert int8["ratio_vs_original"] == pytest.approx(by_row[("class", "original", "1")]["bytes_on_disk"] / int8["bytes_on_disk"])
+    assert by_row[("class", "retrain", "")]["forgotten"] == 0.0  # never saw the class
+    for field in ("forgotten", "rest", "forgotten_after_retrain", "rest_after_retrain", "seconds"):
+        assert field in fp32
+    for field in ("ua", "ra", "ta", "mia_efficacy"):
+        assert 0 <= by_row[("samples", "ours-update-p0.1-int8", "auto")][field] <= 1
+    assert (out / "results.csv").read_text().count("\n") == len(cells) + 1
+    assert "Retrain from scratch" in (out / "results.md").read_text()
+    for name in ("study-quality-vs-bytes.png", "study-frontier.png"):
+        assert (out / name).stat().st_size > 10_000
+
+    # an interrupted study: two cells lost; the rerun recomputes exactly those, identically, without training
+    recorded = (out / "seed0" / "recorded.json").stat().st_mtime_ns
+    saved = json.loads((out / "cells.json").read_text())
+    lost = [key for key in saved["cells"] if "ours-update-p0.02-int8" in key and "|class|" in key]
+    assert len(lost) == 2
+    for key in lost:
+        del saved["cells"][key]
+    (out / "cells.json").write_text(json.dumps(saved))
+    assert run_study(out, "--keep-stores") == 0
+    again = json.loads((out / "cells.json").read_text())["cells"]
+    assert (out / "seed0" / "recorded.json").stat().st_mtime_ns == recorded
+    for key in lost:
+        for field in ("forgotten", "rest", "scale", "bytes_on_disk"):
+            assert again[key][field] == json.loads(json.dumps(cells_by_key(cells)[key]))[field]
+
+    with pytest.raises(SystemExit, match="another configuration"):
+        run_study(out, "--sample-fraction", "0.05")
+
+
+def cells_by_key(cells):
+    return {f"{c['seed']}|{c['task']}|{c['row']}" + (f"|{c['scale_mode']}" if c.get("scale_mode") else ""): c for c in cells}
