@@ -25,6 +25,10 @@ def cmd_info(args):
         print(json.dumps(info, indent=2))
     else:
         _print_info(info)
+        if not info["finished"]:
+            last = ("no commit yet: nothing recorded counts" if info["committed_generation"] is None else
+                    f"its last commit ({info['committed_generation']}, note {json.dumps(info['commit_note'])}) is intact")
+            print(f"\nrecording did not finish (finalize never ran): {last}; rows accumulated after it are not in the file")
     return 0
 
 

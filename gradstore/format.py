@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 ATTR_VERSION = "gradstore_format_version"
 ATTR_CONFIG = "gradstore_config"  # JSON: every store-level field that never changes
 ATTR_FINISHED = "gradstore_finished"  # recording finished (finalize ran)
+ATTR_COMMITTED = "gradstore_committed"  # JSON {"generation", "note"}: the last commit() (absent: none yet)
 
 # datasets
 ROWS = "rows"  # group: rows/<codec part> [num_keys, width], rows/labels, rows/state
@@ -27,6 +28,7 @@ MEMBERSHIP = "membership"  # reserved: which samples a step-keyed row covers (CS
 
 RUN_COMMITTED = "committed"
 RUN_REPLACES = "replaces"  # JSON list of the runs a merged run stands for
+RUN_GENERATION = "generation"  # the commit() that covers the run: it counts once that commit is done
 
 
 class RowState:

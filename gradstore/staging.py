@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from . import chunkio, kernels
-from .format import RUN_COMMITTED, RUN_REPLACES, STAGING
+from .format import RUN_COMMITTED, RUN_GENERATION, RUN_REPLACES, STAGING
 
 RUN_CHUNK_BYTES = 256 * 1024
 MAX_FANIN = 64  # runs merged at once; more are first merged into bigger runs
@@ -134,25 +134,37 @@ class RunCursor:
         return self.keys[i0:i1], out
 
 
-def run_names(h5file):
-    """Committed runs that no committed merge replaced, oldest first."""
+def run_generation(h5file, name):
+    return int(h5file[STAGING][name].attrs.get(RUN_GENERATION, 0))
+
+
+def run_names(h5file, committed_generation):
+    """(runs that count, runs written after the last commit), oldest first.
+
+    A run counts when it is complete, no counting merge replaced it, and a commit()
+    covers its generation (``committed_generation`` None: no commit yet, none counts).
+    """
     if STAGING not in h5file:
-        return []
+        return [], []
     group = h5file[STAGING]
-    committed = [name for name in group if group[name].attrs.get(RUN_COMMITTED, False)]
-    replaced = {old for name in committed for old in json.loads(group[name].attrs.get(RUN_REPLACES, "[]"))}
-    return sorted(name for name in committed if name not in replaced)
+    complete = sorted(name for name in group if group[name].attrs.get(RUN_COMMITTED, False))
+    limit = -1 if committed_generation is None else committed_generation
+    counting = [name for name in complete if run_generation(h5file, name) <= limit]
+    replaced = {old for name in counting for old in json.loads(group[name].attrs.get(RUN_REPLACES, "[]"))}
+    stale = sorted(set(group) - set(counting))
+    return [name for name in counting if name not in replaced], stale
 
 
 class RunWriter:
     """Appends rows in ascending key order to a new run; ``close`` commits it."""
 
-    def __init__(self, h5file, name, k, zstd_level):
+    def __init__(self, h5file, name, k, zstd_level, generation):
         self.h5file, self.k, self.zstd_level = h5file, k, zstd_level
         group = h5file.require_group(STAGING)
         if name in group:  # an uncommitted leftover of a crash
             del group[name]
         self.group = group.create_group(name)
+        self.group.attrs[RUN_GENERATION] = int(generation)
         self.name = name
         rows_per_chunk = max(1, RUN_CHUNK_BYTES // (4 * k))
         filters = chunkio.dataset_filters(True, zstd_level)
@@ -194,7 +206,7 @@ class RunWriter:
         self.pending = keys.size - cut
 
     def close(self, replaces=()):
-        """Write what is pending and mark the run committed (a crash before this loses only this run).
+        """Write what is pending and mark the run complete (a crash before this loses only this run).
 
         ``replaces``: runs this one merges; once it is committed they no longer count.
         """

@@ -6,6 +6,7 @@ Life of a store: ``create`` -> ``accumulate`` batches (any number of epochs) ->
 """
 
 import datetime
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from . import __version__, chunkio, kernels, masks, staging
 from .codecs import get_codec
 from .errors import BadInputError, FormatError, ReadOnlyError
 from .format import (
+    ATTR_COMMITTED,
     ATTR_FINISHED,
     LABELS,
     MEMBERSHIP,
@@ -155,11 +157,31 @@ class Store:
         self.state = h5file[STATE][()]
         self._row_datasets = self._find_row_datasets()
         self.members = _read_membership(h5file, self.num_keys)
-        self._buffer, self._runs = None, []
+        self._buffer, self._runs, self._stale_runs = None, [], []
+        self.committed_generation, self.commit_note, self.generation = None, None, 0
+        self._dirty = False  # accumulated or added members since the last commit
         if not finished:
             self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k), buffer_dir)
-            self._runs = staging.run_names(h5file)
-            self._rebuild_row_metadata_from_runs()
+            self._load_runs()
+
+    def _load_runs(self):
+        """The runs that count (see ``commit``); runs written after the last commit are dropped."""
+        h5file = self._h5
+        committed = json.loads(h5file.attrs[ATTR_COMMITTED]) if ATTR_COMMITTED in h5file.attrs else None
+        if committed is None and STAGING in h5file and not any(
+            staging.RUN_GENERATION in run.attrs for run in h5file[STAGING].values()
+        ):
+            committed = {"generation": 0, "note": None}  # written before generations existed: every run counts
+        self.committed_generation = None if committed is None else int(committed["generation"])
+        self.commit_note = None if committed is None else committed.get("note")
+        self.generation = 0 if committed is None else self.committed_generation + 1
+        self._runs, self._stale_runs = staging.run_names(h5file, self.committed_generation)
+        if self.writable and self._stale_runs:
+            for name in self._stale_runs:
+                del h5file[STAGING][name]
+            self._stale_runs = []
+            h5file.flush()
+        self._rebuild_row_metadata_from_runs()
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -173,7 +195,7 @@ class Store:
         return {part.name: self._h5[ROWS][part.name] for part in self.parts}
 
     def _rebuild_row_metadata_from_runs(self):
-        """While recording, the committed runs are the truth: rows/state and rows/labels only cache them."""
+        """While recording, the counting runs are the truth: rows/state, rows/labels and membership cache them."""
         self.state[:] = RowState.EMPTY
         for name in self._runs:
             run = self._h5[STAGING][name]
@@ -181,6 +203,7 @@ class Store:
             self.state[keys] = RowState.LIVE
             if "labels" in run:
                 self.labels[keys] = run["labels"][()]
+        self.members = {key: samples for key, samples in self.members.items() if self.state[key] == RowState.LIVE}
 
     def _reopen(self, mode):
         self._h5 = open_h5(self.path, mode)
@@ -188,7 +211,7 @@ class Store:
 
     def close(self):
         if self._h5 is not None:
-            if self.writable and not self.finished and len(self._buffer):
+            if self.writable and not self.finished and self._dirty:
                 self.commit()
             if self._buffer is not None:
                 self._buffer.release()
@@ -267,24 +290,71 @@ class Store:
         for start in range(0, keys.shape[0], step):
             piece = slice(start, start + step)
             if not self._buffer.room_for(keys[piece]):
-                self.commit()
+                self._spill()
             self._buffer.add(keys[piece], values[piece])
         if labels is not None:
             self.labels[keys] = labels
         self.state[keys] = RowState.LIVE
+        self._dirty = True
 
-    def commit(self):
-        """Spill the buffered sums as a run and flush: everything accumulated so far survives a crash."""
+    def commit(self, note=None):
+        """Make everything accumulated so far survive a crash; returns this commit's generation.
+
+        What "committed" means: a crash (even SIGKILL) loses at most what was accumulated
+        since the last ``commit``; every row sum it covered reopens intact. Buffers that
+        spilled in between (a full memory budget) do not count until the next commit, so
+        the store always reopens exactly at a commit. ``note``: JSON-able, saved with the
+        commit (e.g. the training step it stands for; ``commit_note`` reads it back).
+        """
         self._require_recording()
+        json.dumps(note)  # refuse what cannot be saved before touching the file
+        if not self._dirty and self.committed_generation is not None and note == self.commit_note:
+            return self.committed_generation  # nothing new: the file stays byte for byte as it is
+        self._spill()
+        self._write_row_metadata(self._h5)
+        self._h5.attrs[ATTR_COMMITTED] = json.dumps({"generation": self.generation, "note": note})
+        self._h5.flush()
+        self.committed_generation, self.commit_note = self.generation, note
+        self.generation += 1
+        self._dirty = False
+        return self.committed_generation
+
+    def _spill(self):
+        """Write the buffered sums as a run of the current generation (it counts from the next commit)."""
         if len(self._buffer):
             keys, slots = self._buffer.sorted_slots()
-            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
+            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level, self.generation)
             step = writer.flush_rows
             for i0 in range(0, keys.size, step):
                 batch = keys[i0 : i0 + step]
                 writer.append(batch, self._buffer.values[slots[i0 : i0 + step]], self.labels[batch])
             self._runs.append(writer.close())
             self._buffer.clear()
+
+    def rollback(self, generation, note=None):
+        """Go back to commit ``generation`` (None: to before any commit): later runs and the buffer are dropped.
+
+        Resuming from a training checkpoint taken at that commit then records every later
+        step exactly once.
+        """
+        self._require_recording()
+        if generation is not None and (self.committed_generation is None or not 0 <= generation <= self.committed_generation):
+            raise BadInputError(
+                f"{self.path}: cannot roll back to commit {generation}; the last commit is {self.committed_generation}"
+            )
+        limit = -1 if generation is None else int(generation)
+        for name in list(self._runs):
+            if staging.run_generation(self._h5, name) > limit:
+                del self._h5[STAGING][name]
+        self._buffer.clear()
+        self._dirty = False
+        if generation is None:
+            if ATTR_COMMITTED in self._h5.attrs:
+                del self._h5.attrs[ATTR_COMMITTED]
+        else:
+            self._h5.attrs[ATTR_COMMITTED] = json.dumps({"generation": limit, "note": note})
+        self._h5.flush()
+        self._load_runs()
         self._write_row_metadata(self._h5)
         self._h5.flush()
 
@@ -296,6 +366,7 @@ class Store:
         if samples.ndim != 1 or (samples.size and samples.dtype.kind not in "iu") or (samples < 0).any():
             raise BadInputError(f"members of key {key} must be non-negative integers, got {samples!r}")
         self.members[key] = samples.astype(np.int64)
+        self._dirty = True
 
     def keys_covering(self, samples, states=(RowState.LIVE,)):
         """Keys whose recorded members include any of ``samples`` (rows in ``states``)."""
@@ -362,7 +433,8 @@ class Store:
         while len(self._runs) > fanin:
             group, rest = self._runs[:fanin], self._runs[fanin:]
             cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in group]
-            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level)
+            generation = max(staging.run_generation(self._h5, name) for name in group)
+            writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level, generation)
 
             def emit(lo, sums, present):
                 keys = np.nonzero(present)[0] + lo
@@ -550,6 +622,9 @@ class Store:
             "rows_purged": counts["purged"],
             "rows_empty": counts["empty"],
             "staging_runs": 0 if self.finished else len(self._runs),
+            "committed_generation": None if self.finished else self.committed_generation,
+            "commit_note": None if self.finished else self.commit_note,
+            "uncommitted_runs_ignored": 0 if self.finished else len(self._stale_runs),
             "bytes_on_disk": bytes_on_disk,
             "stored_values": stored_rows * self.k,
             "bytes_per_value": bytes_on_disk / (stored_rows * self.k) if stored_rows and self.finished else None,

@@ -17,6 +17,7 @@ from .evaluate import accuracy, evaluate
 from .forget import forget, mark_applied, root_run
 from .models import build_model, named_shapes
 from .recorders import PerSampleRecorder, StepRecorder
+from .checkpoint import Checkpointer
 from .train import default_device, train
 
 DEFAULT_CODEC = {"per-sample": "int8", "original": "fp32", "layer": "fp32"}
@@ -45,6 +46,11 @@ def cmd_train(args):
     out = Path(args.out)
     if (out / "train.json").exists() and not args.overwrite:
         raise SystemExit(f"{out} already holds a run (train.json); pass --overwrite or choose another --out")
+    interrupted = (out / runs.STARTED).exists() and not (out / "train.json").exists()
+    if args.resume and not interrupted:
+        raise SystemExit(f"--resume: {out} holds no interrupted run ({runs.STARTED} without train.json)")
+    if interrupted and not (args.resume or args.overwrite):
+        raise SystemExit(f"{out} holds an interrupted run; pass --resume to continue it or --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
     exclude_samples = datasets.read_sample_file(args.exclude_samples).tolist() if args.exclude_samples else None
     config = {
@@ -56,6 +62,17 @@ def cmd_train(args):
         "lr": args.lr, "keep_first": args.keep_first, "exclude_class": args.exclude_class,
         "exclude_samples": exclude_samples,
     }
+    config["checkpoint_every"] = args.checkpoint_every
+    if args.resume:
+        started = runs.load_json(out / runs.STARTED)
+        if started != json.loads(json.dumps(config, default=runs._jsonable)):
+            changed = sorted(key for key in set(started) | set(config) if started.get(key) != config.get(key))
+            raise SystemExit(f"--resume: the options differ from the interrupted run's ({', '.join(changed)})")
+    else:
+        if args.overwrite:
+            for stale in (runs.CHECKPOINT, "store.h5", "train.json"):
+                (out / stale).unlink(missing_ok=True)
+        runs.save_json(out / runs.STARTED, config)
     split = runs.build_data(config)
     config.update(in_channels=split.in_channels, num_classes=split.num_classes)
     device = torch.device(args.device) if args.device else default_device()
@@ -63,11 +80,17 @@ def cmd_train(args):
     recorders = []
     steps = args.epochs * -(-len(split) // args.batch_size)
     if args.method != "none":
-        store = create_store(out / "store.h5", args.method, args.keep, config["codec"], args.seed, len(split), steps,
-                             model, args.memory_budget << 20)
+        if args.resume and (out / "store.h5").exists():
+            store = gradstore.open(out / "store.h5", "r+")
+        else:
+            store = create_store(out / "store.h5", args.method, args.keep, config["codec"], args.seed, len(split), steps,
+                                 model, args.memory_budget << 20)
         recorders.append(PerSampleRecorder(store, args.flavour) if args.method == "per-sample" else StepRecorder(store))
+    checkpoint = Checkpointer(out / runs.CHECKPOINT, args.checkpoint_every) if args.checkpoint_every else None
+    if args.resume and checkpoint is None:
+        raise SystemExit("--resume needs the interrupted run's --checkpoint-every")
     result = train(model, split.train_x, split.train_y, args.epochs, args.batch_size, args.seed, args.optimizer,
-                   args.lr, recorders, device, progress=not args.quiet)
+                   args.lr, recorders, device, progress=not args.quiet, checkpoint=checkpoint)
     runs.save_model(out, model)
     np.save(out / "source_indices.npy", split.source_indices)
     report = {
@@ -77,6 +100,7 @@ def cmd_train(args):
         "steps": result["steps"],
         "num_samples": len(split),
         "num_params": sum(p.numel() for p in model.parameters()),
+        "resumed_from_step": result["resumed_from_step"],
         "test_acc": accuracy(model, split.test_x, split.test_y),
         "device": str(device),
     }
@@ -85,6 +109,7 @@ def cmd_train(args):
             info = store.info()
         report["store"] = {key: info[key] for key in ("bytes_on_disk", "bytes_per_value", "k", "num_keys", "codec")}
     runs.save_json(out / "train.json", report)
+    (out / runs.CHECKPOINT).unlink(missing_ok=True)
     print(json.dumps(report, indent=2) if args.json else
           f"{out}: {report['num_samples']} samples, {report['epochs']} epochs, {report['seconds']:.1f} s, "
           f"test accuracy {report['test_acc']:.4f}" + (f", store {report['store']['bytes_on_disk']:,} bytes" if recorders else ""))
@@ -173,6 +198,10 @@ def build_parser():
     t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="commit the store and checkpoint model + optimizer every STEPS steps (0: never); "
+                        "a killed run then resumes with --resume, losing at most STEPS steps")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR from its last checkpoint")
     t.add_argument("--json", action="store_true", help="print train.json")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(run=cmd_train)

@@ -65,7 +65,8 @@ class Recorder(ABC):
         """Add this step's rows to the store."""
 
     def finish(self):
-        self.store.finalize()
+        if not self.store.finished:  # a resumed run may find it sealed already
+            self.store.finalize()
 
 
 class PerSampleRecorder(Recorder):

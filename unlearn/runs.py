@@ -3,6 +3,8 @@
 RUN_DIR/model.pt      the model's state_dict (loaded with weights_only=True)
 RUN_DIR/store.h5      the recording (absent for --method none)
 RUN_DIR/train.json    settings and results; enough to rebuild the data and the model
+RUN_DIR/started.json  the options, written when training starts (a run without train.json was interrupted)
+RUN_DIR/checkpoint.pt while training with --checkpoint-every: the last checkpoint (weights_only)
 RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.forget)
 """
 
@@ -14,6 +16,9 @@ import torch
 
 from . import data as datasets
 from .models import build_model
+
+STARTED = "started.json"
+CHECKPOINT = "checkpoint.pt"
 
 
 def save_json(path, payload):

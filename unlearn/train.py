@@ -207,26 +207,41 @@ def default_device():
 
 
 def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", lr=None, recorders=(),
-          device=None, progress=True, description="train"):
+          device=None, progress=True, description="train", checkpoint=None):
     """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
 
-    Returns {"seconds", "record_seconds", "steps"}. Stores are finalized at the end.
+    ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
+    when there is one (the stores rolled back to it) and saves one every ``every_steps``
+    steps and before the stores are finalized.
+    Returns {"seconds", "record_seconds", "steps", "resumed_from_step"}. Stores are finalized at the end.
     """
     torch.manual_seed(seed)
     device = device or default_device()
     model.to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr)
     loader = make_loader(train_x, train_y, batch_size, seed)
+    generator = loader.generator
+    stores = [recorder.store for recorder in recorders]
+    start_epoch, start_batch, steps = 0, 0, 0
+    if checkpoint is not None:
+        resumed = checkpoint.restore(model, opt, stores)
+        if resumed is not None:
+            start_epoch, start_batch, steps = resumed["epoch"], resumed["batch"], resumed["step"]
+            generator.set_state(resumed["epoch_generator_state"])
+    resumed_from = steps
     session = None
     if recorders:
         opt, loader = attach(model, opt, loader, recorders)
         session = opt._session
+        session.step_index = steps
     started = time.perf_counter()
     model.train()
-    steps = 0
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
+        epoch_generator_state = generator.get_state()
         batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for x, y in batches:
+        for index, (x, y) in enumerate(batches):
+            if epoch == start_epoch and index < start_batch:
+                continue  # done before the checkpoint: drawn again only to keep the shuffle in step
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
             if session is not None and session.needs_per_sample:
@@ -235,6 +250,10 @@ def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", l
                 torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             steps += 1
+            if checkpoint is not None and checkpoint.due(steps):
+                checkpoint.save(model, opt, stores, epoch, index + 1, steps, epoch_generator_state)
+    if checkpoint is not None and steps > resumed_from:  # the final state, before the stores are sealed
+        checkpoint.save(model, opt, stores, epochs, 0, steps, generator.get_state())
     if session is not None:
         session.finish()
     model.eval()
@@ -242,4 +261,5 @@ def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", l
         "seconds": time.perf_counter() - started,
         "record_seconds": session.record_seconds if session else 0.0,
         "steps": steps,
+        "resumed_from_step": resumed_from,
     }

@@ -1,0 +1,130 @@
+"""Crashes: what a commit keeps, rollback, and a SIGKILLed training run that resumes to the same store."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import gradstore
+from bench import crash
+from gradstore import BadInputError
+
+NUM_KEYS, NUM_PARAMS, KEEP = 40, 3000, 0.1
+
+
+def synthetic_step(step, k):
+    """Rows of one step: keys and values that depend on the step alone (so sums are known)."""
+    rng = np.random.default_rng(step)
+    keys = np.sort(rng.choice(NUM_KEYS, 8, replace=False))
+    return keys, rng.standard_normal((8, k)).astype(np.float32)
+
+
+def sums_through(step, k):
+    sums = np.zeros((NUM_KEYS, k), np.float64)
+    for s in range(step):
+        keys, rows = synthetic_step(s, k)
+        sums[keys] += rows
+    return sums
+
+
+RECORDER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import gradstore
+    from test_reliability import synthetic_step, NUM_KEYS, NUM_PARAMS, KEEP
+    path, steps, commit_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, KEEP, codec="fp32", memory_budget=4 * 300 * 10)
+    for step in range(steps):
+        keys, rows = synthetic_step(step, store.k)
+        store.accumulate(keys, rows)  # the small budget spills runs between commits
+        if (step + 1) % commit_every == 0:
+            store.commit(note={"step": step + 1})
+    os._exit(0)  # dies without closing: nothing after the last commit may count
+""")
+
+
+def test_a_crash_keeps_exactly_what_the_last_commit_covered(tmp_path):
+    path = tmp_path / "s.h5"
+    subprocess.run([sys.executable, "-c", RECORDER, str(path), "23", "5"], check=True, timeout=120,
+                   cwd=str(tmp_path), env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+    with gradstore.open(path) as store:
+        info = store.info()
+        assert not info["finished"] and info["commit_note"] == {"step": 20} and info["committed_generation"] == 3
+        assert info["uncommitted_runs_ignored"] > 0  # steps 21-23 spilled, and do not count
+        assert store.verify() == []
+    with gradstore.open(path, "r+") as store:  # a writer drops the uncommitted runs, then finishes
+        store.finalize()
+        expected = sums_through(20, store.k)
+        live = np.nonzero(store.state)[0]
+        assert live.tolist() == np.nonzero(expected.any(axis=1))[0].tolist()
+        np.testing.assert_allclose(store.read(live), expected[live], rtol=1e-5, atol=1e-5)
+
+
+def test_rollback_returns_to_an_earlier_commit(tmp_path):
+    store = gradstore.create(tmp_path / "s.h5", NUM_PARAMS, NUM_KEYS, KEEP, codec="fp32", memory_budget=4 * 300 * 10)
+    generations = {}
+    for step in range(12):
+        keys, rows = synthetic_step(step, store.k)
+        store.accumulate(keys, rows)
+        if (step + 1) % 4 == 0:
+            generations[step + 1] = store.commit(note={"step": step + 1})
+    with pytest.raises(BadInputError, match="cannot roll back"):
+        store.rollback(generations[12] + 1)
+    store.rollback(generations[4], note={"step": 4})
+    assert store.commit_note == {"step": 4}
+    for step in range(4, 6):  # record steps 5 and 6 again, once
+        keys, rows = synthetic_step(step, store.k)
+        store.accumulate(keys, rows)
+    store.finalize()
+    expected = sums_through(6, store.k)
+    live = np.nonzero(store.state)[0]
+    assert live.tolist() == np.nonzero(expected.any(axis=1))[0].tolist()
+    np.testing.assert_allclose(store.read(live), expected[live], rtol=1e-5, atol=1e-5)
+
+
+def test_a_commit_with_nothing_new_leaves_the_file_as_it_is(tmp_path):
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, KEEP, codec="fp32")
+    store.accumulate(*synthetic_step(0, store.k))
+    first = store.commit(note={"step": 1})
+    before = path.read_bytes()
+    assert store.commit(note={"step": 1}) == first
+    assert path.read_bytes() == before
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("crash") / "reference"
+    crash.run_reference(out, checkpoint_every=7)
+    return out
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.8])
+def test_sigkilled_training_resumes_to_the_uninterrupted_store(tmp_path, reference_run, delay):
+    class FixedDelay:
+        def uniform(self, low, high):
+            return delay
+
+    result = crash.trial(tmp_path / "killed", reference_run, 7, FixedDelay(), max_wait=delay)
+    if result["outcome"] == "finished before the kill":  # a slow machine: nothing to check
+        pytest.skip("the run finished before the kill")
+    assert result["verify_problems"] == 0 and result["store_finished"] is False
+    assert result["committed_step"] >= 7  # the first checkpoint's commit, at least
+    assert result["resumed_from_step"] == result["committed_step"]
+    assert result["same_weights"] and result["max_row_error"] <= 1e-5, result
+
+
+def test_resume_refuses_changed_options_and_a_run_that_is_not_interrupted(tmp_path, reference_run):
+    command = crash.train_command(reference_run, 7, resume=True)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode != 0 and "already holds a run" in finished.stderr
+    out = tmp_path / "run"
+    out.mkdir()
+    started = json.loads((reference_run / "started.json").read_text())
+    (out / "started.json").write_text(json.dumps({**started, "epochs": 3}))
+    changed = subprocess.run(crash.train_command(out, 7, resume=True), capture_output=True, text=True, timeout=120)
+    assert changed.returncode != 0 and "epochs" in changed.stderr

@@ -1,0 +1,89 @@
+"""Training checkpoints taken in step with the stores' commits, so a killed recording resumes.
+
+``Checkpointer.save`` first commits every store, then writes (atomically) the model, the
+optimizer, the position in the loop (epoch, batch, step), the loader's shuffle generator
+as it was when that epoch began, torch's RNG, and the generation each store committed.
+``restore`` rolls every store back to that generation, dropping whatever was recorded
+after the checkpoint (a store that committed before the process died, its checkpoint not
+yet written), so the resumed loop records every step exactly once.
+
+A crash loses at most the steps since the last checkpoint; they are trained and recorded
+again on resume. The file holds tensors, numbers and strings only: it loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from gradstore import BadInputError
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps to ``path``; restores from it when it exists."""
+
+    def __init__(self, path, every_steps):
+        if int(every_steps) < 1:
+            raise ValueError(f"checkpoint every_steps must be a positive integer, got {every_steps!r}")
+        self.path = Path(path)
+        self.every_steps = int(every_steps)
+
+    def due(self, step):
+        return step % self.every_steps == 0
+
+    def save(self, model, optimizer, stores, epoch, batch, step, epoch_generator_state):
+        generations = {os.fspath(store.path): store.commit(note={"step": step}) for store in stores if not store.finished}
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "epoch_generator_state": epoch_generator_state,
+            "torch_rng_state": torch.get_rng_state(),
+            "generations": generations,
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def restore(self, model, optimizer, stores):
+        """Load the checkpoint into model and optimizer and roll the stores back to it.
+
+        Returns the checkpoint (epoch, batch, step, epoch_generator_state), or None when
+        there is none yet: then every store is rolled back to empty and training starts over.
+        """
+        if not self.path.exists():
+            for store in stores:
+                if store.finished:
+                    raise BadInputError(f"{store.path} is finished but no checkpoint exists to resume the model from")
+                store.rollback(None)
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng_state"])
+        for store in stores:
+            name = os.fspath(store.path)
+            if store.finished:
+                continue  # finalized after the last checkpoint, which the loop then skips to the end
+            if name not in state["generations"]:
+                raise BadInputError(f"{self.path} does not cover the store {name}: it belongs to another recording")
+            generation = state["generations"][name]
+            if store.committed_generation is None or store.committed_generation < generation:
+                raise BadInputError(
+                    f"{name} is at commit {store.committed_generation} but {self.path} expects commit {generation}: "
+                    "the store is older than the checkpoint"
+                )
+            if store.committed_generation != generation:
+                store.rollback(generation, note={"step": state["step"]})
+        return state
