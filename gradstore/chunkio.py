@@ -9,6 +9,7 @@ it with ordinary slicing, while we compress in our own threads, one compressor e
 
 import os
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import hdf5plugin
@@ -107,8 +108,17 @@ def decode_chunk(frame, dtype, rows_per_chunk, width, shuffle):
     return np.frombuffer(raw, dtype).reshape(rows_per_chunk, width)
 
 
-def write_rows(dset, first_row, rows, shuffle, level):
-    """Write rows [n, width] at chunk-aligned ``first_row``, compressing chunks in parallel."""
+def frame_checksum(index, frame):
+    """CRC-32 of a chunk's stored frame, seeded with the chunk's index: a frame that is
+    damaged, or read from another chunk's place (a damaged chunk index), fails it."""
+    return zlib.crc32(frame, zlib.crc32(int(index).to_bytes(8, "little")))
+
+
+def write_rows(dset, first_row, rows, shuffle, level, checksums=None):
+    """Write rows [n, width] at chunk-aligned ``first_row``, compressing chunks in parallel.
+
+    ``checksums``: a uint32 array indexed by chunk, filled with the written frames' checksums.
+    """
     rows_per_chunk = dset.chunks[0]
     if first_row % rows_per_chunk:
         raise ValueError(f"first_row {first_row} is not a multiple of the chunk height {rows_per_chunk}")
@@ -118,12 +128,16 @@ def write_rows(dset, first_row, rows, shuffle, level):
     )
     for start, frame in zip(starts, frames):
         dset.id.write_direct_chunk((first_row + start, 0), frame)
+        if checksums is not None:
+            index = (first_row + start) // rows_per_chunk
+            checksums[index] = frame_checksum(index, frame)
 
 
-def read_chunks(dset, chunk_indices, shuffle, name_rows):
+def read_chunks(dset, chunk_indices, shuffle, name_rows, checksums=None):
     """Decode the given chunks of a row dataset: {chunk index: array [rows_per_chunk, width]}.
 
-    A chunk that fails to decode raises CorruptChunkError naming the keys it covers
+    A chunk that fails its checksum (``checksums``: uint32 per chunk, when the file has
+    them) or fails to decode raises CorruptChunkError naming the keys it covers
     (``name_rows(chunk_index)`` gives them).
     """
     rows_per_chunk, width = dset.chunks
@@ -136,6 +150,10 @@ def read_chunks(dset, chunk_indices, shuffle, name_rows):
             raise CorruptChunkError(
                 f"{dset.name}: chunk {index} cannot be read ({error}); rows {name_rows(index)}", name_rows(index)
             ) from None
+        if checksums is not None and (index >= checksums.size or frame_checksum(index, frame) != checksums[index]):
+            raise CorruptChunkError(
+                f"{dset.name}: chunk {index} fails its checksum (damaged bytes); rows {name_rows(index)}", name_rows(index)
+            )
         frames[index] = frame
 
     def decode(index):

@@ -5,18 +5,20 @@ docs/FORMAT.md describes the same layout for readers who only have h5py.
 
 import hashlib
 import json
+import zlib
 
 import h5py
 import numpy as np
 
 from .errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
 
 # root attributes
 ATTR_VERSION = "gradstore_format_version"
 ATTR_CONFIG = "gradstore_config"  # JSON: every store-level field that never changes
 ATTR_FINISHED = "gradstore_finished"  # recording finished (finalize ran)
+ATTR_CHECKSUMS = "gradstore_checksums"  # JSON {"config", "labels", "state", "membership"}: CRC-32 of each
 ATTR_COMMITTED = "gradstore_committed"  # JSON {"generation", "note"}: the last commit() (absent: none yet)
 
 # datasets
@@ -25,6 +27,7 @@ LABELS = "rows/labels"  # int64 [num_keys], -1 where unknown
 STATE = "rows/state"  # uint8 [num_keys], see RowState
 STAGING = "staging"  # group of runs while recording: staging/run_<n>/{keys, values}
 MEMBERSHIP = "membership"  # reserved: which samples a step-keyed row covers (CSR)
+CHECKSUMS = "checksums"  # group: checksums/<codec part> uint32 [num_chunks], see chunkio.frame_checksum
 
 RUN_COMMITTED = "committed"
 RUN_REPLACES = "replaces"  # JSON list of the runs a merged run stands for
@@ -72,6 +75,41 @@ def open_h5(path, mode):
         raise FormatError(f"{path} cannot be opened as HDF5: {text}") from None
 
 
+def _metadata_checksums(h5file):
+    sums = {"config": zlib.crc32(str(h5file.attrs[ATTR_CONFIG]).encode())}
+    for name, path in (("labels", LABELS), ("state", STATE)):
+        sums[name] = zlib.crc32(np.ascontiguousarray(h5file[path][()]).tobytes())
+    membership = 0
+    if MEMBERSHIP in h5file:
+        for part in ("keys", "indptr", "samples"):
+            membership = zlib.crc32(np.ascontiguousarray(h5file[MEMBERSHIP][part][()]).tobytes(), membership)
+    sums["membership"] = membership
+    return sums
+
+
+def seal_metadata(h5file):
+    """Record the checksums of the config, labels, state and membership as they are in the file now."""
+    h5file.attrs[ATTR_CHECKSUMS] = json.dumps(_metadata_checksums(h5file), sort_keys=True)
+
+
+def check_metadata(h5file, path, version, finished):
+    """FormatError when the metadata differs from its checksums (a recording store: its config only,
+    its labels and state are rebuilt from the runs)."""
+    if ATTR_CHECKSUMS not in h5file.attrs:
+        if version >= 2:
+            raise FormatError(f"{path}: the '{ATTR_CHECKSUMS}' attribute is missing (damaged file)")
+        return
+    try:
+        expected = json.loads(h5file.attrs[ATTR_CHECKSUMS])
+        actual = _metadata_checksums(h5file)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise FormatError(f"{path}: metadata cannot be checked ({error}); the file is damaged") from None
+    names = ("config", "labels", "state", "membership") if finished else ("config",)
+    bad = [name for name in names if not isinstance(expected, dict) or expected.get(name) != actual[name]]
+    if bad:
+        raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")
+
+
 def read_header(h5file, path):
     """(config dict, finished) of a store; FormatError when it is not one we can read."""
     if ATTR_VERSION not in h5file.attrs:
@@ -91,4 +129,6 @@ def read_header(h5file, path):
         raise FormatError(f"{path}: store config lacks {missing}")
     if LABELS not in h5file or STATE not in h5file:
         raise FormatError(f"{path}: store lacks its '{LABELS}' or '{STATE}' dataset")
-    return config, bool(h5file.attrs.get(ATTR_FINISHED, False))
+    finished = bool(h5file.attrs.get(ATTR_FINISHED, False))
+    check_metadata(h5file, path, version, finished)
+    return config, finished

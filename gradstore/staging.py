@@ -112,12 +112,13 @@ class RunCursor:
         self.keys = group["keys"][()]
         self.values = group["values"]
         self.rows_per_chunk = self.values.chunks[0]
+        self.checksums = group["checksums"][()].astype(np.uint32) if "checksums" in group else None
         self._chunks = {}
 
     def _chunk(self, index):
         if index not in self._chunks:
             name_rows = lambda i: self.keys[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk].tolist()
-            self._chunks = chunkio.read_chunks(self.values, [index], True, name_rows)  # keep only this one
+            self._chunks = chunkio.read_chunks(self.values, [index], True, name_rows, self.checksums)  # keep only this one
         return self._chunks[index]
 
     def rows_in(self, lo, hi):
@@ -178,6 +179,7 @@ class RunWriter:
         self.flush_rows = rows_per_chunk * max(1, (16 << 20) // (4 * k * rows_per_chunk))
         self.pending_keys, self.pending_rows, self.pending_labels, self.pending = [], [], [], 0
         self.written = 0
+        self.checksums = np.zeros(0, np.uint32)
 
     def append(self, keys, rows, labels):
         if keys.size:
@@ -198,7 +200,8 @@ class RunWriter:
             self.values.resize((total, self.k))
             self.keys.resize((total,))
             self.labels.resize((total,))
-            chunkio.write_rows(self.values, self.written, rows[:cut], True, self.zstd_level)
+            self.checksums = np.concatenate([self.checksums, np.zeros(-(-cut // self.rows_per_chunk), np.uint32)])
+            chunkio.write_rows(self.values, self.written, rows[:cut], True, self.zstd_level, self.checksums)
             self.keys[self.written : total] = keys[:cut]
             self.labels[self.written : total] = labels[:cut]
             self.written = total
@@ -211,6 +214,7 @@ class RunWriter:
         ``replaces``: runs this one merges; once it is committed they no longer count.
         """
         self._write(final=True)
+        self.group.create_dataset("checksums", data=self.checksums)
         self.group.attrs[RUN_REPLACES] = json.dumps(list(replaces))
         self.group.attrs[RUN_COMMITTED] = True
         self.h5file.flush()

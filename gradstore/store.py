@@ -13,10 +13,11 @@ import numpy as np
 
 from . import __version__, chunkio, kernels, masks, staging
 from .codecs import get_codec
-from .errors import BadInputError, FormatError, ReadOnlyError
+from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError
 from .format import (
     ATTR_COMMITTED,
     ATTR_FINISHED,
+    CHECKSUMS,
     LABELS,
     MEMBERSHIP,
     ROWS,
@@ -25,6 +26,7 @@ from .format import (
     RowState,
     open_h5,
     read_header,
+    seal_metadata,
     write_header,
 )
 
@@ -110,6 +112,7 @@ def create(
     rows = h5file.create_group(ROWS)
     rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
     rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True, **chunkio.dataset_filters(False, 1))
+    seal_metadata(h5file)
     h5file.flush()
     return Store(path, h5file, config, finished=False, writable=True, memory_budget=memory_budget, buffer_dir=buffer_dir)
 
@@ -122,10 +125,13 @@ def open(path, mode="r"):  # noqa: A001 - mirrors h5py.File / builtins.open
     h5file = open_h5(path, mode)
     try:
         config, finished = read_header(h5file, path)
-    except Exception:
+        return Store(path, h5file, config, finished=finished, writable=(mode == "r+"))
+    except StoreError:
         h5file.close()
         raise
-    return Store(path, h5file, config, finished=finished, writable=(mode == "r+"))
+    except Exception as error:  # h5py/HDF5 on damaged structures: KeyError, OSError, ValueError, ...
+        h5file.close()
+        raise FormatError(f"{path}: damaged store ({type(error).__name__}: {error})") from None
 
 
 def _check_labels(labels, count):
@@ -186,13 +192,28 @@ class Store:
     # ------------------------------------------------------------------ housekeeping
 
     def _find_row_datasets(self):
-        """{part name: h5py dataset} of a finished store (looked up once: h5py lookups cost ~0.1 ms)."""
+        """{part name: h5py dataset} of a finished store (looked up once: h5py lookups cost ~0.1 ms),
+        and each part's chunk checksums."""
+        self._checksums = {}
         if not self.finished:
             return {}
         missing = [part.name for part in self.parts if f"{ROWS}/{part.name}" not in self._h5]
         if missing:
             raise FormatError(f"{self.path}: finished store lacks datasets {[f'{ROWS}/{m}' for m in missing]}")
-        return {part.name: self._h5[ROWS][part.name] for part in self.parts}
+        datasets = {part.name: self._h5[ROWS][part.name] for part in self.parts}
+        num_chunks = -(-self.num_keys // self.rows_per_chunk)
+        for part in self.parts:
+            name = f"{CHECKSUMS}/{part.name}"
+            if name not in self._h5:
+                if int(self._h5.attrs["gradstore_format_version"]) >= 2:
+                    raise FormatError(f"{self.path}: '{name}' is missing (damaged file)")
+                continue
+            self._checksums[part.name] = self._h5[name][()].astype(np.uint32)
+            if self._checksums[part.name].shape != (num_chunks,):
+                raise FormatError(f"{self.path}: '{name}' holds {self._checksums[part.name].shape} checksums, not {num_chunks}")
+            if datasets[part.name].chunks != (self.rows_per_chunk, part.width) or datasets[part.name].shape != (self.num_keys, part.width):
+                raise FormatError(f"{self.path}: '{ROWS}/{part.name}' has the wrong shape or chunks (damaged file)")
+        return datasets
 
     def _rebuild_row_metadata_from_runs(self):
         """While recording, the counting runs are the truth: rows/state, rows/labels and membership cache them."""
@@ -383,6 +404,7 @@ class Store:
         h5file[STATE][...] = self.state
         if self.members:
             _write_membership(h5file, self.members)
+        seal_metadata(h5file)
 
     def finalize(self):
         """Merge every run and the buffer into one row per key, quantize once, and seal the file.
@@ -400,6 +422,7 @@ class Store:
         try:
             write_header(out, self.config, finished=True)
             datasets = self._create_row_datasets(out, self.labels, self.state)
+            checksums = self._new_checksums()
             rows = self.rows_per_chunk
             block_rows = rows * max(1, (16 << 20) // (4 * self.k * rows))
 
@@ -407,9 +430,11 @@ class Store:
                 keys = np.arange(lo, lo + sums.shape[0], dtype=np.int64)
                 encoded = self.codec.encode(sums, keys, self.seed)
                 for part in self.parts:
-                    chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, self.zstd_level)
+                    chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, self.zstd_level,
+                                       checksums[part.name])
 
             staging.merge(cursors, self.num_keys, self.k, block_rows, emit)
+            write_checksums(out, checksums)
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         except BaseException:
@@ -462,7 +487,13 @@ class Store:
         rows.create_dataset("state", data=state, chunks=True, **chunkio.dataset_filters(False, 1))
         if self.members:
             _write_membership(h5file, self.members)
+        seal_metadata(h5file)
         return datasets
+
+    def _new_checksums(self):
+        """{part: zeroed uint32 [num_chunks]} for write_rows to fill."""
+        num_chunks = -(-self.num_keys // self.rows_per_chunk)
+        return {part.name: np.zeros(num_chunks, np.uint32) for part in self.parts}
 
     # ------------------------------------------------------------------ reading
 
@@ -482,7 +513,8 @@ class Store:
         bounds = np.append(first, sorted_keys.size)
         parts = {}
         for part in self.parts:
-            decoded = chunkio.read_chunks(self._row_datasets[part.name], chunks.tolist(), part.shuffle, self._chunk_keys)
+            decoded = chunkio.read_chunks(self._row_datasets[part.name], chunks.tolist(), part.shuffle, self._chunk_keys,
+                                          self._checksums.get(part.name))
             out = np.empty((sorted_keys.size, part.width), part.dtype)
             for i, chunk in enumerate(chunks.tolist()):
                 out[bounds[i] : bounds[i + 1]] = decoded.pop(chunk)[sorted_keys[bounds[i] : bounds[i + 1]] - chunk * rows]
@@ -553,6 +585,7 @@ class Store:
         self._require_states(keys, [RowState.LIVE], "forget")
         self.state[keys] = RowState.FORGOTTEN
         self._h5[STATE][...] = self.state
+        seal_metadata(self._h5)
         self._h5.flush()
 
     def purge(self):
@@ -577,19 +610,27 @@ class Store:
             purged_labels[doomed] = -1
             write_header(out, self.config, finished=True)
             datasets = self._create_row_datasets(out, purged_labels, purged_state)
+            checksums = self._new_checksums()
             rows = self.rows_per_chunk
             for part in self.parts:
-                source = self._row_datasets[part.name]
+                source, source_sums = self._row_datasets[part.name], self._checksums.get(part.name)
                 for chunk in range(-(-self.num_keys // rows)):
                     lo = chunk * rows
                     hit = doomed[lo : lo + rows]
-                    if not hit.any():
+                    if not hit.any():  # copied as stored, once its checksum holds
                         _, frame = source.id.read_direct_chunk((lo, 0))
+                        checksum = chunkio.frame_checksum(chunk, frame)
+                        if source_sums is not None and checksum != source_sums[chunk]:
+                            keys = self._chunk_keys(chunk)
+                            raise CorruptChunkError(f"{source.name}: chunk {chunk} fails its checksum; rows {keys}", keys)
                         datasets[part.name].id.write_direct_chunk((lo, 0), frame)
+                        checksums[part.name][chunk] = checksum
                         continue
-                    block = chunkio.read_chunks(source, [chunk], part.shuffle, self._chunk_keys)[chunk].copy()
+                    block = chunkio.read_chunks(source, [chunk], part.shuffle, self._chunk_keys, source_sums)[chunk].copy()
                     block[: hit.size][hit] = 0
-                    chunkio.write_rows(datasets[part.name], lo, block[: hit.size], part.shuffle, self.zstd_level)
+                    chunkio.write_rows(datasets[part.name], lo, block[: hit.size], part.shuffle, self.zstd_level,
+                                       checksums[part.name])
+            write_checksums(out, checksums)
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         except BaseException:
@@ -654,7 +695,8 @@ class Store:
             for chunk in range(-(-self.num_keys // rows)):
                 keys = self._chunk_keys(chunk)
                 try:
-                    block = chunkio.read_chunks(dset, [chunk], part.shuffle, self._chunk_keys)[chunk][: len(keys)]
+                    block = chunkio.read_chunks(dset, [chunk], part.shuffle, self._chunk_keys,
+                                                self._checksums.get(part.name))[chunk][: len(keys)]
                 except FormatError as error:
                     problems.append({"rows": keys, "problem": str(error)})
                     continue
@@ -677,6 +719,13 @@ class Store:
                 if bad.size:
                     problems.append({"rows": keys[bad].tolist(), "problem": f"run {name}: non-finite values"})
         return problems
+
+
+def write_checksums(h5file, checksums):
+    """checksums/<part>: the chunk checksums of a finished file's row datasets."""
+    group = h5file.require_group(CHECKSUMS)
+    for name, values in checksums.items():
+        group.create_dataset(name, data=values)
 
 
 def _write_membership(h5file, members):

@@ -13,8 +13,8 @@ import numpy as np
 from . import chunkio
 from .codecs import get_codec
 from .errors import BadInputError
-from .format import open_h5, write_header
-from .store import FINAL_CHUNK_BYTES, _write_membership
+from .format import open_h5, seal_metadata, write_header
+from .store import FINAL_CHUNK_BYTES, _write_membership, write_checksums
 from .store import open as open_store
 
 
@@ -59,13 +59,18 @@ def transcode(source, destination, codec, zstd_level=None, overwrite=False):
             rows.create_dataset("state", data=src.state, chunks=True, **chunkio.dataset_filters(False, 1))
             if src.members:
                 _write_membership(out, src.members)
+            seal_metadata(out)
+            num_chunks = -(-src.num_keys // rows_per_chunk)
+            checksums = {part.name: np.zeros(num_chunks, np.uint32) for part in parts}
             block_rows = rows_per_chunk * max(1, (16 << 20) // (4 * src.k * rows_per_chunk))
             for lo in range(0, src.num_keys, block_rows):
                 keys = np.arange(lo, min(src.num_keys, lo + block_rows), dtype=np.int64)
                 sums = src.codec.decode(src._read_parts(keys))
                 encoded = codec.encode(np.ascontiguousarray(sums, np.float32), keys, src.seed)
                 for part in parts:
-                    chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, level)
+                    chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, level,
+                                       checksums[part.name])
+            write_checksums(out, checksums)
             out.flush()
             os.fsync(out.id.get_vfd_handle())
         except BaseException:
