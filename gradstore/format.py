@@ -18,7 +18,7 @@ FORMAT_VERSION = 2  # 2: CRC-32 checksums of every chunk and of the metadata (ve
 ATTR_VERSION = "gradstore_format_version"
 ATTR_CONFIG = "gradstore_config"  # JSON: every store-level field that never changes
 ATTR_FINISHED = "gradstore_finished"  # recording finished (finalize ran)
-ATTR_CHECKSUMS = "gradstore_checksums"  # JSON {"config", "labels", "state", "membership"}: CRC-32 of each
+ATTR_CHECKSUMS = "gradstore_checksums"  # JSON {"config" (with version, finished), "labels", "state", "membership"}: CRC-32s
 ATTR_COMMITTED = "gradstore_committed"  # JSON {"generation", "note"}: the last commit() (absent: none yet)
 
 # datasets
@@ -54,9 +54,30 @@ def model_fingerprint(named_shapes):
     return {"names": names, "shapes": shapes, "num_params": num_params, "sha256": digest}
 
 
+def set_json_attr(obj, name, value):
+    """A JSON attribute as a fixed-length byte string: stored inside the object header.
+
+    (A variable-length string lives in HDF5's global heap behind a pointer, and a damaged
+    pointer crashes libhdf5 when read: bench/corrupt.py found it.) json.loads reads it back
+    from plain h5py too.
+    """
+    obj.attrs[name] = np.bytes_(json.dumps(value, sort_keys=True).encode())
+
+
+def get_json_attr(obj, name):
+    """A JSON attribute written by ``set_json_attr`` (or, in version 1 files, as a string)."""
+    raw = obj.attrs[name]
+    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+def _attr_text(obj, name):
+    raw = obj.attrs[name]
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def write_header(h5file, config, finished=False):
     h5file.attrs[ATTR_VERSION] = FORMAT_VERSION
-    h5file.attrs[ATTR_CONFIG] = json.dumps(config, sort_keys=True)
+    set_json_attr(h5file, ATTR_CONFIG, config)
     h5file.attrs[ATTR_FINISHED] = bool(finished)
 
 
@@ -76,7 +97,8 @@ def open_h5(path, mode):
 
 
 def _metadata_checksums(h5file):
-    sums = {"config": zlib.crc32(str(h5file.attrs[ATTR_CONFIG]).encode())}
+    header = f"{int(h5file.attrs[ATTR_VERSION])}|{bool(h5file.attrs[ATTR_FINISHED])}|{_attr_text(h5file, ATTR_CONFIG)}"
+    sums = {"config": zlib.crc32(header.encode())}  # the version and the finished flag too
     for name, path in (("labels", LABELS), ("state", STATE)):
         sums[name] = zlib.crc32(np.ascontiguousarray(h5file[path][()]).tobytes())
     membership = 0
@@ -89,7 +111,7 @@ def _metadata_checksums(h5file):
 
 def seal_metadata(h5file):
     """Record the checksums of the config, labels, state and membership as they are in the file now."""
-    h5file.attrs[ATTR_CHECKSUMS] = json.dumps(_metadata_checksums(h5file), sort_keys=True)
+    set_json_attr(h5file, ATTR_CHECKSUMS, _metadata_checksums(h5file))
 
 
 def check_metadata(h5file, path, version, finished):
@@ -100,7 +122,7 @@ def check_metadata(h5file, path, version, finished):
             raise FormatError(f"{path}: the '{ATTR_CHECKSUMS}' attribute is missing (damaged file)")
         return
     try:
-        expected = json.loads(h5file.attrs[ATTR_CHECKSUMS])
+        expected = get_json_attr(h5file, ATTR_CHECKSUMS)
         actual = _metadata_checksums(h5file)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise FormatError(f"{path}: metadata cannot be checked ({error}); the file is damaged") from None
@@ -120,8 +142,8 @@ def read_header(h5file, path):
             f"{path} has format version {version}; this gradstore reads up to {FORMAT_VERSION}: upgrade gradstore"
         )
     try:
-        config = json.loads(h5file.attrs[ATTR_CONFIG])
-    except (KeyError, ValueError) as error:
+        config = get_json_attr(h5file, ATTR_CONFIG)
+    except (KeyError, ValueError, TypeError) as error:
         raise FormatError(f"{path}: store attribute '{ATTR_CONFIG}' is missing or not JSON ({error})") from None
     required = ("num_params", "num_keys", "keep", "k", "seed", "codec", "zstd_level", "rows_per_chunk")
     missing = [name for name in required if name not in config]

@@ -9,13 +9,12 @@ quantization however many epochs there were, and memory is the buffer plus one
 chunk per run, whatever the number of samples.
 """
 
-import json
 import tempfile
 
 import numpy as np
 
 from . import chunkio, kernels
-from .format import RUN_COMMITTED, RUN_GENERATION, RUN_REPLACES, STAGING
+from .format import RUN_COMMITTED, RUN_GENERATION, RUN_REPLACES, STAGING, get_json_attr, set_json_attr
 
 RUN_CHUNK_BYTES = 256 * 1024
 MAX_FANIN = 64  # runs merged at once; more are first merged into bigger runs
@@ -151,7 +150,7 @@ def run_names(h5file, committed_generation):
     complete = sorted(name for name in group if group[name].attrs.get(RUN_COMMITTED, False))
     limit = -1 if committed_generation is None else committed_generation
     counting = [name for name in complete if run_generation(h5file, name) <= limit]
-    replaced = {old for name in counting for old in json.loads(group[name].attrs.get(RUN_REPLACES, "[]"))}
+    replaced = {old for name in counting if RUN_REPLACES in group[name].attrs for old in get_json_attr(group[name], RUN_REPLACES)}
     stale = sorted(set(group) - set(counting))
     return [name for name in counting if name not in replaced], stale
 
@@ -215,7 +214,7 @@ class RunWriter:
         """
         self._write(final=True)
         self.group.create_dataset("checksums", data=self.checksums)
-        self.group.attrs[RUN_REPLACES] = json.dumps(list(replaces))
+        set_json_attr(self.group, RUN_REPLACES, list(replaces))
         self.group.attrs[RUN_COMMITTED] = True
         self.h5file.flush()
         return self.name

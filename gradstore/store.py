@@ -24,9 +24,11 @@ from .format import (
     STAGING,
     STATE,
     RowState,
+    get_json_attr,
     open_h5,
     read_header,
     seal_metadata,
+    set_json_attr,
     write_header,
 )
 
@@ -173,7 +175,7 @@ class Store:
     def _load_runs(self):
         """The runs that count (see ``commit``); runs written after the last commit are dropped."""
         h5file = self._h5
-        committed = json.loads(h5file.attrs[ATTR_COMMITTED]) if ATTR_COMMITTED in h5file.attrs else None
+        committed = get_json_attr(h5file, ATTR_COMMITTED) if ATTR_COMMITTED in h5file.attrs else None
         if committed is None and STAGING in h5file and not any(
             staging.RUN_GENERATION in run.attrs for run in h5file[STAGING].values()
         ):
@@ -333,7 +335,7 @@ class Store:
             return self.committed_generation  # nothing new: the file stays byte for byte as it is
         self._spill()
         self._write_row_metadata(self._h5)
-        self._h5.attrs[ATTR_COMMITTED] = json.dumps({"generation": self.generation, "note": note})
+        set_json_attr(self._h5, ATTR_COMMITTED, {"generation": self.generation, "note": note})
         self._h5.flush()
         self.committed_generation, self.commit_note = self.generation, note
         self.generation += 1
@@ -373,7 +375,7 @@ class Store:
             if ATTR_COMMITTED in self._h5.attrs:
                 del self._h5.attrs[ATTR_COMMITTED]
         else:
-            self._h5.attrs[ATTR_COMMITTED] = json.dumps({"generation": limit, "note": note})
+            set_json_attr(self._h5, ATTR_COMMITTED, {"generation": limit, "note": note})
         self._h5.flush()
         self._load_runs()
         self._write_row_metadata(self._h5)
