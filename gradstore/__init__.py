@@ -9,7 +9,15 @@ and ``purge``; ``transcode`` rewrites a store in another codec. The low-level pi
 __version__ = "0.1.0"
 
 from .codecs import get_codec  # noqa: E402
-from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError  # noqa: E402
+from .errors import (  # noqa: E402
+    BadInputError,
+    CorruptChunkError,
+    FormatError,
+    ReadOnlyError,
+    StoreError,
+    StoreLockedError,
+    WriteFailedError,
+)
 from .format import FORMAT_VERSION, RowState, model_fingerprint  # noqa: E402
 from .store import Store, create, open  # noqa: E402,A004
 from .transcode import transcode  # noqa: E402
@@ -23,6 +31,8 @@ __all__ = [
     "RowState",
     "Store",
     "StoreError",
+    "StoreLockedError",
+    "WriteFailedError",
     "create",
     "get_codec",
     "model_fingerprint",

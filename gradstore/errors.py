@@ -23,3 +23,11 @@ class BadInputError(StoreError, ValueError):
 
 class ReadOnlyError(StoreError):
     """A write to a store opened read-only, or to one whose recording has finished."""
+
+
+class StoreLockedError(StoreError):
+    """Another process has the store open for writing (HDF5's file lock)."""
+
+
+class WriteFailedError(StoreError, OSError):
+    """The operating system refused a write (disk full, quota, file size limit, I/O error)."""

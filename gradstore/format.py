@@ -3,14 +3,17 @@
 docs/FORMAT.md describes the same layout for readers who only have h5py.
 """
 
+import contextlib
 import hashlib
 import json
+import os
+import stat
 import zlib
 
 import h5py
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, ReadOnlyError, StoreLockedError, WriteFailedError
 
 FORMAT_VERSION = 2  # 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
 
@@ -82,7 +85,12 @@ def write_header(h5file, config, finished=False):
 
 
 def open_h5(path, mode):
-    """h5py.File, with errors that say what the path is not."""
+    """h5py.File, with errors that say what the path is not.
+
+    A file without write permission bits is never opened for writing, even by root.
+    """
+    if mode == "r+" and os.path.exists(path) and not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise ReadOnlyError(f"{path} is a read-only file (no write permission): open it with mode='r'")
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:
@@ -92,7 +100,11 @@ def open_h5(path, mode):
         if "signature" in text or "not an HDF5" in text.lower() or "file signature not found" in text:
             raise FormatError(f"{path} is not an HDF5 file") from None
         if "lock" in text.lower():
-            raise FormatError(f"{path} is open for writing elsewhere (HDF5 file lock): {text}") from None
+            raise StoreLockedError(
+                f"{path} is open in another process that is writing it (HDF5 file lock); close it there first"
+            ) from None
+        if "permission denied" in text.lower() or "read-only" in text.lower():
+            raise ReadOnlyError(f"{path} cannot be opened for writing ({text}): open it with mode='r'") from None
         raise FormatError(f"{path} cannot be opened as HDF5: {text}") from None
 
 
@@ -130,6 +142,29 @@ def check_metadata(h5file, path, version, finished):
     bad = [name for name in names if not isinstance(expected, dict) or expected.get(name) != actual[name]]
     if bad:
         raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")
+
+
+@contextlib.contextmanager
+def new_file_beside(path, purpose):
+    """An HDF5 file at ``path.<purpose>.tmp`` to fill; on success it is flushed, fsynced and closed
+    (the caller renames it over ``path``). On any failure it is removed, ``path`` untouched; an
+    OSError (disk full, file size limit) becomes WriteFailedError naming the file.
+    """
+    tmp_path = f"{path}.{purpose}.tmp"
+    out = open_h5(tmp_path, "w")
+    try:
+        yield out
+        out.flush()
+        os.fsync(out.id.get_vfd_handle())
+        out.close()
+    except BaseException as error:
+        with contextlib.suppress(Exception):
+            out.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        if isinstance(error, OSError) and not isinstance(error, FormatError):
+            raise WriteFailedError(f"{path}: writing the new file failed ({error}); {path} is unchanged") from error
+        raise
 
 
 def read_header(h5file, path):

@@ -5,6 +5,7 @@ Life of a store: ``create`` -> ``accumulate`` batches (any number of epochs) ->
 ``scatter_add``, ``mark_forgotten`` and ``purge``. The layout is in docs/FORMAT.md.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import __version__, chunkio, kernels, masks, staging
 from .codecs import get_codec
-from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError
+from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError, StoreError, WriteFailedError
 from .format import (
     ATTR_COMMITTED,
     ATTR_FINISHED,
@@ -25,6 +26,7 @@ from .format import (
     STATE,
     RowState,
     get_json_attr,
+    new_file_beside,
     open_h5,
     read_header,
     seal_metadata,
@@ -313,7 +315,8 @@ class Store:
         for start in range(0, keys.shape[0], step):
             piece = slice(start, start + step)
             if not self._buffer.room_for(keys[piece]):
-                self._spill()
+                with self._failing_writes_close():
+                    self._spill()
             self._buffer.add(keys[piece], values[piece])
         if labels is not None:
             self.labels[keys] = labels
@@ -333,14 +336,51 @@ class Store:
         json.dumps(note)  # refuse what cannot be saved before touching the file
         if not self._dirty and self.committed_generation is not None and note == self.commit_note:
             return self.committed_generation  # nothing new: the file stays byte for byte as it is
-        self._spill()
-        self._write_row_metadata(self._h5)
-        set_json_attr(self._h5, ATTR_COMMITTED, {"generation": self.generation, "note": note})
-        self._h5.flush()
+        with self._failing_writes_close():
+            self._spill()
+            self._write_row_metadata(self._h5)
+            set_json_attr(self._h5, ATTR_COMMITTED, {"generation": self.generation, "note": note})
+            self._h5.flush()
         self.committed_generation, self.commit_note = self.generation, note
         self.generation += 1
         self._dirty = False
         return self.committed_generation
+
+    @contextlib.contextmanager
+    def _failing_writes_close(self):
+        """A refused write (disk full, size limit) leaves the file at its last commit: close it and say so."""
+        try:
+            yield
+        except OSError as error:
+            if isinstance(error, StoreError):
+                raise
+            self._abandon_file()
+            if self._buffer is not None:
+                self._buffer.release()
+            raise WriteFailedError(
+                f"{self.path}: a write failed ({error}); the store is closed and reopens at its last commit "
+                f"({self.committed_generation}, note {self.commit_note})"
+            ) from error
+
+    def _abandon_file(self):
+        """Close the HDF5 file without writing another byte: as a crash would leave it, at its last commit.
+
+        (Closing normally flushes HDF5's metadata cache; after a refused write that flush
+        half-succeeds and leaves a file HDF5 cannot open. So the descriptor is first pointed
+        at /dev/null, read-only: every later write fails and nothing reaches the store.)
+        """
+        try:
+            descriptor = self._h5.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(null, descriptor)
+            finally:
+                os.close(null)
+        except Exception:  # noqa: BLE001 - closing below is all that is left to try
+            pass
+        with contextlib.suppress(Exception):
+            self._h5.close()
+        self._h5 = None
 
     def _spill(self):
         """Write the buffered sums as a run of the current generation (it counts from the next commit)."""
@@ -419,9 +459,7 @@ class Store:
         cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in self._runs]
         if len(self._buffer):
             cursors.append(staging.MemoryCursor(self._buffer))
-        tmp_path = self.path + ".finalize.tmp"
-        out = open_h5(tmp_path, "w")
-        try:
+        with new_file_beside(self.path, "finalize") as out:
             write_header(out, self.config, finished=True)
             datasets = self._create_row_datasets(out, self.labels, self.state)
             checksums = self._new_checksums()
@@ -437,15 +475,8 @@ class Store:
 
             staging.merge(cursors, self.num_keys, self.k, block_rows, emit)
             write_checksums(out, checksums)
-            out.flush()
-            os.fsync(out.id.get_vfd_handle())
-        except BaseException:
-            out.close()
-            os.remove(tmp_path)
-            raise
-        out.close()
         self._h5.close()
-        os.replace(tmp_path, self.path)
+        os.replace(self.path + ".finalize.tmp", self.path)
         self.finished = True
         self._reopen("r+" if self.writable else "r")
         self._buffer.release()
@@ -603,9 +634,7 @@ class Store:
         doomed = self.state == RowState.FORGOTTEN
         if not doomed.any():
             return 0
-        tmp_path = self.path + ".purge.tmp"
-        out = open_h5(tmp_path, "w")
-        try:
+        with new_file_beside(self.path, "purge") as out:
             purged_state = self.state.copy()
             purged_state[doomed] = RowState.PURGED
             purged_labels = self.labels.copy()
@@ -633,15 +662,8 @@ class Store:
                     chunkio.write_rows(datasets[part.name], lo, block[: hit.size], part.shuffle, self.zstd_level,
                                        checksums[part.name])
             write_checksums(out, checksums)
-            out.flush()
-            os.fsync(out.id.get_vfd_handle())
-        except BaseException:
-            out.close()
-            os.remove(tmp_path)
-            raise
-        out.close()
         self._h5.close()
-        os.replace(tmp_path, self.path)
+        os.replace(self.path + ".purge.tmp", self.path)
         self._reopen("r+")
         self.state, self.labels = purged_state, purged_labels
         return int(doomed.sum())

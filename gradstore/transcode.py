@@ -13,7 +13,7 @@ import numpy as np
 from . import chunkio
 from .codecs import get_codec
 from .errors import BadInputError
-from .format import open_h5, seal_metadata, write_header
+from .format import new_file_beside, seal_metadata, write_header
 from .store import FINAL_CHUNK_BYTES, _write_membership, write_checksums
 from .store import open as open_store
 
@@ -43,9 +43,7 @@ def transcode(source, destination, codec, zstd_level=None, overwrite=False):
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         rows_per_chunk = config["rows_per_chunk"]
-        tmp_path = destination + ".transcode.tmp"
-        out = open_h5(tmp_path, "w")
-        try:
+        with new_file_beside(destination, "transcode") as out:
             write_header(out, config, finished=True)
             rows = out.create_group("rows")
             datasets = {
@@ -71,13 +69,6 @@ def transcode(source, destination, codec, zstd_level=None, overwrite=False):
                     chunkio.write_rows(datasets[part.name], lo, encoded[part.name], part.shuffle, level,
                                        checksums[part.name])
             write_checksums(out, checksums)
-            out.flush()
-            os.fsync(out.id.get_vfd_handle())
-        except BaseException:
-            out.close()
-            os.remove(tmp_path)
-            raise
-        out.close()
-    os.replace(tmp_path, destination)
+    os.replace(destination + ".transcode.tmp", destination)
     with open_store(destination) as dst:
         return dst.info()

@@ -324,3 +324,112 @@ def test_bad_codec_on_create(tmp_path):
     with pytest.raises(FormatError, match="unknown codec"):
         gradstore.create(path, num_params=NUM_PARAMS, num_keys=NUM_KEYS, keep=KEEP, codec="bf16")
     assert not path.exists()
+
+
+# ---------------------------------------------------------------------------- the operating system says no
+
+CHILD_PRELUDE = """
+import os, resource, signal, sys
+import numpy as np
+import gradstore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
+def limit_file_size(extra):
+    size = os.path.getsize(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + extra, resource.RLIM_INFINITY))
+"""
+
+
+def run_child(script, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", CHILD_PRELUDE + script, *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_disk_full_during_finalize_leaves_the_store_as_it_was(tmp_path):
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, 0.5, codec="fp32", seed=1)
+    rows = gradient_rows(np.random.default_rng(0), NUM_KEYS, store.k)
+    store.accumulate(np.arange(NUM_KEYS), rows)
+    store.commit(note={"step": 1})
+    store.close()
+    before = sha256(path)
+    result = run_child("""
+store = gradstore.open(sys.argv[1], "r+")
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # the new file cannot grow past 20 kB
+try:
+    store.finalize()
+except gradstore.WriteFailedError as error:
+    print("refused:", error)
+store.close()
+""", path)
+    assert "refused:" in result.stdout and "unchanged" in result.stdout, result.stdout + result.stderr
+    assert sha256(path) == before
+    assert not (tmp_path / "s.h5.finalize.tmp").exists()
+    with gradstore.open(path, "r+") as store:  # and it finalizes once there is room
+        store.finalize()
+        assert np.array_equal(store.read(np.arange(NUM_KEYS)), rows)
+
+
+def test_disk_full_during_a_commit_reopens_at_the_last_commit(tmp_path):
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, 0.5, codec="fp32", seed=1)
+    rows = gradient_rows(np.random.default_rng(0), NUM_KEYS, store.k)
+    store.accumulate(np.arange(NUM_KEYS), rows)
+    store.commit(note={"step": 1})
+    store.close()
+    result = run_child("""
+store = gradstore.open(sys.argv[1], "r+")
+limit_file_size(2_000)
+store.accumulate(np.arange(50), np.ones((50, store.k), np.float32))
+try:
+    store.commit(note={"step": 2})
+except gradstore.WriteFailedError as error:
+    print("refused:", error)
+os._exit(0)
+""", path)
+    assert "refused:" in result.stdout and "last commit" in result.stdout, result.stdout + result.stderr
+    with gradstore.open(path, "r+") as store:
+        assert store.commit_note == {"step": 1}
+        assert store.verify() == []
+        store.finalize()
+        assert np.array_equal(store.read(np.arange(NUM_KEYS)), rows)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path, small_store):
+    import os
+    import subprocess
+    import sys
+
+    path = str(small_store[0])
+    before = sha256(path)
+    env = {key: value for key, value in os.environ.items() if key != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, gradstore; s = gradstore.open(sys.argv[1], 'r+'); print('open', flush=True); "
+         "sys.stdin.read()", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for mode in ("r+", "r"):
+            with pytest.raises(gradstore.StoreLockedError, match="another process"):
+                gradstore.open(path, mode)
+    finally:
+        holder.communicate("", timeout=60)
+    assert sha256(path) == before
+    gradstore.open(path, "r+").close()  # free again once the holder has gone
+
+
+def test_a_read_only_file_opens_for_reading_only(small_store):
+    import os
+
+    path = small_store[0]
+    os.chmod(path, 0o444)
+    before = sha256(path)
+    try:
+        with pytest.raises(ReadOnlyError, match="read-only file"):
+            gradstore.open(path, "r+")
+        with gradstore.open(path) as store:
+            assert store.read([0]).shape == (1, store.k)
+    finally:
+        os.chmod(path, 0o644)
+    assert sha256(path) == before
