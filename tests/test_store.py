@@ -342,6 +342,8 @@ def test_purge_erases_forgotten_rows(small_store):
     assert all(frame in raw for frame in values_frames + scales_frames)  # the byte search finds frames
     size_before = os.path.getsize(path)
 
+    with h5py.File(path, "r") as f:
+        before_values = f["rows/values"][()]
     doomed = np.concatenate([np.arange(131, 262), [3, 77]])  # all of chunk 1, two rows of chunk 0
     live = np.setdiff1d(np.arange(300), doomed)
     with gradstore.open(path, "r+") as store:
@@ -377,6 +379,28 @@ def test_purge_erases_forgotten_rows(small_store):
     with h5py.File(path, "r") as f:  # purged rows hold zeros
         assert not f["rows/values"][131:262].any()
         assert not f["rows/values"][3].any() and f["rows/values"][4].any()
+    # no decoded byte of a purged row survives either: not raw, not inside any zstd frame left in the file
+    blobs = [raw] + decoded_zstd_frames(raw)
+    assert len(blobs) > 3  # the scan finds the frames that remain
+    for key in doomed:
+        row_bytes = before_values[key].tobytes()
+        assert not any(row_bytes in blob for blob in blobs), key
+    assert any(before_values[live[0]].tobytes() in blob for blob in blobs)  # and it would find a live row's
+
+
+def decoded_zstd_frames(raw):
+    """The decompressed content of every zstd frame found anywhere in ``raw``."""
+    import zstandard
+
+    blobs, start = [], 0
+    magic = b"\x28\xb5\x2f\xfd"
+    while (position := raw.find(magic, start)) >= 0:
+        try:
+            blobs.append(zstandard.ZstdDecompressor().decompressobj().decompress(raw[position:]))
+        except zstandard.ZstdError:
+            pass
+        start = position + 1
+    return blobs
 
 
 def test_keys_with_label(tmp_path):
