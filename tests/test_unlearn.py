@@ -288,3 +288,30 @@ def test_sgd_momentum_update_rows_carry_the_momentum(tmp_path):
     # ~96 steps: the last ~10 steps' momentum is not yet spent, so slightly above 1 (without the
     # 1/(1-mu) factor it would be about 0.1)
     assert 0.8 < projection < 1.25, projection
+
+
+def test_forget_refuses_a_store_recorded_for_another_model_and_leaves_it_as_it_was(tmp_path, capsys):
+    """Same parameter count, other layout: the fingerprint tells them apart before any row is applied."""
+    import hashlib
+
+    import gradstore
+    from unlearn.models import named_shapes
+
+    run = tmp_path / "run"
+    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1",
+                         "--keep", "0.02", "--out", str(run), "--quiet"]) == 0
+    model = build_model("simple", 1, 10)
+    other = [(name.replace("net.", "body."), shape) for name, shape in named_shapes(model)]
+    with gradstore.open(run / "store.h5") as store:
+        rows = store.read(np.arange(store.num_keys))
+        foreign = gradstore.create(tmp_path / "foreign.h5", store.num_params, store.num_keys, 0.02, codec="int8",
+                                   fingerprint=gradstore.model_fingerprint(other))
+        foreign.accumulate(np.arange(store.num_keys), rows, labels=store.labels)
+        foreign.finalize()
+        foreign.close()
+    (tmp_path / "foreign.h5").replace(run / "store.h5")
+    digest = hashlib.sha256((run / "store.h5").read_bytes()).hexdigest()
+    assert unlearn_main(["forget", str(run), "--class", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "recorded for another model" in capsys.readouterr().err
+    assert hashlib.sha256((run / "store.h5").read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "o").exists()
