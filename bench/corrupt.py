@@ -59,10 +59,7 @@ def chunk_byte_ranges(path):
         for name in f["rows"]:
             if name in ("labels", "state"):
                 continue
-            dset = f["rows"][name]
-            for i in range(dset.id.get_num_chunks()):
-                info = dset.id.get_chunk_info(i)
-                ranges.append((info.byte_offset, info.size))
+            f["rows"][name].id.chunk_iter(lambda info: ranges.append((info.byte_offset, info.size)))
     return ranges
 
 

@@ -696,9 +696,7 @@ class Store:
             "dense_fp32_bytes": stored_rows * self.num_params * 4,
         }
         if self.finished:  # the compressed chunks of the row datasets alone, without HDF5's own structures
-            info["payload_bytes"] = int(sum(
-                dset.id.get_chunk_info(i).size for dset in self._row_datasets.values() for i in range(dset.id.get_num_chunks())
-            ))
+            info["payload_bytes"] = sum(_stored_chunk_bytes(dset) for dset in self._row_datasets.values())
         info["ratio_vs_dense_fp32"] = (
             info["dense_fp32_bytes"] / bytes_on_disk if stored_rows and self.finished else None
         )
@@ -743,6 +741,20 @@ class Store:
                 if bad.size:
                     problems.append({"rows": keys[bad].tolist(), "problem": f"run {name}: non-finite values"})
         return problems
+
+
+def _stored_chunk_bytes(dset):
+    """Compressed bytes of a dataset's chunks, in one pass over its chunk index.
+
+    (``get_chunk_info(i)`` walks the index from the start for every ``i``: quadratic,
+    minutes for the 54,000 chunks of a large store.)
+    """
+    sizes = []
+    if hasattr(dset.id, "chunk_iter"):
+        dset.id.chunk_iter(lambda info: sizes.append(info.size))
+    else:
+        sizes = [dset.id.get_chunk_info(i).size for i in range(dset.id.get_num_chunks())]
+    return int(sum(sizes))
 
 
 def write_checksums(h5file, checksums):
