@@ -215,8 +215,10 @@ class Store:
             self._checksums[part.name] = self._h5[name][()].astype(np.uint32)
             if self._checksums[part.name].shape != (num_chunks,):
                 raise FormatError(f"{self.path}: '{name}' holds {self._checksums[part.name].shape} checksums, not {num_chunks}")
-            if datasets[part.name].chunks != (self.rows_per_chunk, part.width) or datasets[part.name].shape != (self.num_keys, part.width):
-                raise FormatError(f"{self.path}: '{ROWS}/{part.name}' has the wrong shape or chunks (damaged file)")
+        for part in self.parts:  # reading dtype, shape and chunks here makes a damaged header fail at open
+            dset = datasets[part.name]
+            if dset.dtype != part.dtype or dset.chunks != (self.rows_per_chunk, part.width) or dset.shape != (self.num_keys, part.width):
+                raise FormatError(f"{self.path}: '{ROWS}/{part.name}' has the wrong dtype, shape or chunks (damaged file)")
         return datasets
 
     def _rebuild_row_metadata_from_runs(self):
