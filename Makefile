@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m bench store --quick --dataset digits --out out/demo
+	$(VENV)/bin/python -m bench study --quick --out out/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests

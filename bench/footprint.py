@@ -62,13 +62,36 @@ def footprint(data, config, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stores, num_params, steps = record_all(data, config, out_dir)
-    n, epochs, batch = len(data), config["epochs"], config["batch_size"]
+    entries = [(name, method, keep, codec, rows, path.stat().st_size) for name, (method, keep, codec, path, rows) in stores.items()]
+    return tabulate(entries, len(data), num_params, config["epochs"], config["batch_size"], steps)
+
+
+def from_study(study_dir):
+    """The footprint of a finished `bench study` run: its stores come from one training run per seed (the first seed's)."""
+    result = json.loads((Path(study_dir) / "results.json").read_text())
+    config, cells = result["config"], result["cells"]
+    seed = min(c["seed"] for c in cells)
+    recorded = json.loads((Path(study_dir) / f"seed{seed}" / "recorded.json").read_text())
+    entries = []
+    for cell in cells:
+        if cell["seed"] != seed or cell["task"] != "class" or cell.get("scale_mode") != "1":
+            continue
+        method = cell["method"]
+        name = "original" if method == "original" else (f"layer p={cell['keep']}" if method == "layer"
+                                                       else f"ours {cell['flavour']} p={cell['keep']} {cell['codec']}")
+        rows = recorded["steps"] if method in ("original", "layer") else recorded["num_samples"]
+        entries.append((name, method, cell["keep"], cell["codec"], rows, cell["bytes_on_disk"]))
+    return tabulate(entries, recorded["num_samples"], recorded["num_params"], config["epochs"], config["batch_size"],
+                    recorded["steps"])
+
+
+def tabulate(entries, n, num_params, epochs, batch, steps):
+    """Analytic bytes next to measured ones; entries: (name, method, keep, codec, rows, measured bytes)."""
     break_even = epochs / batch
-    original_measured = (out_dir / "original.h5").stat().st_size
+    original_measured = next(measured for _, method, *_, measured in entries if method == "original")
     table = []
-    for name, (method, keep, codec, path, rows) in stores.items():
+    for name, method, keep, codec, rows, measured in entries:
         k = gradstore.store.keep_to_k(keep, num_params)
-        measured = path.stat().st_size
         row = {
             "store": name, "method": method, "keep": keep, "codec": codec, "rows": rows, "k": k,
             "analytic_bytes": analytic_bytes(codec, rows, k),
@@ -157,6 +180,13 @@ def format_table(table, summary):
 
 
 def main(args):
+    if args.from_study:
+        table, summary = from_study(args.from_study)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_outputs(table, summary, args.out)
+        print(format_table(table, summary))
+        print(f"wrote {Path(args.out) / 'footprint.csv'}, footprint.json, footprint.png")
+        return 0
     split = datasets.load_dataset(args.dataset, args.data_dir)
     if args.samples:
         split = split.subset(np.arange(len(split)) < args.samples)
@@ -179,4 +209,6 @@ def add_arguments(parser):
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "int8"], choices=list(RAW_BYTES))
     parser.add_argument("--layer-keep", type=float, default=0.1)
+    parser.add_argument("--from-study", metavar="DIR",
+                        help="tabulate the stores a finished `bench study --out DIR` measured instead of recording anew")
     parser.add_argument("--out", default="out/bench-footprint")

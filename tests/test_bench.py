@@ -93,6 +93,12 @@ def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
         for field in ("forgotten", "rest", "scale", "bytes_on_disk"):
             assert again[key][field] == json.loads(json.dumps(cells_by_key(cells)[key]))[field]
 
+    table, summary = footprint.from_study(out)  # the footprint of the study's own training run
+    by_store = {row["store"]: row for row in table}
+    assert by_store["ours update p=0.1 int8"]["measured_bytes"] == int8["bytes_on_disk"]
+    assert by_store["original"]["analytic_bytes"] == summary["steps"] * summary["M"] * 4
+    assert summary["break_even_p_fp32"] == 2 / 64
+
     with pytest.raises(SystemExit, match="another configuration"):
         run_study(out, "--sample-fraction", "0.05")
 
