@@ -80,6 +80,12 @@ def _comparable(config):
 def run_seed(seed, config, out, log, progress):
     seed_dir = out / f"seed{seed}"
     recorded = study_record.record(seed, config, seed_dir, log)
+    stores_gone = any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values())
+    if stores_gone and not all(cell_id(seed, task, f"{name}|1") in progress
+                               for task in ("class", "samples") for name in recorded["stores"]):
+        log(f"seed {seed}: cells are missing and the stores were deleted: recording again")
+        (seed_dir / study_record.RECORDED).unlink()
+        recorded = study_record.record(seed, config, seed_dir, log)
     data = study_record.load_data(config)
     trained = np.load(seed_dir / "trained.npy", allow_pickle=False)
     samples = study_record.forget_samples(config, seed, len(data))
