@@ -118,6 +118,7 @@ def _metadata_checksums(h5file):
         for part in ("keys", "indptr", "samples"):
             membership = zlib.crc32(np.ascontiguousarray(h5file[MEMBERSHIP][part][()]).tobytes(), membership)
     sums["membership"] = membership
+    sums["committed"] = zlib.crc32(_attr_text(h5file, ATTR_COMMITTED).encode()) if ATTR_COMMITTED in h5file.attrs else 0
     return sums
 
 
@@ -138,7 +139,7 @@ def check_metadata(h5file, path, version, finished):
         actual = _metadata_checksums(h5file)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise FormatError(f"{path}: metadata cannot be checked ({error}); the file is damaged") from None
-    names = ("config", "labels", "state", "membership") if finished else ("config",)
+    names = ("config", "labels", "state", "membership") if finished else ("config", "committed")
     bad = [name for name in names if not isinstance(expected, dict) or expected.get(name) != actual[name]]
     if bad:
         raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")

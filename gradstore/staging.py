@@ -10,10 +10,12 @@ chunk per run, whatever the number of samples.
 """
 
 import tempfile
+import zlib
 
 import numpy as np
 
 from . import chunkio, kernels
+from .errors import FormatError
 from .format import RUN_COMMITTED, RUN_GENERATION, RUN_REPLACES, STAGING, get_json_attr, set_json_attr
 
 RUN_CHUNK_BYTES = 256 * 1024
@@ -103,12 +105,26 @@ class MemoryCursor:
         return self.keys[i0:i1], self.buffer.values[self.slots[i0:i1]]
 
 
+RUN_INDEX_CRC = "index_crc32"  # CRC-32 of the run's keys then labels (int64 bytes)
+
+
+def run_keys_labels(group):
+    """(keys, labels) of a run, checked against the run's checksum when it has one."""
+    keys, labels = group["keys"][()], group["labels"][()]
+    expected = group.attrs.get(RUN_INDEX_CRC)
+    if expected is not None and int(expected) != zlib.crc32(labels.tobytes(), zlib.crc32(keys.tobytes())):
+        raise FormatError(f"{group.file.filename}: run {group.name} has damaged keys or labels (checksum mismatch)")
+    if keys.size and (np.any(np.diff(keys) <= 0) or keys[0] < 0):
+        raise FormatError(f"{group.file.filename}: run {group.name} keys are not ascending and unique (damaged)")
+    return keys, labels
+
+
 class RunCursor:
     """Rows of one run on disk in key order, decoding one chunk at a time."""
 
     def __init__(self, group):
         self.group = group
-        self.keys = group["keys"][()]
+        self.keys = run_keys_labels(group)[0]
         self.values = group["values"]
         self.rows_per_chunk = self.values.chunks[0]
         self.checksums = group["checksums"][()].astype(np.uint32) if "checksums" in group else None
@@ -214,6 +230,7 @@ class RunWriter:
         """
         self._write(final=True)
         self.group.create_dataset("checksums", data=self.checksums)
+        self.group.attrs[RUN_INDEX_CRC] = zlib.crc32(self.labels[()].tobytes(), zlib.crc32(self.keys[()].tobytes()))
         set_json_attr(self.group, RUN_REPLACES, list(replaces))
         self.group.attrs[RUN_COMMITTED] = True
         self.h5file.flush()

@@ -178,10 +178,8 @@ class Store:
         """The runs that count (see ``commit``); runs written after the last commit are dropped."""
         h5file = self._h5
         committed = get_json_attr(h5file, ATTR_COMMITTED) if ATTR_COMMITTED in h5file.attrs else None
-        if committed is None and STAGING in h5file and not any(
-            staging.RUN_GENERATION in run.attrs for run in h5file[STAGING].values()
-        ):
-            committed = {"generation": 0, "note": None}  # written before generations existed: every run counts
+        if committed is None and int(h5file.attrs["gradstore_format_version"]) < 2 and STAGING in h5file:
+            committed = {"generation": 0, "note": None}  # format 1 had no commits: every complete run counts
         self.committed_generation = None if committed is None else int(committed["generation"])
         self.commit_note = None if committed is None else committed.get("note")
         self.generation = 0 if committed is None else self.committed_generation + 1
@@ -225,11 +223,11 @@ class Store:
         """While recording, the counting runs are the truth: rows/state, rows/labels and membership cache them."""
         self.state[:] = RowState.EMPTY
         for name in self._runs:
-            run = self._h5[STAGING][name]
-            keys = run["keys"][()]
+            keys, labels = staging.run_keys_labels(self._h5[STAGING][name])
+            if keys.size and keys[-1] >= self.num_keys:
+                raise FormatError(f"{self.path}: run {name} holds keys beyond {self.num_keys} (damaged)")
             self.state[keys] = RowState.LIVE
-            if "labels" in run:
-                self.labels[keys] = run["labels"][()]
+            self.labels[keys] = labels
         self.members = {key: samples for key, samples in self.members.items() if self.state[key] == RowState.LIVE}
 
     def _reopen(self, mode):
@@ -313,6 +311,8 @@ class Store:
             labels = np.asarray(labels)
             if labels.shape != keys.shape or labels.dtype.kind not in "iu":
                 raise BadInputError(f"labels must be {keys.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        if labels is not None:  # before any spill below: a run carries its rows' labels
+            self.labels[keys] = labels
         step = self._buffer.capacity_rows  # a batch bigger than the buffer goes in slices
         for start in range(0, keys.shape[0], step):
             piece = slice(start, start + step)
@@ -320,8 +320,6 @@ class Store:
                 with self._failing_writes_close():
                     self._spill()
             self._buffer.add(keys[piece], values[piece])
-        if labels is not None:
-            self.labels[keys] = labels
         self.state[keys] = RowState.LIVE
         self._dirty = True
 
@@ -340,9 +338,10 @@ class Store:
             return self.committed_generation  # nothing new: the file stays byte for byte as it is
         with self._failing_writes_close():
             self._spill()
-            self._write_row_metadata(self._h5)
             set_json_attr(self._h5, ATTR_COMMITTED, {"generation": self.generation, "note": note})
+            self._write_row_metadata(self._h5)  # seals the checksums, the commit record's included
             self._h5.flush()
+            os.fsync(self._h5.id.get_vfd_handle())  # a commit survives power loss, not only a killed process
         self.committed_generation, self.commit_note = self.generation, note
         self.generation += 1
         self._dirty = False
@@ -418,10 +417,12 @@ class Store:
                 del self._h5.attrs[ATTR_COMMITTED]
         else:
             set_json_attr(self._h5, ATTR_COMMITTED, {"generation": limit, "note": note})
+        seal_metadata(self._h5)
         self._h5.flush()
         self._load_runs()
         self._write_row_metadata(self._h5)
         self._h5.flush()
+        os.fsync(self._h5.id.get_vfd_handle())
 
     def add_members(self, key, samples):
         """Record which samples a (step-keyed) row covers, so a forget can find its steps."""
@@ -489,9 +490,18 @@ class Store:
         return f"run_{int(self._runs[-1].split('_')[1]) + 1 if self._runs else 0:06d}"
 
     def _compact_runs(self, fanin):
-        """Merge runs in groups until at most ``fanin`` remain (lossless float32 sums)."""
+        """Merge runs in groups until at most ``fanin`` remain (lossless float32 sums).
+
+        A group never mixes runs that count with runs spilled after the last commit: the
+        merged run takes its group's generation, so a crash during compaction still
+        reopens at the last commit with every committed row.
+        """
+        limit = -1 if self.committed_generation is None else self.committed_generation
         while len(self._runs) > fanin:
-            group, rest = self._runs[:fanin], self._runs[fanin:]
+            committed = [name for name in self._runs if staging.run_generation(self._h5, name) <= limit]
+            pending = [name for name in self._runs if name not in committed]
+            group = (committed if len(committed) >= len(pending) else pending)[:fanin]
+            rest = [name for name in self._runs if name not in group]
             cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in group]
             generation = max(staging.run_generation(self._h5, name) for name in group)
             writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level, generation)
@@ -730,7 +740,14 @@ class Store:
     def _verify_runs(self):
         problems = []
         for name in self._runs:
-            cursor = staging.RunCursor(self._h5[STAGING][name])
+            try:
+                cursor = staging.RunCursor(self._h5[STAGING][name])
+            except StoreError as error:
+                problems.append({"rows": [], "problem": f"run {name}: {error}"})
+                continue
+            except Exception as error:  # noqa: BLE001 - h5py on a damaged run: KeyError, OSError, ...
+                problems.append({"rows": [], "problem": f"run {name} cannot be read ({type(error).__name__}: {error})"})
+                continue
             for chunk in range(-(-cursor.keys.size // cursor.rows_per_chunk)):
                 lo = chunk * cursor.rows_per_chunk
                 keys = cursor.keys[lo : lo + cursor.rows_per_chunk]

@@ -128,3 +128,64 @@ def test_resume_refuses_changed_options_and_a_run_that_is_not_interrupted(tmp_pa
     (out / "started.json").write_text(json.dumps({**started, "epochs": 3}))
     changed = subprocess.run(crash.train_command(out, 7, resume=True), capture_output=True, text=True, timeout=120)
     assert changed.returncode != 0 and "epochs" in changed.stderr
+
+
+COMPACTING = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import gradstore
+    from gradstore import staging
+    store = gradstore.create(sys.argv[1], 8, 300, 1.0, codec="fp32", memory_budget=4 * 8)  # a one-row buffer
+    for key in range(100):
+        store.accumulate([key], np.full((1, 8), key, np.float32))
+    store.commit(note={"step": 100})              # 100 runs that count
+    for key in range(100, 199):
+        store.accumulate([key], np.ones((1, 8), np.float32))  # runs after the commit
+    store._compact_runs(staging.MAX_FANIN)        # what finalize() does first
+    os._exit(0)                                   # dies before finalize writes anything else
+""")
+
+
+def test_a_crash_while_finalize_merges_runs_keeps_every_committed_row(tmp_path):
+    path = tmp_path / "s.h5"
+    subprocess.run([sys.executable, "-c", COMPACTING, str(path)], check=True, timeout=120)
+    with gradstore.open(path, "r+") as store:
+        assert store.commit_note == {"step": 100}
+        assert np.nonzero(store.state)[0].tolist() == list(range(100))
+        store.finalize()
+        assert np.array_equal(store.read(np.arange(100))[:, 0], np.arange(100, dtype=np.float32))
+
+
+def test_labels_survive_a_reopen_when_a_batch_is_bigger_than_the_buffer(tmp_path):
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, 100, 16, 1.0, codec="fp32", memory_budget=4 * 100 * 3)  # three rows
+    store.accumulate(np.arange(8), np.ones((8, 100)), labels=np.arange(8) % 3)
+    store.commit()
+    store.close()
+    with gradstore.open(path) as reopened:
+        assert reopened.labels[:8].tolist() == (np.arange(8) % 3).tolist()
+
+
+def test_damaged_run_keys_are_caught_not_moved(tmp_path):
+    import h5py
+
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, 100, 16, 1.0, codec="fp32")
+    store.accumulate(np.arange(5), np.ones((5, 100)))
+    store.commit()
+    store.close()
+    with h5py.File(path, "r+") as f:
+        f["staging/run_000000/keys"][4] = 9
+    with pytest.raises(gradstore.FormatError, match="damaged keys or labels"):
+        gradstore.open(path)
+
+
+def test_rollback_to_before_any_commit_reports_no_commit(tmp_path):
+    store = gradstore.create(tmp_path / "s.h5", NUM_PARAMS, NUM_KEYS, KEEP, codec="fp32")
+    store.accumulate(*synthetic_step(0, store.k))
+    store.commit()
+    store.rollback(None)
+    assert store.committed_generation is None and store.info()["rows_live"] == 0
+    with pytest.raises(BadInputError, match="cannot roll back"):
+        store.rollback(0)
+    store.close()

@@ -32,8 +32,8 @@ class Checkpointer:
     def due(self, step):
         return step % self.every_steps == 0
 
-    def save(self, model, optimizer, stores, epoch, batch, step, epoch_generator_state):
-        generations = {os.fspath(store.path): store.commit(note={"step": step}) for store in stores if not store.finished}
+    def save(self, model, optimizer, stores, epoch, batch, step, epoch_generator_state, seconds=0.0):
+        generations = {_key(store): store.commit(note={"step": step}) for store in stores if not store.finished}
         payload = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -43,6 +43,7 @@ class Checkpointer:
             "epoch_generator_state": epoch_generator_state,
             "torch_rng_state": torch.get_rng_state(),
             "generations": generations,
+            "seconds": float(seconds),  # training time so far, over every process that took part
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as handle:
@@ -73,7 +74,7 @@ class Checkpointer:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng_state"])
         for store in stores:
-            name = os.fspath(store.path)
+            name = _key(store)
             if store.finished:
                 continue  # finalized after the last checkpoint, which the loop then skips to the end
             if name not in state["generations"]:
@@ -87,3 +88,8 @@ class Checkpointer:
             if store.committed_generation != generation:
                 store.rollback(generation, note={"step": state["step"]})
         return state
+
+
+def _key(store):
+    """A store's name in the checkpoint: its resolved path, however the run directory was spelled."""
+    return os.path.realpath(store.path)

@@ -9,6 +9,7 @@ RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.fo
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,11 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_json(path, payload):
-    Path(path).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    """Written beside and renamed: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
 
 
 def _jsonable(value):

@@ -222,11 +222,12 @@ def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", l
     loader = make_loader(train_x, train_y, batch_size, seed)
     generator = loader.generator
     stores = [recorder.store for recorder in recorders]
-    start_epoch, start_batch, steps = 0, 0, 0
+    start_epoch, start_batch, steps, seconds_before = 0, 0, 0, 0.0
     if checkpoint is not None:
         resumed = checkpoint.restore(model, opt, stores)
         if resumed is not None:
             start_epoch, start_batch, steps = resumed["epoch"], resumed["batch"], resumed["step"]
+            seconds_before = float(resumed.get("seconds", 0.0))
             generator.set_state(resumed["epoch_generator_state"])
     resumed_from = steps
     session = None
@@ -251,14 +252,16 @@ def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", l
             opt.step()
             steps += 1
             if checkpoint is not None and checkpoint.due(steps):
-                checkpoint.save(model, opt, stores, epoch, index + 1, steps, epoch_generator_state)
+                checkpoint.save(model, opt, stores, epoch, index + 1, steps, epoch_generator_state,
+                                seconds_before + time.perf_counter() - started)
     if checkpoint is not None and steps > resumed_from:  # the final state, before the stores are sealed
-        checkpoint.save(model, opt, stores, epochs, 0, steps, generator.get_state())
+        checkpoint.save(model, opt, stores, epochs, 0, steps, generator.get_state(),
+                        seconds_before + time.perf_counter() - started)
     if session is not None:
         session.finish()
     model.eval()
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds_before + time.perf_counter() - started,  # a resumed run counts every process's time
         "record_seconds": session.record_seconds if session else 0.0,
         "steps": steps,
         "resumed_from_step": resumed_from,
