@@ -347,13 +347,19 @@ def run_child(script, *args):
                           timeout=120)
 
 
-def test_disk_full_during_finalize_leaves_the_store_as_it_was(tmp_path):
+def committed_store(tmp_path):
+    """A recording store with every key accumulated once and committed (note step 1): (path, rows)."""
     path = tmp_path / "s.h5"
     store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, 0.5, codec="fp32", seed=1)
     rows = gradient_rows(np.random.default_rng(0), NUM_KEYS, store.k)
     store.accumulate(np.arange(NUM_KEYS), rows)
     store.commit(note={"step": 1})
     store.close()
+    return path, rows
+
+
+def test_disk_full_during_finalize_leaves_the_store_as_it_was(tmp_path):
+    path, rows = committed_store(tmp_path)
     before = sha256(path)
     result = run_child("""
 store = gradstore.open(sys.argv[1], "r+")
@@ -373,12 +379,7 @@ store.close()
 
 
 def test_disk_full_during_a_commit_reopens_at_the_last_commit(tmp_path):
-    path = tmp_path / "s.h5"
-    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, 0.5, codec="fp32", seed=1)
-    rows = gradient_rows(np.random.default_rng(0), NUM_KEYS, store.k)
-    store.accumulate(np.arange(NUM_KEYS), rows)
-    store.commit(note={"step": 1})
-    store.close()
+    path, rows = committed_store(tmp_path)
     result = run_child("""
 store = gradstore.open(sys.argv[1], "r+")
 limit_file_size(2_000)
