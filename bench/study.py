@@ -29,11 +29,16 @@ FLAVOURS = ["grad", "update"]
 
 def build_config(args):
     quick = args.quick
+    dataset = args.dataset or ("digits" if quick else "mnist")
+    if args.keep_first is not None:
+        keep_first = args.keep_first or None  # 0: keep every sample of the class
+    else:
+        keep_first = 100 if dataset == "mnist" else None  # the seed's MNIST protocol
     return {
-        "dataset": args.dataset or ("digits" if quick else "mnist"),
+        "dataset": dataset,
         "data_dir": args.data_dir,
         "forget_class": args.forget_class,
-        "keep_first": args.keep_first if args.keep_first is not None else (None if quick else 100),
+        "keep_first": keep_first,
         "epochs": args.epochs,
         "batch_size": 64,
         "optimizer": "adam",
@@ -141,11 +146,13 @@ def main(args):
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="bundled digits, one seed: a few minutes on 2 cores")
     parser.add_argument("--out", default="out/study", help="results folder (cells.json there makes the study resumable)")
-    parser.add_argument("--dataset", choices=["digits", "mnist"], help="default: digits with --quick, else mnist")
-    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR)")
+    parser.add_argument("--dataset", choices=["digits", "mnist", "cifar100"], help="default: digits with --quick, else mnist")
+    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR); "
+                                           "for cifar100 the folder holding cifar-100-python/")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 with --quick, else 0 1")
     parser.add_argument("--forget-class", type=int, default=3)
-    parser.add_argument("--keep-first", type=int, help="samples of the forgotten class kept (default 100 on MNIST, all with --quick)")
+    parser.add_argument("--keep-first", type=int,
+                        help="samples of the forgotten class kept (default 100 on MNIST, all elsewhere; 0: all)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--keeps", type=float, nargs="+", default=KEEPS, help="p of the per-sample stores")
     parser.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
