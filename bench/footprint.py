@@ -108,8 +108,9 @@ def tabulate(entries, n, num_params, epochs, batch, steps):
         "original_analytic_NME_over_B_bytes": n * num_params * epochs / batch * 4,
     }
     fp32_rows = sorted((r for r in table if r["method"] == "per-sample" and r["codec"] == "fp32"), key=lambda r: r["keep"])
-    summary["break_even_holds_analytic"] = all(r["predicted_smaller_fp32"] == r["analytic_smaller"] for r in fp32_rows)
-    summary["break_even_holds_measured"] = all(r["predicted_smaller_fp32"] == r["measured_smaller"] for r in fp32_rows)
+    checked = bool(fp32_rows)  # without fp32 stores there is nothing to check: None, printed "n/a"
+    summary["break_even_holds_analytic"] = all(r["predicted_smaller_fp32"] == r["analytic_smaller"] for r in fp32_rows) if checked else None
+    summary["break_even_holds_measured"] = all(r["predicted_smaller_fp32"] == r["measured_smaller"] for r in fp32_rows) if checked else None
     summary["measured_break_even_p_fp32"] = measured_crossing(fp32_rows, original_measured)
     return table, summary
 
@@ -165,12 +166,16 @@ def plot(table, summary, path):
     plt.close(figure)
 
 
+def _verdict(holds):
+    return "n/a (no fp32 store)" if holds is None else ("holds" if holds else "does not hold")
+
+
 def format_table(table, summary):
     crossing = summary["measured_break_even_p_fp32"]
     lines = [f"N={summary['N']} M={summary['M']} E={summary['E']} B={summary['B']} ({summary['steps']} steps): "
              f"break-even p = E/B = {summary['break_even_p_fp32']:.4f} for fp32; "
-             f"raw sizes: {'holds' if summary['break_even_holds_analytic'] else 'does not hold'}; "
-             f"measured files: {'holds' if summary['break_even_holds_measured'] else 'does not hold'}"
+             f"raw sizes: {_verdict(summary['break_even_holds_analytic'])}; "
+             f"measured files: {_verdict(summary['break_even_holds_measured'])}"
              + (f" (measured crossing at p = {crossing:.4f}: zstd shrinks the two stores differently)" if crossing else ""),
              f"{'store':<22}{'rows':>7}{'k':>8}{'analytic MB':>13}{'measured MB':>13}{'x smaller than original':>25}"]
     for r in table:

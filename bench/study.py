@@ -29,6 +29,7 @@ FLAVOURS = ["grad", "update"]
 
 def build_config(args):
     quick = args.quick
+    args.keeps = list(dict.fromkeys(args.keeps))  # a repeated p would name one store twice
     dataset = args.dataset or ("digits" if quick else "mnist")
     if args.keep_first is not None:
         keep_first = args.keep_first or None  # 0: keep every sample of the class
@@ -64,30 +65,32 @@ class CellLog:
     def __init__(self, path, config):
         self.path = path
         saved = json.loads(path.read_text()) if path.exists() else None
-        if saved and saved["config"] != _comparable(config):
+        if saved and saved["config"] != json.loads(json.dumps(study_record.comparable(config))):
             raise SystemExit(f"{path} holds a study with another configuration; use a new --out or delete it")
         self.cells = saved["cells"] if saved else {}
         self.config = config
+        if not saved:  # the options are on disk before anything else is
+            self._save()
 
     def __contains__(self, key):
         return key in self.cells
 
     def add(self, key, cell):
         self.cells[key] = cell
-        study_record.write_json(self.path, {"config": _comparable(self.config), "cells": self.cells})
+        self._save()
 
-
-def _comparable(config):
-    """The fields that decide a cell's value (not progress display, not which seeds run)."""
-    return {key: value for key, value in config.items() if key not in ("progress", "seeds")}
+    def _save(self):
+        study_record.write_json(self.path, {"config": study_record.comparable(self.config), "cells": self.cells})
 
 
 def run_seed(seed, config, out, log, progress):
     seed_dir = out / f"seed{seed}"
     recorded = study_record.record(seed, config, seed_dir, log)
     stores_gone = any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values())
-    if stores_gone and not all(cell_id(seed, task, f"{name}|1") in progress
-                               for task in ("class", "samples") for name in recorded["stores"]):
+    needed = [cell_id(seed, task, f"{name}|{mode}") for task in ("class", "samples")
+              for name, entry in recorded["stores"].items()
+              for mode in (("1", "auto") if entry["method"] == "per-sample" else ("1",))]
+    if stores_gone and not all(key in progress for key in needed):
         log(f"seed {seed}: cells are missing and the stores were deleted: recording again")
         (seed_dir / study_record.RECORDED).unlink()
         recorded = study_record.record(seed, config, seed_dir, log)
@@ -137,8 +140,9 @@ def main(args):
             for path in (out / f"seed{seed}").glob("*.h5"):
                 path.unlink()
     command = "python -m bench " + shlex.join(sys.argv[1:])
-    outputs = study_report.write(progress.cells, config, out, command=command)
-    print(study_report.console_table(progress.cells, config))
+    cells = {key: cell for key, cell in progress.cells.items() if cell["seed"] in config["seeds"]}  # this run's seeds
+    outputs = study_report.write(cells, config, out, command=command)
+    print(study_report.console_table(cells, config))
     print(f"study finished in {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(p) for p in outputs))
     return 0
 

@@ -50,6 +50,19 @@ def store_name(method, flavour=None, keep=None, codec=None):
     return "original" if method == "original" else f"layer-p{keep}"
 
 
+def comparable(config):
+    """The options that decide a recording's and a cell's values (not progress display, not which seeds run)."""
+    return {key: value for key, value in config.items() if key not in ("progress", "seeds")}
+
+
+def _marker(path, config):
+    """A phase's marker, if it was written under these options (else the phase runs again)."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("config") == json.loads(json.dumps(comparable(config))) else None
+
+
 def write_json(path, value):
     """Write atomically: a marker is either absent or complete."""
     tmp = Path(str(path) + ".tmp")
@@ -72,9 +85,10 @@ def disk_needed(config, num_samples, num_params):
 def record(seed, config, seed_dir, log=print):
     """Train once with every recorder attached; finalize, transcode. Returns the marker's content."""
     marker = seed_dir / RECORDED
-    if marker.exists():
-        return json.loads(marker.read_text())
-    if seed_dir.exists():  # a recording interrupted before its marker: start it again
+    saved = _marker(marker, config)
+    if saved is not None:
+        return saved
+    if seed_dir.exists():  # interrupted before its marker, or recorded under other options: start again
         shutil.rmtree(seed_dir)
     seed_dir.mkdir(parents=True)
     data = load_data(config)
@@ -124,7 +138,7 @@ def record(seed, config, seed_dir, log=print):
             del stores[name]
     np.save(seed_dir / "trained.npy", flat_params(model))
     result = {
-        "seed": seed, "num_samples": len(data), "num_params": num_params, "steps": run["steps"],
+        "config": comparable(config), "seed": seed, "num_samples": len(data), "num_params": num_params, "steps": run["steps"],
         "train_seconds": run["seconds"], "record_seconds": run["record_seconds"],
         "transcode_seconds": time.perf_counter() - started,
         "stores": {name: {**entry, "path": f"{name}.h5"} for name, entry in stores.items()},
@@ -141,8 +155,9 @@ def reference_model(kind, seed, config, seed_dir, data, log=print):
     Returns (flat weights, seconds); cached as seed_dir/<kind>.npy + .json.
     """
     weights, marker = seed_dir / f"reference-{kind}.npy", seed_dir / f"reference-{kind}.json"
-    if marker.exists():
-        return np.load(weights, allow_pickle=False), json.loads(marker.read_text())["seconds"]
+    saved = _marker(marker, config)
+    if saved is not None:
+        return np.load(weights, allow_pickle=False), saved["seconds"]
     if kind == "class":
         kept = datasets.exclude(data, cls=config["forget_class"])
     elif kind == "samples":
@@ -154,5 +169,5 @@ def reference_model(kind, seed, config, seed_dir, data, log=print):
     run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], seed,
                 device=torch.device("cpu"), progress=config["progress"], description=f"seed {seed} retrain ({kind})")
     np.save(weights, flat_params(model))
-    write_json(marker, {"seconds": run["seconds"]})
+    write_json(marker, {"config": comparable(config), "seconds": run["seconds"]})
     return flat_params(model), run["seconds"]

@@ -13,7 +13,8 @@ REFERENCE_ROWS = ("after train", "retrain", "finetune only")
 CLASS_FIELDS = ("forgotten", "rest", "forgotten_after_retrain", "rest_after_retrain")
 SAMPLE_FIELDS = ("ua", "ra", "ta", "mia_efficacy")
 NUMERIC = CLASS_FIELDS + SAMPLE_FIELDS + ("scale", "bytes_on_disk", "bytes_per_value", "ratio_vs_original",
-                                          "seconds", "finetune_seconds", "forget_loss")
+                                          "gap_to_retrain", "seconds", "finetune_seconds", "forget_loss")
+GAP_FIELDS = {"class": ("forgotten", "rest"), "samples": SAMPLE_FIELDS}
 
 
 def display_name(cell):
@@ -41,13 +42,18 @@ def row_order(cell):
 
 
 def with_ratios(cells):
-    """Every cell (a list), with ratio_vs_original from the original's store of the same seed and task."""
+    """Every cell (a list), with ratio_vs_original (against the original's store of the same seed and
+    task) and gap_to_retrain (mean |metric - the same seed's retrained model's|, no retrain)."""
     cells = [dict(cell) for cell in cells.values()]
     original = {(c["seed"], c["task"]): c["bytes_on_disk"] for c in cells if c["method"] == "original"}
+    retrain = {(c["seed"], c["task"]): c for c in cells if c["method"] == "retrain"}
     for cell in cells:
         base = original.get((cell["seed"], cell["task"]))
         if base and cell.get("bytes_on_disk"):
             cell["ratio_vs_original"] = base / cell["bytes_on_disk"]
+        reference = retrain.get((cell["seed"], cell["task"]))
+        if reference is not None and cell["method"] != "retrain":
+            cell["gap_to_retrain"] = statistics.fmean(abs(cell[f] - reference[f]) for f in GAP_FIELDS[cell["task"]])
     return cells
 
 
@@ -117,7 +123,6 @@ def class_table(summary, spread=True):
 
 def sample_table(summary, spread=True):
     lines = ["| Technique | scale | UA | RA | TA | MIA efficacy | mean gap to retrain | forget s |", "|---|---|---|---|---|---|---|---|"]
-    retrain = summary.get(("samples", "retrain", ""))
     for row, cell in _ordered_rows(summary, "samples"):
         for mode in ("", "1", "auto"):
             entry = summary.get(("samples", row, mode))
@@ -127,9 +132,7 @@ def sample_table(summary, spread=True):
             for field in SAMPLE_FIELDS:
                 mean, std, n = entry[field]
                 values.append(f"{mean:.3f}" + (f" ±{std:.3f}" if spread and n > 1 else ""))
-            gap = ""
-            if retrain and cell["method"] != "retrain":
-                gap = f"{statistics.fmean(abs(entry[f][0] - retrain[f][0]) for f in SAMPLE_FIELDS):.3f}"
+            gap = _value(entry, "gap_to_retrain", ".3f")
             scale = {"": "", "1": "1", "auto": f"auto ({entry['scale'][0]:.3g})" if "scale" in entry else "auto"}[mode]
             lines.append(f"| {display_name(cell)} | {scale} | " + " | ".join(values) + f" | {gap} | {_value(entry, 'seconds', '.2f')} |")
     return "\n".join(lines)
@@ -222,16 +225,13 @@ def plot(cells, out):
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, task in zip(axes, ("class", "samples")):
-        reference = summary.get((task, "retrain", ""))
-        if reference is None:
+        if summary.get((task, "retrain", "")) is None:
             continue
-        fields = ("forgotten", "rest") if task == "class" else SAMPLE_FIELDS
         for codec, colour in colours.items():
             points = []
             for (t, _, _), entry in summary.items():
                 if t == task and entry["cell"].get("codec") == codec and entry["cell"]["method"] == "per-sample":
-                    gap = statistics.fmean(abs(entry[f][0] - reference[f][0]) for f in fields)
-                    points.append((entry["bytes_on_disk"][0], gap))
+                    points.append((entry["bytes_on_disk"][0], entry["gap_to_retrain"][0]))
             frontier, best = [], float("inf")
             for x, gap in sorted(points):
                 if gap < best:
@@ -243,12 +243,12 @@ def plot(cells, out):
         for method, marker in (("original", "s"), ("layer", "^")):
             for (t, _, _), entry in summary.items():
                 if t == task and entry["cell"]["method"] == method:
-                    gap = statistics.fmean(abs(entry[f][0] - reference[f][0]) for f in fields)
-                    ax.plot(entry["bytes_on_disk"][0], gap, marker, color="k", label=method)
+                    ax.plot(entry["bytes_on_disk"][0], entry["gap_to_retrain"][0], marker, color="k", label=method)
         ax.set_xscale("log")
         ax.set_xlabel("store bytes on disk (log)")
-        ax.set_ylabel("mean |metric - retrain's|, no retrain")
-        ax.set_title("class request (forgotten, rest)" if task == "class" else "1% sample request (UA, RA, TA, MIA)")
+        ax.set_ylabel("mean |metric - retrain's| (per seed), no retrain")
+        ax.set_title(("class request (forgotten, rest)" if task == "class" else "1% sample request (UA, RA, TA, MIA)")
+                     + "\npoints: every flavour, p and scale; line: the frontier", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.tight_layout()

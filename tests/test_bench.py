@@ -105,3 +105,14 @@ def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
 
 def cells_by_key(cells):
     return {f"{c['seed']}|{c['task']}|{c['row']}" + (f"|{c['scale_mode']}" if c.get("scale_mode") else ""): c for c in cells}
+
+
+def test_a_phase_recorded_under_other_options_runs_again(tmp_path):
+    """Markers carry the options: a stopped study restarted with other options does not reuse its files."""
+    from bench import study_record
+
+    config = {"dataset": "digits", "forget_class": 3, "epochs": 2, "seeds": [0], "progress": False}
+    study_record.write_json(tmp_path / "recorded.json", {"config": study_record.comparable(config), "seed": 0})
+    assert study_record._marker(tmp_path / "recorded.json", {**config, "seeds": [0, 1], "progress": True})["seed"] == 0
+    assert study_record._marker(tmp_path / "recorded.json", {**config, "forget_class": 5}) is None
+    assert study_record._marker(tmp_path / "missing.json", config) is None
