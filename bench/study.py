@@ -83,14 +83,27 @@ class CellLog:
         study_record.write_json(self.path, {"config": study_record.comparable(self.config), "cells": self.cells})
 
 
+def needed_cells(seed, config):
+    """Every cell a seed contributes, by id (reference rows, then each store's scale modes)."""
+    references = ["after train", "retrain"]
+    stores = [(study_record.store_name("original"), ("1",)), (study_record.store_name("layer", keep=config["layer_keep"]), ("1",))]
+    stores += [(study_record.store_name("per-sample", flavour, keep, codec), ("1", "auto"))
+               for flavour in config["flavours"] for keep in config["keeps"] for codec in config["codecs"]]
+    ids = []
+    for task in ("class", "samples"):
+        ids += [cell_id(seed, task, kind) for kind in references
+                + (["finetune only"] if task == "class" and config["finetune_epochs"] else [])]
+        ids += [cell_id(seed, task, f"{name}|{mode}") for name, modes in stores for mode in modes]
+    return ids
+
+
 def run_seed(seed, config, out, log, progress):
+    if all(key in progress for key in needed_cells(seed, config)):
+        log(f"seed {seed}: every cell is in {progress.path}, skipped")
+        return
     seed_dir = out / f"seed{seed}"
     recorded = study_record.record(seed, config, seed_dir, log)
-    stores_gone = any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values())
-    needed = [cell_id(seed, task, f"{name}|{mode}") for task in ("class", "samples")
-              for name, entry in recorded["stores"].items()
-              for mode in (("1", "auto") if entry["method"] == "per-sample" else ("1",))]
-    if stores_gone and not all(key in progress for key in needed):
+    if any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values()):
         log(f"seed {seed}: cells are missing and the stores were deleted: recording again")
         (seed_dir / study_record.RECORDED).unlink()
         recorded = study_record.record(seed, config, seed_dir, log)
