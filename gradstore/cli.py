@@ -35,9 +35,12 @@ def cmd_info(args):
 def cmd_verify(args):
     with open_store(args.path) as store:
         problems = store.verify()
-        chunks = -(-store.num_keys // store.rows_per_chunk)
+        if store.finished:
+            checked = f"{-(-store.num_keys // store.rows_per_chunk)} chunks per part decoded and checked"
+        else:
+            checked = f"recording unfinished: the {store.info()['staging_runs']} runs of its last commit decoded and checked"
     if not problems:
-        print(f"{args.path}: OK ({chunks} chunks per part decoded and checked)")
+        print(f"{args.path}: OK ({checked})")
         return 0
     for problem in problems:
         rows = problem["rows"]
