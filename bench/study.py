@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearn.evaluate import MIA_METHOD
+
 from . import study_cells, study_record, study_report
 
 KEEPS = [0.2, 0.1, 0.075, 0.05, 0.02, 0.01]
@@ -51,6 +53,7 @@ def build_config(args):
         "finetune_epochs": args.finetune_epochs,
         "finetune_samples": args.finetune_samples if args.finetune_samples is not None else (0 if quick else 10_000),
         "seeds": args.seeds if args.seeds is not None else ([0] if quick else [0, 1]),
+        "mia": MIA_METHOD,  # cells measured with another MIA are not mixed with these
         "progress": not args.no_progress,
     }
 

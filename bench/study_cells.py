@@ -48,7 +48,7 @@ def fine_tune(model, data, subset, config, seed):
 
 def sample_metrics(model, data, samples, seed):
     metrics = evaluate(model, data, samples, retained_limit=RETAINED_EVAL, seed=seed)
-    return {key: metrics[key] for key in ("ua", "ra", "ta", "mia_efficacy", "forget_loss")}
+    return {key: metrics[key] for key in ("ua", "ra", "ta", "mia_efficacy", "mia_efficacy_std", "forget_loss")}
 
 
 def reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds):
