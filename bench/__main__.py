@@ -23,6 +23,8 @@ def _reexec_with_stable_env():
 
 
 def main():
+    import gradstore
+
     from . import codecs_study, corrupt, crash, footprint, protocol, purge, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
@@ -42,7 +44,23 @@ def main():
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)
     args = parser.parse_args()
-    return args.run(args)
+    try:
+        return args.run(args)
+    except SystemExit as error:  # a benchmark's own refusal: SystemExit("message")
+        if isinstance(error.code, str):
+            return _fail(args.command, error.code)
+        raise
+    except (gradstore.StoreError, OSError, ValueError) as error:
+        return _fail(args.command, error)
+    except Exception as error:  # last resort: still one line, with the exception's type
+        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
+
+
+def _fail(command, message, code=2):
+    """`bench COMMAND: error: MESSAGE` on one line of stderr (never a traceback); returns the exit status."""
+    text = str(message).strip()
+    print(f"bench {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

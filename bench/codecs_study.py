@@ -36,7 +36,7 @@ def block_size_table(rows, num_params, keep, out_dir, seed=0):
             path = Path(out_dir) / f"block-{block or 'row'}-{rounding}.h5"
             store = gradstore.create(path, num_params, n, keep, codec=codec.get_config(), seed=seed, overwrite=True)
             store.accumulate(np.arange(n), rows)
-            store.finalize()
+            store = store.finalize()
             decoded = store.read(np.arange(n))
             table.append({
                 "block_size": block or "row",
@@ -83,7 +83,7 @@ def epoch_growth_table(snapshots, keep, out_dir, seed=0):
         for rows in per_epoch[:epochs]:
             store.accumulate(keys, rows)
             store.commit()  # one lossless run per epoch, as a big store would spill
-        store.finalize()
+        store = store.finalize()
         row = {"epochs": epochs, "store (runs, quantize once)": rel_error(store.read(keys), exact)}
         store.close()
         for rounding in ("nearest", "stochastic"):

@@ -34,7 +34,7 @@ def build_store(path, num_keys=300, num_params=20_000, keep=0.05, seed=3):
     for _ in range(2):
         for keys in np.array_split(rng.permutation(num_keys), 10):
             store.accumulate(keys, rng.standard_normal((keys.size, store.k)).astype(np.float32) * 1e-3)
-    store.finalize()
+    store = store.finalize()
     store.mark_forgotten([5, 6, 7])
     store.close()
 
@@ -157,7 +157,7 @@ def checksum_cost(work, repeats=5):
     store = gradstore.create(path, num_params, num_keys, 0.1, codec="int8", overwrite=True)
     for keys in np.array_split(np.arange(num_keys), 20):
         store.accumulate(keys, rng.standard_normal((keys.size, store.k)).astype(np.float32))
-    store.finalize()
+    store = store.finalize()
     keys = np.arange(num_keys)
     flat = np.zeros(num_params, np.float32)
     checksums = store._checksums

@@ -22,7 +22,7 @@ def measure(path, num_keys, forget_fraction, rng):
     store = gradstore.create(path, NUM_PARAMS, num_keys, 0.1, codec="int8", overwrite=True, memory_budget=512 << 20)
     for keys in np.array_split(np.arange(num_keys), max(1, num_keys // 2000)):
         store.accumulate(keys, (rng.standard_normal((keys.size, store.k)) * 1e-3).astype(np.float32))
-    store.finalize()
+    store = store.finalize()
     doomed = np.sort(rng.choice(num_keys, max(1, round(forget_fraction * num_keys)), replace=False))
     store.mark_forgotten(doomed)
     before = Path(path).stat().st_size
@@ -36,6 +36,10 @@ def measure(path, num_keys, forget_fraction, rng):
 
 
 def main(args):
+    if not 0 < args.forget_fraction <= 1:
+        raise ValueError(f"--forget-fraction must be in (0, 1], got {args.forget_fraction}")
+    if min(args.rows) < 1:
+        raise ValueError(f"--rows must all be at least 1, got {min(args.rows)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ def measure_config(rows, num_params, codec, keep, seed, path, epochs):
     store = gradstore.create(path, num_params, n, keep, codec=codec, seed=seed, overwrite=True)
     for keys, values in batches:
         store.accumulate(keys, values)
-    store.finalize()
+    store = store.finalize()
     ingest_seconds = time.perf_counter() - started
     store.close()
 
@@ -189,6 +189,9 @@ def set_threads(count):
 
 
 def main(args):
+    for option, value in (("--samples", args.samples), ("--epochs", args.epochs), ("--threads", args.threads or 1)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     log = (lambda *a: None) if args.json else print
     if args.threads:
         set_threads(args.threads)
@@ -211,6 +214,7 @@ def add_arguments(parser):
     parser.add_argument("--out", default="out/bench-store", help="directory for the stores written (kept)")
     parser.add_argument("--samples", type=int, default=1024, help="training samples whose gradients are stored")
     parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist",
-                        help="mnist (real files, ../shared/data/mnist) or digits (bundled with scikit-learn)")
+                        help="mnist (real IDX files from $MNIST_DIR, else ../shared/data/mnist relative to the working "
+                             "directory) or digits (bundled with scikit-learn)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of accumulation per store (ingest volume)")
     parser.add_argument("--threads", type=int, help="numba and zstd threads (default: every CPU); 1 gives per-core figures")

@@ -41,7 +41,7 @@ class TimedStore:
 
     def finalize(self):
         started = time.perf_counter()
-        self._store.finalize()
+        self._store = self._store.finalize()
         self.seconds += time.perf_counter() - started
 
 

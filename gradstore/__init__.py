@@ -1,13 +1,17 @@
 """gradstore: per-sample masked gradients, quantized and zstd-compressed in HDF5.
 
-High level: ``create`` a store, ``accumulate`` batches, ``finalize``; ``open`` it to
-``read`` rows, ``scatter_add`` them into a flat parameter vector, ``mark_forgotten``
-and ``purge``; ``transcode`` rewrites a store in another codec. The low-level pieces are importable on their own: ``masks``
-(positions from (seed, key)), ``codecs``, ``kernels``, ``chunkio``, ``format``.
+High level: ``create`` a store and get its ``Recording``: ``accumulate`` batches,
+``commit``, ``finalize``, which gives the finished ``Store``; ``open`` a finished file
+to ``read`` rows, ``scatter_add`` them into a flat parameter vector, ``mark_forgotten``
+and ``purge`` (``open`` of an unfinished file gives its ``Recording`` back, to resume).
+``transcode`` rewrites a store in another codec. The low-level pieces are importable on
+their own: ``masks`` (positions from (seed, key)), ``codecs``, ``kernels``, ``chunkio``,
+``format``, ``staging``, ``writer``.
 """
 
 __version__ = "0.1.0"
 
+from .api import create, keep_to_k, open  # noqa: E402,A004
 from .codecs import get_codec  # noqa: E402
 from .errors import (  # noqa: E402
     BadInputError,
@@ -19,7 +23,8 @@ from .errors import (  # noqa: E402
     WriteFailedError,
 )
 from .format import FORMAT_VERSION, RowState, model_fingerprint  # noqa: E402
-from .store import Store, create, open  # noqa: E402,A004
+from .recording import Recording  # noqa: E402
+from .store import Store  # noqa: E402
 from .transcode import transcode  # noqa: E402
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FormatError",
     "ReadOnlyError",
+    "Recording",
     "RowState",
     "Store",
     "StoreError",
@@ -35,6 +41,7 @@ __all__ = [
     "WriteFailedError",
     "create",
     "get_codec",
+    "keep_to_k",
     "model_fingerprint",
     "open",
     "transcode",

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from . import open as open_store
@@ -18,8 +19,14 @@ def _print_info(info):
         print(f"{key:<{width}}  {value}")
 
 
+def _open(path):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a store file (.h5)")
+    return open_store(path)
+
+
 def cmd_info(args):
-    with open_store(args.path) as store:
+    with _open(args.path) as store:
         info = store.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -33,7 +40,7 @@ def cmd_info(args):
 
 
 def cmd_verify(args):
-    with open_store(args.path) as store:
+    with _open(args.path) as store:
         problems = store.verify()
         if store.finished:
             checked = f"{-(-store.num_keys // store.rows_per_chunk)} chunks per part decoded and checked"
@@ -66,13 +73,22 @@ def build_parser():
     return parser
 
 
+def _fail(command, message, code=2):
+    """`gradstore COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
+    text = str(message).strip()
+    print(f"gradstore {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
+    return code
+
+
 def main(argv=None):
+    """Every failure is one line on stderr and a non-zero status (argparse's usage errors: 2), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (StoreError, OSError) as error:
-        print(f"gradstore {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (StoreError, OSError, ValueError) as error:
+        return _fail(args.command, error)
+    except Exception as error:  # last resort: still one line, with the exception's type
+        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
 
 
 if __name__ == "__main__":

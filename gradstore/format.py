@@ -13,6 +13,7 @@ import zlib
 import h5py
 import numpy as np
 
+from . import chunkio
 from .errors import FormatError, ReadOnlyError, StoreLockedError, WriteFailedError
 
 FORMAT_VERSION = 2  # 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
@@ -145,13 +146,41 @@ def check_metadata(h5file, path, version, finished):
         raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")
 
 
+def write_membership(h5file, members):
+    """members {key: int64 samples} as CSR: membership/keys, membership/indptr, membership/samples."""
+    if MEMBERSHIP in h5file:
+        del h5file[MEMBERSHIP]
+    group = h5file.create_group(MEMBERSHIP)
+    keys = np.array(sorted(members), np.int64)
+    lengths = np.array([members[key].size for key in keys.tolist()], np.int64)
+    samples = np.concatenate([members[key] for key in keys.tolist()]) if keys.size else np.empty(0, np.int64)
+    filters = chunkio.dataset_filters(False, 1)
+    group.create_dataset("keys", data=keys, chunks=True if keys.size else None, **(filters if keys.size else {}))
+    group.create_dataset("indptr", data=np.concatenate([[0], np.cumsum(lengths)]), chunks=True, **filters)
+    group.create_dataset("samples", data=samples, chunks=True if samples.size else None, **(filters if samples.size else {}))
+
+
+def read_membership(h5file):
+    """{key: int64 samples} of a step-keyed store ({} when it has none)."""
+    if MEMBERSHIP not in h5file:
+        return {}
+    group = h5file[MEMBERSHIP]
+    keys, indptr, samples = group["keys"][()], group["indptr"][()], group["samples"][()]
+    return {int(key): samples[indptr[i] : indptr[i + 1]] for i, key in enumerate(keys.tolist())}
+
+
+def temp_path(path, purpose):
+    """Where a new file for ``path`` is written before it is renamed over ``path``."""
+    return f"{path}.{purpose}.tmp"
+
+
 @contextlib.contextmanager
 def new_file_beside(path, purpose):
-    """An HDF5 file at ``path.<purpose>.tmp`` to fill; on success it is flushed, fsynced and closed
-    (the caller renames it over ``path``). On any failure it is removed, ``path`` untouched; an
-    OSError (disk full, file size limit) becomes WriteFailedError naming the file.
+    """An HDF5 file at ``temp_path(path, purpose)`` to fill; on success it is flushed, fsynced and
+    closed (the caller renames it over ``path``). On any failure it is removed, ``path`` untouched;
+    an OSError (disk full, file size limit) becomes WriteFailedError naming the file.
     """
-    tmp_path = f"{path}.{purpose}.tmp"
+    tmp_path = temp_path(path, purpose)
     out = open_h5(tmp_path, "w")
     try:
         yield out

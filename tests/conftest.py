@@ -37,7 +37,7 @@ def build_store(path, codec="int8", num_params=5000, num_keys=300, keep=0.1, see
             rows = gradient_rows(rng, keys.size, store.k)
             store.accumulate(keys, rows)
             sums[keys] += rows
-    store.finalize()
+    store = store.finalize()
     store.close()
     return path, sums
 

@@ -39,7 +39,7 @@ def refused_without_change(store, path, error, match, call):
 
 
 def finish_and_check_only_good_rows(store, rows):
-    store.finalize()
+    store = store.finalize()
     assert np.array_equal(store.read(np.arange(10)), rows)
     assert np.all(store.state[10:] == RowState.EMPTY)
 
@@ -158,20 +158,20 @@ def test_bad_labels(recording):
 
 def test_accumulate_after_finalize(recording):
     store, path, rows = recording
-    store.finalize()
+    finished = store.finalize()
     more = gradient_rows(np.random.default_rng(4), 1, K)
     with pytest.raises(ReadOnlyError, match="finalize"):
         store.accumulate([20], more)
-    with pytest.raises(ReadOnlyError):
+    with pytest.raises(ReadOnlyError, match="finalize"):
         store.finalize()
-    with pytest.raises(ReadOnlyError):
+    with pytest.raises(ReadOnlyError, match="finalize"):
         store.commit()
-    store.close()
+    assert not hasattr(finished, "accumulate")  # the finished store has no recording methods at all
+    finished.close()
     # (HDF5 marks a file open for writing in its superblock: compare bytes of the closed file)
     before = sha256(path)
     with gradstore.open(path, "r+") as again:
-        with pytest.raises(ReadOnlyError, match="finalize"):
-            again.accumulate([20], more)
+        assert again.finished and not hasattr(again, "accumulate")  # a finished file opens as a Store
         assert np.array_equal(again.read(np.arange(10)), rows)
         assert again.state[20] == RowState.EMPTY
     assert sha256(path) == before
@@ -189,12 +189,13 @@ def test_accumulate_on_read_only_recording(recording):
 
 
 def test_read_before_finalize(recording):
+    """A recording has no reading or forgetting methods: those belong to the Store that finalize() returns."""
     store, path, _ = recording
-    refused_without_change(store, path, BadInputError, "finalize", lambda: store.read([0]))
-    flat = np.zeros(NUM_PARAMS, np.float32)
-    refused_without_change(store, path, BadInputError, "finalize", lambda: store.scatter_add(flat, [0]))
-    refused_without_change(store, path, BadInputError, "finalize", lambda: store.mark_forgotten([0]))
-    assert not flat.any()
+    for method in ("read", "scatter_add", "mark_forgotten", "purge", "blocks"):
+        assert not hasattr(store, method), method
+    store.close()
+    with gradstore.open(path, "r+") as reopened:
+        assert isinstance(reopened, gradstore.Recording) and not hasattr(reopened, "read")
 
 
 # ---------------------------------------------------------------------------- finished store
@@ -365,7 +366,7 @@ def test_disk_full_during_finalize_leaves_the_store_as_it_was(tmp_path):
 store = gradstore.open(sys.argv[1], "r+")
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # the new file cannot grow past 20 kB
 try:
-    store.finalize()
+    store = store.finalize()
 except gradstore.WriteFailedError as error:
     print("refused:", error)
 store.close()
@@ -374,7 +375,7 @@ store.close()
     assert sha256(path) == before
     assert not (tmp_path / "s.h5.finalize.tmp").exists()
     with gradstore.open(path, "r+") as store:  # and it finalizes once there is room
-        store.finalize()
+        store = store.finalize()
         assert np.array_equal(store.read(np.arange(NUM_KEYS)), rows)
 
 
@@ -394,7 +395,7 @@ os._exit(0)
     with gradstore.open(path, "r+") as store:
         assert store.commit_note == {"step": 1}
         assert store.verify() == []
-        store.finalize()
+        store = store.finalize()
         assert np.array_equal(store.read(np.arange(NUM_KEYS)), rows)
 
 

@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
             keys = np.arange(start, start + 16)
             warm.accumulate(keys, rows_for(keys, warm.k, epoch))
     warm.commit()
-    warm.finalize()
+    warm = warm.finalize()
     warm.read(np.arange(0, 400, 7))
     warm.close()
     del warm
@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(
             keys = np.sort(order[start : start + 256])
             store.accumulate(keys, rows_for(keys, k, epoch))
     runs = store.info()["staging_runs"]
-    store.finalize()
+    store = store.finalize()
 
     check = np.array([0, 1, 777, 6400, NUM_KEYS - 1])
     got = store.read(check).astype(np.float64)

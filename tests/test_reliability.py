@@ -56,7 +56,7 @@ def test_a_crash_keeps_exactly_what_the_last_commit_covered(tmp_path):
         assert info["uncommitted_runs_ignored"] > 0  # steps 21-23 spilled, and do not count
         assert store.verify() == []
     with gradstore.open(path, "r+") as store:  # a writer drops the uncommitted runs, then finishes
-        store.finalize()
+        store = store.finalize()
         expected = sums_through(20, store.k)
         live = np.nonzero(store.state)[0]
         assert live.tolist() == np.nonzero(expected.any(axis=1))[0].tolist()
@@ -78,7 +78,7 @@ def test_rollback_returns_to_an_earlier_commit(tmp_path):
     for step in range(4, 6):  # record steps 5 and 6 again, once
         keys, rows = synthetic_step(step, store.k)
         store.accumulate(keys, rows)
-    store.finalize()
+    store = store.finalize()
     expected = sums_through(6, store.k)
     live = np.nonzero(store.state)[0]
     assert live.tolist() == np.nonzero(expected.any(axis=1))[0].tolist()
@@ -152,7 +152,7 @@ def test_a_crash_while_finalize_merges_runs_keeps_every_committed_row(tmp_path):
     with gradstore.open(path, "r+") as store:
         assert store.commit_note == {"step": 100}
         assert np.nonzero(store.state)[0].tolist() == list(range(100))
-        store.finalize()
+        store = store.finalize()
         assert np.array_equal(store.read(np.arange(100))[:, 0], np.arange(100, dtype=np.float32))
 
 
@@ -189,3 +189,47 @@ def test_rollback_to_before_any_commit_reports_no_commit(tmp_path):
     with pytest.raises(BadInputError, match="cannot roll back"):
         store.rollback(0)
     store.close()
+
+
+@pytest.mark.parametrize("reopened", [False, True])
+def test_an_exception_inside_the_with_block_rolls_back_to_the_last_commit(tmp_path, reopened):
+    """sqlite3's rule: leaving the block by an exception undoes what the last commit did not cover,
+    in a new recording and in one reopened to resume."""
+    path = tmp_path / "s.h5"
+    rows = np.arange(10 * 8, dtype=np.float32).reshape(10, 8) + 1
+    with pytest.raises(RuntimeError, match="mid-step"):
+        with gradstore.create(path, num_params=80, num_keys=10, keep=0.1, codec="fp32") as store:
+            store.accumulate(np.arange(5), rows[:5])
+            store.commit(note="five")
+            if reopened:
+                store.close()
+                store = gradstore.open(path, "r+")
+            with store:
+                store.accumulate(np.arange(5, 10), rows[5:])
+                store.add_members(7, [1, 2])
+                raise RuntimeError("mid-step")
+    with gradstore.open(path, "r+") as store:
+        assert store.commit_note == "five" and store.info()["rows_live"] == 5
+        finished = store.finalize()
+    assert np.array_equal(finished.read(np.arange(5)), rows[:5])
+    assert finished.state[5:].tolist() == [0] * 5 and finished.members == {}
+    finished.close()
+
+
+def test_an_exception_before_any_commit_leaves_nothing_recorded(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(KeyError):
+        with gradstore.create(path, num_params=80, num_keys=10, keep=0.1, codec="fp32") as store:
+            store.accumulate(np.arange(3), np.ones((3, 8), np.float32))
+            raise KeyError("boom")
+    with gradstore.open(path) as store:
+        info = store.info()
+    assert info["committed_generation"] is None and info["rows_live"] == 0 and info["staging_runs"] == 0
+
+
+def test_leaving_the_block_normally_still_commits(tmp_path):
+    path = tmp_path / "s.h5"
+    with gradstore.create(path, num_params=80, num_keys=10, keep=0.1, codec="fp32") as store:
+        store.accumulate(np.arange(3), np.ones((3, 8), np.float32))
+    with gradstore.open(path) as store:
+        assert store.info()["rows_live"] == 3 and store.committed_generation == 0

@@ -42,7 +42,7 @@ def record(path, codec, num_keys=200, num_params=4000, keep=0.15, epochs=4, memo
             sums[keys] += rows
             sumabs[keys] += np.abs(rows)
     runs = store.info()["staging_runs"]
-    store.finalize()
+    store = store.finalize()
     return store, sums, sumabs, runs
 
 
@@ -156,14 +156,14 @@ def test_batch_larger_than_memory_budget(tmp_path):
     except BadInputError:
         # a clean refusal is acceptable, but then the store must be untouched and still usable
         store.accumulate(np.arange(8), rows[:8])
-        store.finalize()
+        store = store.finalize()
         assert np.array_equal(store.read(np.arange(8)), rows[:8])
         assert np.all(store.state[8:] == RowState.EMPTY)
         store.close()
         return
     store.accumulate(np.arange(32), rows)
     store.accumulate(np.arange(32, 64), rows)
-    store.finalize()
+    store = store.finalize()
     assert np.array_equal(store.read(np.arange(32)), 2 * rows)
     assert np.array_equal(store.read(np.arange(32, 64)), rows)
     store.close()
@@ -182,7 +182,7 @@ def test_resume_recording_after_reopen(tmp_path):
     assert store.info()["staging_runs"] == 1
     second = gradient_rows(rng, 50, store.k)
     store.accumulate(np.arange(50)[::-1], second[::-1])
-    store.finalize()
+    store = store.finalize()
     assert np.array_equal(store.read(np.arange(50)), first + second)
     store.close()
 
@@ -191,7 +191,7 @@ def test_empty_rows_stay_empty(tmp_path):
     store = gradstore.create(tmp_path / "s.h5", num_params=2000, num_keys=40, keep=0.1, codec="int8")
     rng = np.random.default_rng(2)
     store.accumulate(np.arange(0, 40, 2), gradient_rows(rng, 20, store.k))
-    store.finalize()
+    store = store.finalize()
     assert np.all(store.state[1::2] == RowState.EMPTY)
     with pytest.raises(BadInputError, match="empty"):
         store.read([1])
@@ -421,7 +421,7 @@ def test_labels_given_with_batches(tmp_path):
     store.accumulate(np.arange(10), gradient_rows(rng, 10, store.k), labels=np.full(10, 4))
     store.accumulate(np.arange(10, 15), gradient_rows(rng, 5, store.k), labels=np.full(5, 1))
     store.accumulate(np.arange(15, 20), gradient_rows(rng, 5, store.k))
-    store.finalize()
+    store = store.finalize()
     store.close()
     with gradstore.open(tmp_path / "s.h5") as store:
         assert np.array_equal(store.keys_with_label(4), np.arange(10))
@@ -434,7 +434,7 @@ def test_purge_keeps_the_membership_of_step_keyed_stores(tmp_path):
     for step in range(4):
         store.accumulate([step], np.full((1, 50), step + 1, np.float32))
         store.add_members(step, [2 * step, 2 * step + 1])
-    store.finalize()
+    store = store.finalize()
     store.close()
     store = gradstore.open(tmp_path / "steps.h5", "r+")
     assert store.keys_covering([2, 7]).tolist() == [1, 3]
@@ -456,7 +456,7 @@ def test_reopened_unfinished_store_takes_state_and_labels_from_its_runs(tmp_path
     store._h5 = None
     reopened = gradstore.open(tmp_path / "r.h5", "r+")  # an unfinished store reopened for recording
     assert reopened.state[[1, 4]].tolist() == [1, 1] and reopened.labels[[1, 4]].tolist() == [7, 8]
-    reopened.finalize()
+    reopened = reopened.finalize()
     np.testing.assert_array_equal(reopened.read([1, 4]), np.ones((2, 50), np.float32))
 
 
@@ -479,8 +479,7 @@ def test_buffer_in_a_scratch_file_records_the_same_store(tmp_path):
             for store in stores.values():
                 store.accumulate(keys, rows)
     assert stores["file"].info()["staging_runs"] == 0  # the whole recording fitted the buffer
-    for store in stores.values():
-        store.finalize()
+    stores = {name: store.finalize() for name, store in stores.items()}
     keys = np.arange(120)
     np.testing.assert_array_equal(stores["ram"].read(keys), stores["file"].read(keys))
     assert list(scratch.iterdir()) == []  # unlinked at creation, closed at finalize

@@ -226,18 +226,82 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.command == "forget" and args.scale != "auto":
+def check_forget_inputs(args):
+    """Before any work: the run, its store and the gold run are there, readable and belong together.
+
+    Each problem is a FileNotFoundError / ValueError / StoreError naming the file, so that a
+    store or model copied from another run is refused up front rather than failing midway.
+    """
+    if args.scale != "auto":
         try:
             float(args.scale)
         except ValueError:
-            raise SystemExit(f"--scale must be a number or 'auto', got {args.scale!r}") from None
+            raise ValueError(f"--scale must be a number or 'auto', got {args.scale!r}") from None
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"{args.run_dir} is not a directory: give a run written by `unlearn train` "
+                                "or a previous forget's OUT_DIR")
+    root = root_run(args.run_dir)
+    config = runs.load_json(root / "train.json")
+    if config["method"] != "none":
+        store_path = root / "store.h5"
+        if not store_path.exists():
+            raise FileNotFoundError(f"{store_path} not found: the run in {root} (--method {config['method']}) "
+                                    "has lost its recording")
+        with gradstore.open(store_path) as store:
+            runs.check_store(root, config, store)
+    if args.gold:
+        gold_config = runs.load_json(Path(args.gold) / "train.json")
+        for key in ("dataset", "in_channels", "num_classes"):
+            if gold_config[key] != config[key]:
+                raise ValueError(f"--gold {args.gold} was trained with {key} {gold_config[key]!r}, the run in "
+                                 f"{root} with {config[key]!r}: they cannot be compared")
+        runs.load_model(args.gold, gold_config)
+
+
+def check_common_inputs(args):
+    """Option values argparse's types let through but the commands cannot use."""
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
+    if args.command == "train":
+        for option, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 0),
+                                   ("--groups", args.groups, 1), ("--memory-budget", args.memory_budget, 0),
+                                   ("--checkpoint-every", args.checkpoint_every, 0)):
+            if value < low:
+                raise ValueError(f"{option} must be at least {low}, got {value}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a run directory")
+    elif Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory")
+
+
+def _fail(command, message, code=2):
+    """`unlearn COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
+    text = str(message).strip()
+    print(f"unlearn {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
+    return code
+
+
+def main(argv=None):
+    """Every failure is one line on stderr and a non-zero status (argparse's usage errors: 2), never a traceback."""
+    args = build_parser().parse_args(argv)
     try:
+        check_common_inputs(args)
+        if args.command == "forget":
+            check_forget_inputs(args)
         return args.run(args)
-    except (gradstore.StoreError, FileNotFoundError, ValueError) as error:
-        print(f"unlearn {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except SystemExit as error:  # a command's own refusal: SystemExit("message")
+        if isinstance(error.code, str):
+            return _fail(args.command, error.code)
+        raise
+    except (gradstore.StoreError, OSError, ValueError) as error:
+        return _fail(args.command, error)
+    except Exception as error:  # last resort: still one line, with the exception's type
+        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
 
 
 if __name__ == "__main__":

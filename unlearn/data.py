@@ -14,11 +14,27 @@ MNIST_FILES = {
 }
 
 
+SHARED_MNIST = Path("..") / "shared" / "data" / "mnist"
+
+
 def default_mnist_dir():
-    """../shared/data/mnist beside the checkout, or $MNIST_DIR."""
+    """$MNIST_DIR, else ../shared/data/mnist relative to the current directory (a checkout's root).
+
+    Never relative to the installed package: a checkout and an installed copy look in the same place.
+    """
     if os.environ.get("MNIST_DIR"):
         return Path(os.environ["MNIST_DIR"])
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+    return Path(os.path.abspath(SHARED_MNIST))
+
+
+def _mnist_source(root):
+    """Why an MNIST folder was chosen, for error messages."""
+    if root is not None:
+        return "given by --data-dir"
+    if os.environ.get("MNIST_DIR"):
+        return "from $MNIST_DIR (no --data-dir given)"
+    return (f"the default, ../shared/data/mnist relative to the working directory {os.getcwd()} "
+            "(no --data-dir given, MNIST_DIR unset)")
 
 
 def read_idx(path):
@@ -36,19 +52,27 @@ def read_idx(path):
     return body.reshape(shape)
 
 
-def _find(root, name):
+def _find(root, name, source=""):
     root = Path(root)
     for candidate in (root / name, root / (name + ".gz"), root / "MNIST" / "raw" / name, root / "MNIST" / "raw" / (name + ".gz")):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"MNIST file {name}[.gz] not found under {root} (nor {root}/MNIST/raw); nothing is downloaded")
+    raise FileNotFoundError(
+        f"MNIST file {name}[.gz] not found in {root} (nor in its MNIST/raw){', ' + source if source else ''}; "
+        "point at the IDX files with --data-dir DIR or MNIST_DIR=DIR (nothing is downloaded)"
+    )
 
 
 def load_mnist(root=None, split="train"):
-    """(images float32 [N, 1, 28, 28] in [0, 1], labels int64 [N])."""
-    root = default_mnist_dir() if root is None else root
-    images = read_idx(_find(root, MNIST_FILES[(split, "images")]))
-    labels = read_idx(_find(root, MNIST_FILES[(split, "labels")]))
+    """(images float32 [N, 1, 28, 28] in [0, 1], labels int64 [N]).
+
+    ``root``: the folder of the IDX files; None: $MNIST_DIR, else ../shared/data/mnist
+    relative to the current directory (``default_mnist_dir``).
+    """
+    folder = default_mnist_dir() if root is None else Path(root)
+    source = _mnist_source(root)
+    images = read_idx(_find(folder, MNIST_FILES[(split, "images")], source))
+    labels = read_idx(_find(folder, MNIST_FILES[(split, "labels")], source))
     return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
 
 
@@ -176,10 +200,21 @@ def exclude(split, samples=None, cls=None):
 def read_sample_file(path):
     """Training-set indices from a text file (one per line) or a .npy file."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file of sample indices")
     if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False)
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = "not a .npy file, or one of Python objects" if "pickled" in reason else reason
+            raise ValueError(f"{path}: not a .npy array of integer indices ({reason})") from None
     else:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file of indices (one per line) nor a .npy file") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         try:
             values = np.array([int(line) for line in lines], np.int64)
         except ValueError as error:

@@ -65,8 +65,9 @@ class Recorder(ABC):
         """Add this step's rows to the store."""
 
     def finish(self):
+        """Finalize the recording; ``store`` is then the finished store."""
         if not self.store.finished:  # a resumed run may find it sealed already
-            self.store.finalize()
+            self.store = self.store.finalize()
 
 
 class PerSampleRecorder(Recorder):

@@ -40,11 +40,32 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+# The fields each file of a run directory must hold (a file without them is damaged or not ours).
+REQUIRED = {
+    "train.json": ("dataset", "model", "method", "seed", "in_channels", "num_classes", "batch_size", "optimizer"),
+    "forget.json": ("root_run", "forgotten_samples", "forgotten_keys"),
+}
+
+
 def load_json(path):
+    """A run directory's JSON file as a dict; ValueError naming the file if it is damaged or lacks fields."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} is not a directory: give a run directory written by `unlearn train`")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {path.parent} a run directory written by `unlearn train`?")
-    return json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is damaged: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged: not valid JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is damaged: a JSON {type(payload).__name__}, not an object")
+    missing = [key for key in REQUIRED.get(path.name, ()) if key not in payload]
+    if missing:
+        raise ValueError(f"{path} is damaged or not written by `unlearn`: it lacks {', '.join(missing)}")
+    return payload
 
 
 def build_data(config):
@@ -65,11 +86,83 @@ def _apply_exclusions(split, config):
 
 
 def load_model(run_dir, config, device="cpu"):
+    """The run's model (as its train.json describes) with RUN_DIR/model.pt's weights.
+
+    A missing or unreadable model.pt, or weights of another architecture, are a
+    FileNotFoundError / ValueError naming the file and the mismatch.
+    """
     model = build_model(config["model"], config["in_channels"], config["num_classes"], seed=config["seed"],
                         groups=config.get("groups", 1))
-    state = torch.load(Path(run_dir) / "model.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    path = Path(run_dir) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `unlearn train`?")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        raise ValueError(f"{path} is damaged or not a model saved by `unlearn`: {_first_line(error)}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a model's state_dict")
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{path} does not fit the model its train.json describes ({describe_model(config)}): "
+                         f"{mismatch}; was it copied from another run?")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not load into {describe_model(config)}: {_first_line(error)}") from None
     return model.to(device).eval()
+
+
+def describe_model(config):
+    """'simple, 1 input channel(s), 10 classes' from a run's config."""
+    groups = f", {config.get('groups', 1)} GroupNorm group(s)" if config["model"] == "resnet18" else ""
+    return f"{config['model']}, {config['in_channels']} input channel(s), {config['num_classes']} classes{groups}"
+
+
+def state_dict_mismatch(expected, state, shown=3):
+    """What differs between a model's state_dict and loaded weights, in one line ('' if they fit)."""
+    def names(keys):
+        keys = list(keys)
+        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [f"{key} {tuple(state[key].shape)} where the model has {tuple(value.shape)}"
+              for key, value in expected.items()
+              if key in state and hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(value.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing ({names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({names(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({names(shapes)})")
+    return "; ".join(parts)
+
+
+def check_store(run_dir, config, store):
+    """Refuse a store that was not recorded by this run: its keys must match the run's samples or steps."""
+    method = config["method"]
+    if method == "none":
+        return
+    kind, count = ("sample", config.get("num_samples")) if method == "per-sample" else ("step", config.get("steps"))
+    path = Path(run_dir) / "store.h5"
+    key_kind = store.config.get("key_kind", "sample")
+    if key_kind != kind:
+        raise ValueError(f"{path} is keyed by {key_kind}, but the run in {run_dir} (--method {method}) records one row "
+                         f"per {kind}: the store belongs to another run")
+    if count is not None and store.num_keys != count:
+        raise ValueError(f"{path} holds {store.num_keys} rows, but the run in {run_dir} has {count} {kind}s: "
+                         "the store belongs to another run (recorded on other data or settings)")
+    recorded = (config.get("store") or {}).get("k")
+    if recorded is not None and store.k != recorded:
+        raise ValueError(f"{path} keeps {store.k} values per row, but the run in {run_dir} recorded {recorded}: "
+                         "the store belongs to another run")
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_model(run_dir, model):

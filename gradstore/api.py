@@ -1,0 +1,129 @@
+"""The entry points: ``create`` a recording, ``open`` a store file of either kind.
+
+h5py's layering: these and the two classes they return (``Recording``, ``Store``) are
+the friendly level; ``masks``, ``codecs``, ``kernels``, ``chunkio``, ``format``,
+``staging`` and ``writer`` are the explicit one underneath.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional, Union
+
+import numpy as np
+
+from . import __version__, chunkio
+from .base import load
+from .codecs import get_codec
+from .errors import BadInputError
+from .format import ROWS, open_h5, seal_metadata, write_header
+from .recording import DEFAULT_MEMORY_BUDGET, Recording
+from .store import Store
+from .writer import rows_per_chunk
+
+PathLike = Union[str, os.PathLike]
+
+
+def keep_to_k(keep: float, num_params: int) -> int:
+    """Number of values a row keeps: round(keep * num_params), refused when it would be 0."""
+    if not (0 < keep <= 1):
+        raise BadInputError(f"keep must be in (0, 1], got {keep!r}")
+    k = int(round(keep * num_params))
+    if k < 1:
+        raise BadInputError(f"keep={keep} of {num_params} parameters keeps no value; raise keep")
+    return k
+
+
+def create(
+    path: PathLike,
+    num_params: int,
+    num_keys: int,
+    keep: float,
+    *,
+    codec: Union[str, dict] = "int8",
+    seed: int = 0,
+    zstd_level: int = 1,
+    key_kind: str = "sample",
+    fingerprint: Optional[dict] = None,
+    labels=None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    buffer_dir: Optional[PathLike] = None,
+    overwrite: bool = False,
+) -> Recording:
+    """Create a store file and return its ``Recording``, ready for ``accumulate``.
+
+    num_params: M, the model's flat parameter count. num_keys: rows (keys 0..num_keys-1).
+    keep: p, the fraction of the M values each row keeps. codec: 'fp32', 'fp16', 'int8'
+    or a codec config dict. memory_budget: bytes of float32 sums held before spilling.
+    buffer_dir: keep those sums in a memory-mapped scratch file in this folder (a budget
+    larger than RAM then pages to disk instead of exhausting memory).
+    fingerprint: from ``format.model_fingerprint`` (checked at forget time by callers).
+    """
+    path = os.fspath(path)
+    if int(num_params) != num_params or num_params < 1:
+        raise BadInputError(f"num_params must be a positive integer, got {num_params!r}")
+    if num_params >= 2**32:
+        raise BadInputError(f"num_params must be below 2**32 (the mask kernel's limit), got {num_params}")
+    if int(num_keys) != num_keys or num_keys < 1:
+        raise BadInputError(f"num_keys must be a positive integer, got {num_keys!r}")
+    if int(seed) != seed or not (0 <= seed < 2**63):
+        raise BadInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if key_kind not in ("sample", "step"):
+        raise BadInputError(f"key_kind must be 'sample' or 'step', got {key_kind!r}")
+    if fingerprint is not None and fingerprint.get("num_params") != num_params:
+        raise BadInputError(
+            f"fingerprint counts {fingerprint.get('num_params')} parameters but num_params is {num_params}"
+        )
+    num_params, num_keys, seed = int(num_params), int(num_keys), int(seed)
+    k = keep_to_k(keep, num_params)
+    codec = get_codec(codec)
+    config = {
+        "num_params": num_params,
+        "num_keys": num_keys,
+        "keep": float(keep),
+        "k": k,
+        "seed": seed,
+        "codec": codec.get_config(),
+        "zstd_level": int(zstd_level),
+        "rows_per_chunk": rows_per_chunk(num_keys, k, codec),
+        "key_kind": key_kind,
+        "fingerprint": fingerprint,
+        "package_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    label_array = _check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
+    if buffer_dir is not None and not os.path.isdir(buffer_dir):
+        raise BadInputError(f"buffer_dir {os.fspath(buffer_dir)!r} is not a directory")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    h5file = open_h5(path, "w")
+    write_header(h5file, config, finished=False)
+    rows = h5file.create_group(ROWS)
+    rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
+    rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True, **chunkio.dataset_filters(False, 1))
+    seal_metadata(h5file)
+    h5file.flush()
+    return Recording(path, h5file, config, writable=True, memory_budget=memory_budget, buffer_dir=buffer_dir)
+
+
+def open(path: PathLike, mode: str = "r") -> Union[Store, Recording]:  # noqa: A001 - mirrors h5py.File / builtins.open
+    """Open an existing store file: a finished file gives its ``Store``, an unfinished one its
+    ``Recording`` (to resume). mode 'r' reads; 'r+' also writes (accumulate, commit,
+    finalize; mark_forgotten, purge)."""
+    if mode not in ("r", "r+"):
+        raise BadInputError(f"mode must be 'r' or 'r+', got {mode!r}")
+    path = os.fspath(path)
+
+    def make(h5file, config, finished):
+        kind = Store if finished else Recording
+        return kind(path, h5file, config, writable=(mode == "r+"))
+
+    return load(path, mode, make)
+
+
+def _check_labels(labels, count):
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or labels.dtype.kind not in "iu":
+        raise BadInputError(f"labels must be {count} integers, got dtype {labels.dtype} shape {labels.shape}")
+    return labels.astype(np.int64)

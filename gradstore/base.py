@@ -1,0 +1,144 @@
+"""What a recording and a finished store share: the open file, its config, labels, states and keys."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import masks
+from .codecs import get_codec
+from .errors import BadInputError, FormatError, StoreError
+from .format import ATTR_FINISHED, LABELS, STATE, RowState, open_h5, read_header, read_membership
+
+
+class StoreFile:
+    """An open store file. ``gradstore.create`` and ``gradstore.open`` make its two kinds:
+    ``Recording`` (rows still arriving) and ``Store`` (finished: rows to read and forget)."""
+
+    finished: bool  # set by each kind
+
+    def __init__(self, path: str, h5file, config: dict, writable: bool):
+        self.path = path
+        self._h5 = h5file
+        self.config = config
+        self.writable = writable
+        self.codec = get_codec(config["codec"])
+        self.num_params: int = config["num_params"]
+        self.num_keys: int = config["num_keys"]
+        self.keep: float = config["keep"]
+        self.k: int = config["k"]
+        self.seed: int = config["seed"]
+        self.zstd_level: int = config["zstd_level"]
+        self.rows_per_chunk: int = config["rows_per_chunk"]
+        self.parts = self.codec.parts(self.k)
+        self.labels = h5file[LABELS][()]
+        self.state = h5file[STATE][()]
+        self.members = read_membership(h5file)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        kind = "store" if self.finished else "recording"
+        return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
+
+    def _require_open(self):
+        if self._h5 is None:
+            raise BadInputError(f"{self.path}: store is closed")
+
+    def _check_keys(self, keys, what="keys"):
+        """Keys as a 1-D int64 array: integers, in range, not repeated."""
+        array = np.asarray(keys)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        if array.ndim != 1:
+            raise BadInputError(f"{what} must be 1-D, got shape {array.shape}")
+        if array.size and array.dtype.kind not in "iu":
+            if array.dtype.kind == "f" and np.all(array == np.round(array)):
+                array = array.astype(np.int64)
+            else:
+                raise BadInputError(f"{what} must be integers, got dtype {array.dtype}")
+        array = array.astype(np.int64)
+        out_of_range = array[(array < 0) | (array >= self.num_keys)]
+        if out_of_range.size:
+            raise BadInputError(
+                f"{what} out of range [0, {self.num_keys}): {out_of_range[:10].tolist()}"
+                + (" ..." if out_of_range.size > 10 else "")
+            )
+        unique, counts = np.unique(array, return_counts=True)
+        if (counts > 1).any():
+            raise BadInputError(f"{what} repeated: {unique[counts > 1][:10].tolist()}")
+        return array
+
+    def positions(self, key: int) -> np.ndarray:
+        """Sorted flat-parameter positions of ``key``'s row (int64 [k])."""
+        key = int(self._check_keys([key])[0])
+        return masks.positions(self.seed, key, self.num_params, self.k)
+
+    def keys_covering(self, samples, states=(RowState.LIVE,)) -> np.ndarray:
+        """Keys whose recorded members include any of ``samples`` (rows in ``states``)."""
+        if not self.members:
+            return np.empty(0, np.int64)
+        keys = np.fromiter(self.members, np.int64, len(self.members))
+        owners = np.repeat(keys, [self.members[key].size for key in keys.tolist()])
+        flat = np.concatenate([self.members[key] for key in keys.tolist()])
+        covering = np.unique(owners[np.isin(flat, np.asarray(samples, np.int64))])
+        return covering[np.isin(self.state[covering], states)]
+
+    def keys_with_label(self, label: int, states=(RowState.LIVE,)) -> np.ndarray:
+        """Keys whose stored label is ``label`` (live rows by default)."""
+        return np.nonzero((self.labels == label) & np.isin(self.state, states))[0]
+
+    def info(self) -> dict:
+        """Every store-level field plus row counts and bytes on disk (what `gradstore info` prints)."""
+        self._require_open()
+        counts = {name: int((self.state == value).sum()) for value, name in RowState.NAMES.items()}
+        stored_rows = counts["live"] + counts["forgotten"]
+        return {
+            "path": self.path,
+            "format_version": int(self._h5.attrs["gradstore_format_version"]),
+            **{key: value for key, value in self.config.items() if key != "fingerprint"},
+            "fingerprint_sha256": (self.config.get("fingerprint") or {}).get("sha256"),
+            "finished": bool(self._h5.attrs[ATTR_FINISHED]),
+            "rows_live": counts["live"],
+            "rows_forgotten": counts["forgotten"],
+            "rows_purged": counts["purged"],
+            "rows_empty": counts["empty"],
+            **self._lifecycle_info(),
+            "bytes_on_disk": os.path.getsize(self.path),
+            "stored_values": stored_rows * self.k,
+            "bytes_per_value": None,  # a finished store's bytes on disk over its stored values
+            "dense_fp32_bytes": stored_rows * self.num_params * 4,
+        }
+
+    def _lifecycle_info(self) -> dict:
+        """The info fields of a recording's commits (None in a finished store)."""
+        raise NotImplementedError
+
+    def _invalid_states(self) -> list:
+        bad_state = np.nonzero(~np.isin(self.state, list(RowState.NAMES)))[0]
+        return [{"rows": bad_state[:50].tolist(), "problem": "invalid row state"}] if bad_state.size else []
+
+
+def load(path: str, mode: str, make):
+    """Open ``path`` and return ``make(h5file, config, finished)``; the file is closed again on any
+    failure, and what h5py raises on a damaged structure becomes FormatError."""
+    h5file = open_h5(path, mode)
+    try:
+        config, finished = read_header(h5file, path)
+        return make(h5file, config, finished)
+    except StoreError:
+        h5file.close()
+        raise
+    except Exception as error:  # h5py/HDF5 on damaged structures: KeyError, OSError, ValueError, ...
+        h5file.close()
+        raise FormatError(f"{path}: damaged store ({type(error).__name__}: {error})") from None
