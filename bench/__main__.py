@@ -23,7 +23,7 @@ def _reexec_with_stable_env():
 
 
 def main():
-    import gradstore
+    from gradstore.cli import run_reporting_errors
 
     from . import codecs_study, corrupt, crash, footprint, protocol, purge, store, study, throughput
 
@@ -44,23 +44,7 @@ def main():
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)
     args = parser.parse_args()
-    try:
-        return args.run(args)
-    except SystemExit as error:  # a benchmark's own refusal: SystemExit("message")
-        if isinstance(error.code, str):
-            return _fail(args.command, error.code)
-        raise
-    except (gradstore.StoreError, OSError, ValueError) as error:
-        return _fail(args.command, error)
-    except Exception as error:  # last resort: still one line, with the exception's type
-        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
-
-
-def _fail(command, message, code=2):
-    """`bench COMMAND: error: MESSAGE` on one line of stderr (never a traceback); returns the exit status."""
-    text = str(message).strip()
-    print(f"bench {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
-    return code
+    return run_reporting_errors("bench", args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

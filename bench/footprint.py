@@ -17,8 +17,8 @@ import torch
 import gradstore
 from gradstore.codecs import get_codec
 from unlearn import data as datasets
-from unlearn.models import build_model, named_shapes
-from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.models import build_model
+from unlearn.recorders import create_recorder
 from unlearn.train import train
 
 RAW_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
@@ -34,23 +34,19 @@ def record_all(data, config, out_dir):
     """One training run writing every store; returns {name: (method, keep, codec, path, rows)}."""
     model = build_model("simple", data.in_channels, data.num_classes, seed=config["seed"])
     num_params = sum(p.numel() for p in model.parameters())
-    fingerprint = gradstore.model_fingerprint(named_shapes(model))
     steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
     recorders, stores = [], {}
+
+    def add(name, method, keep, codec, path, rows):
+        recorders.append(create_recorder(path, method, model, len(data), steps, keep=keep, codec=codec,
+                                         seed=config["seed"], overwrite=True))
+        stores[name] = (method, keep, codec, path, rows)
+
     for keep in config["keeps"]:
         for codec in config["codecs"]:
-            path = out_dir / f"per-sample-{keep}-{codec}.h5"
-            store = gradstore.create(path, num_params, len(data), keep, codec=codec, seed=config["seed"],
-                                     fingerprint=fingerprint, overwrite=True)
-            recorders.append(PerSampleRecorder(store, "update"))
-            stores[f"ours p={keep} {codec}"] = ("per-sample", keep, codec, path, len(data))
-    for keep, codec in [(1.0, "fp32")] + [(config["layer_keep"], "fp32")]:
-        method = "original" if keep == 1.0 else "layer"
-        path = out_dir / f"{method}.h5"
-        store = gradstore.create(path, num_params, steps, keep, codec=codec, key_kind="step", seed=config["seed"],
-                                 fingerprint=fingerprint, overwrite=True)
-        recorders.append(StepRecorder(store))
-        stores[method if method == "original" else f"layer p={keep}"] = (method, keep, codec, path, steps)
+            add(f"ours p={keep} {codec}", "per-sample", keep, codec, out_dir / f"per-sample-{keep}-{codec}.h5", len(data))
+    add("original", "original", 1.0, "fp32", out_dir / "original.h5", steps)
+    add(f"layer p={config['layer_keep']}", "layer", config["layer_keep"], "fp32", out_dir / "layer.h5", steps)
     train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], config["seed"],
           recorders=recorders, device=torch.device("cpu"), description="recording every method")
     for recorder in recorders:
@@ -91,7 +87,7 @@ def tabulate(entries, n, num_params, epochs, batch, steps):
     original_measured = next(measured for _, method, *_, measured in entries if method == "original")
     table = []
     for name, method, keep, codec, rows, measured in entries:
-        k = gradstore.store.keep_to_k(keep, num_params)
+        k = gradstore.keep_to_k(keep, num_params)
         row = {
             "store": name, "method": method, "keep": keep, "codec": codec, "rows": rows, "k": k,
             "analytic_bytes": analytic_bytes(codec, rows, k),

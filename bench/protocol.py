@@ -8,7 +8,6 @@ next to a fine-tune-only control. Prints a table, writes protocol-results.json.
 """
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ import torch
 import gradstore
 from unlearn import data as datasets
 from unlearn.evaluate import accuracy
-from unlearn.forget import choose_scale, removal_vector, resolve_request
-from unlearn.models import build_model, flat_params, load_flat_params, named_shapes
-from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.forget import apply_removal, plan_removal
+from unlearn.models import build_model, flat_params, load_flat_params
+from unlearn.recorders import create_recorder
 from unlearn.train import train
 
 
@@ -29,25 +28,22 @@ def class_cells(model, data, cls):
 
 
 def make_recorders(out_dir, model, data, config):
-    num_params = sum(p.numel() for p in model.parameters())
-    fingerprint = gradstore.model_fingerprint(named_shapes(model))
     steps = config["epochs"] * -(-len(data) // config["batch_size"])
     recorders = {}
+
+    def add(name, filename, method, **options):
+        recorders[name] = create_recorder(out_dir / filename, method, model, len(data), steps, seed=config["seed"],
+                                          overwrite=True, **options)
+
     for flavour, keeps in (("update", config["keeps"]), ("grad", config["grad_keeps"])):
         for keep in keeps:
             for codec in config["codecs"]:
-                name = f"per-sample {flavour} p={keep} {codec}"
-                store = gradstore.create(out_dir / f"ps-{flavour}-{keep}-{codec}.h5", num_params, len(data), keep,
-                                         codec=codec, seed=config["seed"], fingerprint=fingerprint, overwrite=True)
-                recorders[name] = PerSampleRecorder(store, flavour)
+                add(f"per-sample {flavour} p={keep} {codec}", f"ps-{flavour}-{keep}-{codec}.h5", "per-sample",
+                    keep=keep, codec=codec, flavour=flavour)
     if config["original"]:
-        store = gradstore.create(out_dir / "original.h5", num_params, steps, 1.0, codec="fp32", key_kind="step",
-                                 fingerprint=fingerprint, overwrite=True)
-        recorders["original"] = StepRecorder(store)
+        add("original", "original.h5", "original", codec="fp32")
     for keep in config["layer_keeps"]:
-        store = gradstore.create(out_dir / f"layer-{keep}.h5", num_params, steps, keep, codec="fp32", key_kind="step",
-                                 seed=config["seed"], fingerprint=fingerprint, overwrite=True)
-        recorders[f"layer p={keep}"] = StepRecorder(store)
+        add(f"layer p={keep}", f"layer-{keep}.h5", "layer", keep=keep, codec="fp32")
     return recorders
 
 
@@ -82,32 +78,24 @@ def run_one(seed, cls, config, out_dir, log=print):
     rows.append({"method": "fine-tune 1 epoch, no removal", "forgotten": cells[0], "rest": cells[1], "seconds": tuned["seconds"]})
     original_bytes = None
     for name, recorder in recorders.items():
-        store = gradstore.open(recorder.store.path)
-        started = time.perf_counter()
-        request = resolve_request(store, recorder.method, data, cls=cls)
-        removal = removal_vector(store, request.keys)
-        removal_seconds = time.perf_counter() - started
-        size = store.info()["bytes_on_disk"]
+        with gradstore.open(recorder.store.path) as store:
+            removal = plan_removal(store, recorder.method, data, cls=cls)
+            info = store.info()
         if name == "original":
-            original_bytes = size
+            original_bytes = info["bytes_on_disk"]
         scales = [1.0]
         if recorder.method == "per-sample" or config["auto_for_baselines"]:
             scales.append("auto")
         for scale in scales:
-            choice = None
-            if scale == "auto":
-                choice = choose_scale(model, base, removal, data, request, seed=seed)
-                scale = choice.scale
-            load_flat_params(model, base + np.float32(scale) * removal)
+            choice = apply_removal(model, base, removal, data, scale, seed=seed)
             cells = class_cells(model, data, cls)
             rows.append({
-                "method": name, "scale": scale, "auto": choice is not None, "forgotten": cells[0], "rest": cells[1],
-                "bytes_on_disk": size, "bytes_per_value": store.info()["bytes_per_value"],
-                "seconds": removal_seconds + (choice.seconds if choice else 0.0),
-                "scale_reached_target": choice.reached if choice else None,
+                "method": name, "scale": choice.scale, "auto": scale == "auto", "forgotten": cells[0], "rest": cells[1],
+                "bytes_on_disk": info["bytes_on_disk"], "bytes_per_value": info["bytes_per_value"],
+                "seconds": removal.seconds + choice.seconds,
+                "scale_reached_target": choice.reached if scale == "auto" else None,
             })
             load_flat_params(model, base)
-        store.close()
     for row in rows:
         if original_bytes and "bytes_on_disk" in row:
             row["ratio_vs_original"] = original_bytes / row["bytes_on_disk"]

@@ -26,7 +26,7 @@ TARGETS = {"int8_bytes_per_value": 0.75, "int8_entropy_gap": 0.05, "ingest_mb_s_
 def masked_rows(gradients, seed, keep):
     """Each sample's k masked values, as the recorder would hand them to the store."""
     n, num_params = gradients.shape
-    k = gradstore.store.keep_to_k(keep, num_params)
+    k = gradstore.keep_to_k(keep, num_params)
     positions = masks.positions_many(seed, np.arange(n), num_params, k)
     return np.take_along_axis(gradients, positions, axis=1)
 

@@ -5,14 +5,13 @@ retrain (the removal alone) and after retrain (the removal, then a short fine-tu
 retained data). Sample requests: UA/RA/TA and MIA efficacy with no retrain.
 """
 
-import time
 
 import numpy as np
 import torch
 
 import gradstore
 from unlearn.evaluate import accuracy, evaluate
-from unlearn.forget import choose_scale, removal_vector, resolve_request
+from unlearn.forget import apply_removal, plan_removal
 from unlearn.models import build_model, load_flat_params
 from unlearn.train import train
 
@@ -68,29 +67,24 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
     """Cells of one store for one request: scale 1 (with the fine-tuned column for class
     requests) and, for per-sample stores, scale 'auto'. Returns {scale mode: cell}."""
     with gradstore.open(store_path) as store:
-        started = time.perf_counter()
         if task == "class":
-            request = resolve_request(store, entry["method"], data, cls=config["forget_class"])
+            removal = plan_removal(store, entry["method"], data, cls=config["forget_class"])
         else:
-            request = resolve_request(store, entry["method"], data, samples=samples)
-        removal = removal_vector(store, request.keys)
-        removal_seconds = time.perf_counter() - started
+            removal = plan_removal(store, entry["method"], data, samples=samples)
         info = store.info()
     common = {"bytes_on_disk": info["bytes_on_disk"], "bytes_per_value": info["bytes_per_value"],
-              "keys_removed": int(request.keys.size)}
+              "keys_removed": int(removal.request.keys.size)}
     model = fresh_model(data, trained)
-    modes = {"1": None}
+    modes = {"1": 1.0}
     if entry["method"] == "per-sample":
-        modes["auto"] = None
+        modes["auto"] = "auto"
     cells = {}
-    for mode in modes:
+    for mode, scale in modes.items():
         cell = dict(common)
+        choice = apply_removal(model, trained, removal, data, scale, seed=seed)
+        cell.update(scale=choice.scale, seconds=removal.seconds + choice.seconds)
         if mode == "auto":
-            choice = choose_scale(model, trained, removal, data, request, seed=seed)
-            cell.update(scale=choice.scale, scale_reached=choice.reached, seconds=removal_seconds + choice.seconds)
-        else:
-            cell.update(scale=1.0, seconds=removal_seconds)
-        load_flat_params(model, trained + np.float32(cell["scale"]) * removal)
+            cell["scale_reached"] = choice.reached
         if task == "class":
             cell["forgotten"], cell["rest"] = class_cells(model, data, config["forget_class"])
             if mode == "1" and config["finetune_epochs"]:

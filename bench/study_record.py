@@ -24,8 +24,8 @@ import torch
 
 import gradstore
 from unlearn import data as datasets
-from unlearn.models import build_model, flat_params, named_shapes
-from unlearn.recorders import PerSampleRecorder, StepRecorder
+from unlearn.models import build_model, flat_params
+from unlearn.recorders import create_recorder
 from unlearn.train import train
 
 RECORDED = "recorded.json"
@@ -98,24 +98,22 @@ def record(seed, config, seed_dir, log=print):
     needed = disk_needed(config, len(data), num_params)
     if needed > free:
         raise RuntimeError(f"the recording needs about {needed / 1e9:.1f} GB under {seed_dir}; {free / 1e9:.1f} GB are free")
-    fingerprint = gradstore.model_fingerprint(named_shapes(model))
     scratch = seed_dir / "scratch"
     scratch.mkdir()
+    steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
     stores, recorders = {}, []
     for flavour in config["flavours"]:
         for keep in config["keeps"]:
             name = store_name("per-sample", flavour, keep, "fp32")
-            k = gradstore.store.keep_to_k(keep, num_params)
-            store = gradstore.create(seed_dir / f"{name}.h5", num_params, len(data), keep, codec="fp32", seed=seed,
-                                     fingerprint=fingerprint, memory_budget=len(data) * k * 4, buffer_dir=scratch)
-            recorders.append(PerSampleRecorder(store, flavour))
+            k = gradstore.keep_to_k(keep, num_params)
+            recorders.append(create_recorder(seed_dir / f"{name}.h5", "per-sample", model, len(data), steps, keep=keep,
+                                             codec="fp32", flavour=flavour, seed=seed,
+                                             memory_budget=len(data) * k * 4, buffer_dir=scratch))
             stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "fp32"}
-    steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
     for method, keep in (("original", 1.0), ("layer", config["layer_keep"])):
         name = store_name(method, keep=keep)
-        store = gradstore.create(seed_dir / f"{name}.h5", num_params, steps, keep, codec="fp32", key_kind="step",
-                                 seed=seed, fingerprint=fingerprint)
-        recorders.append(StepRecorder(store))
+        recorders.append(create_recorder(seed_dir / f"{name}.h5", method, model, len(data), steps, keep=keep,
+                                         codec="fp32", seed=seed))
         stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": "fp32"}
     log(f"seed {seed}: training {config['epochs']} epochs on {len(data)} samples, recording {len(recorders)} stores")
     run = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,

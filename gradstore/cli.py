@@ -73,22 +73,32 @@ def build_parser():
     return parser
 
 
-def _fail(command, message, code=2):
-    """`gradstore COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
+def report_failure(prog, command, message, code=2):
+    """`PROG COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
     text = str(message).strip()
-    print(f"gradstore {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
+    print(f"{prog} {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
     return code
+
+
+def run_reporting_errors(prog, command, action):
+    """``action()``'s exit status; every failure becomes one line on stderr and a non-zero status,
+    never a traceback (the CLIs of gradstore, unlearn and bench all run through here)."""
+    try:
+        return action()
+    except SystemExit as error:  # a command's own refusal: SystemExit("message")
+        if isinstance(error.code, str):
+            return report_failure(prog, command, error.code)
+        raise
+    except (StoreError, OSError, ValueError) as error:
+        return report_failure(prog, command, error)
+    except Exception as error:  # last resort: still one line, with the exception's type
+        return report_failure(prog, command, f"{type(error).__name__}: {error}", 1)
 
 
 def main(argv=None):
     """Every failure is one line on stderr and a non-zero status (argparse's usage errors: 2), never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (StoreError, OSError, ValueError) as error:
-        return _fail(args.command, error)
-    except Exception as error:  # last resort: still one line, with the exception's type
-        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
+    return run_reporting_errors("gradstore", args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 import gradstore
+from gradstore.cli import run_reporting_errors
 
 from . import data as datasets
 from . import runs
 from .evaluate import accuracy, evaluate
 from .forget import forget, mark_applied, root_run
-from .models import build_model, named_shapes
-from .recorders import PerSampleRecorder, StepRecorder
+from .models import build_model
+from .recorders import create_recorder, recorder_for
 from .checkpoint import Checkpointer
 from .train import default_device, train
 
@@ -29,17 +30,6 @@ def parse_keep_first(text):
         return [int(cls), int(count)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--keep-first wants CLASS:N (e.g. 3:100), got {text!r}") from None
-
-
-def create_store(path, method, keep, codec, seed, num_samples, steps, model, memory_budget):
-    num_params = sum(p.numel() for p in model.parameters())
-    fingerprint = gradstore.model_fingerprint(named_shapes(model))
-    if method == "per-sample":
-        return gradstore.create(path, num_params, num_samples, keep, codec=codec, seed=seed, fingerprint=fingerprint,
-                                memory_budget=memory_budget)
-    keep = 1.0 if method == "original" else keep
-    return gradstore.create(path, num_params, steps, keep, codec=codec, seed=seed, key_kind="step",
-                            fingerprint=fingerprint, memory_budget=memory_budget)
 
 
 def cmd_train(args):
@@ -81,11 +71,11 @@ def cmd_train(args):
     steps = args.epochs * -(-len(split) // args.batch_size)
     if args.method != "none":
         if args.resume and (out / "store.h5").exists():
-            store = gradstore.open(out / "store.h5", "r+")
+            recorders.append(recorder_for(gradstore.open(out / "store.h5", "r+"), args.method, args.flavour))
         else:
-            store = create_store(out / "store.h5", args.method, args.keep, config["codec"], args.seed, len(split), steps,
-                                 model, args.memory_budget << 20)
-        recorders.append(PerSampleRecorder(store, args.flavour) if args.method == "per-sample" else StepRecorder(store))
+            recorders.append(create_recorder(out / "store.h5", args.method, model, len(split), steps, keep=args.keep,
+                                             codec=config["codec"], flavour=args.flavour, seed=args.seed,
+                                             memory_budget=args.memory_budget << 20))
     checkpoint = Checkpointer(out / runs.CHECKPOINT, args.checkpoint_every) if args.checkpoint_every else None
     if args.resume and checkpoint is None:
         raise SystemExit("--resume needs the interrupted run's --checkpoint-every")
@@ -279,29 +269,17 @@ def check_common_inputs(args):
         raise ValueError(f"--out {args.out} is a file, not a directory")
 
 
-def _fail(command, message, code=2):
-    """`unlearn COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
-    text = str(message).strip()
-    print(f"unlearn {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
-    return code
-
-
 def main(argv=None):
     """Every failure is one line on stderr and a non-zero status (argparse's usage errors: 2), never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run():
         check_common_inputs(args)
         if args.command == "forget":
             check_forget_inputs(args)
         return args.run(args)
-    except SystemExit as error:  # a command's own refusal: SystemExit("message")
-        if isinstance(error.code, str):
-            return _fail(args.command, error.code)
-        raise
-    except (gradstore.StoreError, OSError, ValueError) as error:
-        return _fail(args.command, error)
-    except Exception as error:  # last resort: still one line, with the exception's type
-        return _fail(args.command, f"{type(error).__name__}: {error}", 1)
+
+    return run_reporting_errors("unlearn", args.command, run)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ sizes; at 2,000 a side the SVC flipped between "all members" and "all non-member
 from one draw to the next on MNIST), reported beside its spread, ``mia_efficacy_std``.
 """
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -46,8 +48,8 @@ def per_sample_stats(model, x, y):
     return (logits.argmax(1) == target).numpy(), loss.numpy(), confidence.numpy()
 
 
-def mia_efficacy(model, retained_x, retained_y, test_x, test_y, forget_x, forget_y, draws=MIA_DRAWS,
-                 members=MIA_MEMBERS, seed=0):
+def mia_efficacy(model: torch.nn.Module, retained_x, retained_y, test_x, test_y, forget_x, forget_y,
+                 draws: int = MIA_DRAWS, members: int = MIA_MEMBERS, seed: int = 0) -> tuple:
     """SalUn's MIA efficacy (see module doc) over ``draws`` shadow draws: (mean, population std).
 
     Each draw fits the SVC on ``members`` retained samples against as many test samples
@@ -67,7 +69,7 @@ def mia_efficacy(model, retained_x, retained_y, test_x, test_y, forget_x, forget
     return float(np.mean(efficacies)), float(np.std(efficacies))
 
 
-def mia_from_confidences(conf_members, conf_non_members, conf_forget):
+def mia_from_confidences(conf_members: np.ndarray, conf_non_members: np.ndarray, conf_forget: np.ndarray) -> float:
     """Share of ``conf_forget`` that SalUn's SVC, fit on members (1) against non-members (0), calls non-members.
 
     The SVC is fit on the confidences rounded to 1/MIA_GRID, each distinct (value, side)
@@ -87,7 +89,8 @@ def mia_from_confidences(conf_members, conf_non_members, conf_forget):
     return float((classifier.predict(np.asarray(conf_forget, np.float64)[:, None]) == 0).mean())
 
 
-def evaluate(model, data, forget_keys, forget_class=None, excluded=None, retained_limit=None, seed=0):
+def evaluate(model: torch.nn.Module, data, forget_keys: np.ndarray, forget_class: Optional[int] = None,
+             excluded: Optional[np.ndarray] = None, retained_limit: Optional[int] = None, seed: int = 0) -> dict:
     """Every metric of a forget request on one model.
 
     ``excluded``: every training sample not retained (default: the forget set); a chain

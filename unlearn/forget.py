@@ -15,6 +15,7 @@ them (one not in that chain) is refused rather than silently skipped.
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,6 +62,36 @@ class ScaleChoice:
     evaluations: int
     seconds: float
     rule: str
+
+
+@dataclass
+class Removal:
+    """A request resolved against a store, with the sum of its rows: what a step is applied to."""
+
+    request: Request
+    vector: np.ndarray  # float32 [M]: sum of the request's rows
+    seconds: float  # resolving and reading the rows
+
+
+def plan_removal(store: gradstore.Store, method: str, data, samples: Optional[Sequence[int]] = None,
+                 cls: Optional[int] = None, already: Sequence[int] = (), already_keys: Sequence[int] = ()) -> Removal:
+    """The pipeline's first two stages: resolve the request's keys, sum their rows."""
+    started = time.perf_counter()
+    request = resolve_request(store, method, data, samples=samples, cls=cls, already=already, already_keys=already_keys)
+    vector = removal_vector(store, request.keys)
+    return Removal(request, vector, time.perf_counter() - started)
+
+
+def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, data, scale: Union[float, str],
+                  seed: int = 0) -> ScaleChoice:
+    """The pipeline's last two stages: choose the step (a number, or "auto") and load
+    ``base + step * removal`` into ``model``."""
+    if scale == "auto":
+        choice = choose_scale(model, base, removal.vector, data, removal.request, seed=seed)
+    else:
+        choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
+    load_flat_params(model, base + np.float32(choice.scale) * removal.vector)
+    return choice
 
 
 def removal_vector(store, keys):
@@ -205,7 +236,8 @@ def root_run(run_dir):
     return Path(runs.load_json(chain)["root_run"]) if chain.exists() else Path(run_dir)
 
 
-def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=None, progress=True):
+def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, cls: Optional[int] = None,
+           scale: Union[float, str] = 1.0, retrain_epochs: int = 0, device=None, progress: bool = True) -> "ForgetResult":
     """Forget from a run (or a forget output) without touching the store. See the module doc."""
     run_dir = Path(run_dir)
     chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
@@ -221,15 +253,10 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=
         check_fingerprint(store, model)
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
-        request = resolve_request(store, config["method"], data, samples=samples, cls=cls, already=already,
-                                  already_keys=already_keys)
-        removal = removal_vector(store, request.keys)
-    base = flat_params(model)
-    if scale == "auto":
-        choice = choose_scale(model, base, removal, data, request, seed=config["seed"])
-    else:
-        choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
-    load_flat_params(model, base + np.float32(choice.scale) * removal)
+        removal = plan_removal(store, config["method"], data, samples=samples, cls=cls, already=already,
+                               already_keys=already_keys)
+    request = removal.request
+    choice = apply_removal(model, flat_params(model), removal, data, scale, seed=config["seed"])
     removal_seconds = time.perf_counter() - started
     report = {
         "method": config["method"],
@@ -238,7 +265,7 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=
         "scale": choice.scale,
         "scale_search": {"rule": choice.rule, "reached": choice.reached, "evaluations": choice.evaluations,
                          "seconds": choice.seconds},
-        "removal_norm": float(np.linalg.norm(removal)),
+        "removal_norm": float(np.linalg.norm(removal.vector)),
         "seconds_no_retrain": removal_seconds,
     }
     no_retrain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -256,7 +283,7 @@ def forget(run_dir, samples=None, cls=None, scale=1.0, retrain_epochs=0, device=
     return ForgetResult(model, no_retrain_state, data, request, report, record)
 
 
-def mark_applied(record, erase=False):
+def mark_applied(record: dict, erase: bool = False) -> int:
     """Mark a chain's applied rows forgotten in the root store; with ``erase``, purge them from disk.
 
     Call it once the forgotten model is safely written: marked rows are refused to every

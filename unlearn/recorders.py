@@ -17,11 +17,15 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
+import gradstore
 from gradstore import masks
+
+from .models import named_shapes
 
 
 @dataclass
@@ -143,3 +147,36 @@ def update_preconditioner(optimizer, params):
         else:
             raise ValueError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
     return torch.cat(pieces)
+
+
+METHODS = ("per-sample", "original", "layer")
+
+
+def recorder_for(store, method: str, flavour: str = "update") -> Recorder:
+    """The recorder that feeds ``store`` (a new recording, a reopened one, or a finished store)."""
+    if method == "per-sample":
+        return PerSampleRecorder(store, flavour)
+    if method in ("original", "layer"):
+        return StepRecorder(store)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
+                    codec: str = "int8", flavour: str = "update", seed: int = 0, memory_budget: int = 256 << 20,
+                    buffer_dir=None, overwrite: bool = False) -> Recorder:
+    """Create the store of one recording method and the recorder that fills it: the one place
+    every method's store is laid out (per-sample: a row per sample, masked to ``keep``;
+    original: a dense row per step; layer: a row per step masked to ``keep``).
+    """
+    num_params = sum(p.numel() for p in model.parameters())
+    options = dict(codec=codec, seed=seed, fingerprint=gradstore.model_fingerprint(named_shapes(model)),
+                   memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
+    if method == "per-sample":
+        store = gradstore.create(path, num_params, num_samples, keep, **options)
+    elif method in ("original", "layer"):
+        if steps is None:
+            raise ValueError(f"the {method} method keys rows by step: give steps (epochs * batches per epoch)")
+        store = gradstore.create(path, num_params, steps, 1.0 if method == "original" else keep, key_kind="step", **options)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return recorder_for(store, method, flavour)

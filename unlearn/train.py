@@ -19,13 +19,15 @@ every recorder.
 
 import time
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .per_sample import per_sample_grads
-from .recorders import StepContext, update_preconditioner
+from .recorders import Recorder, StepContext, update_preconditioner
 
 
 def flat_view(params):
@@ -175,7 +177,8 @@ class RecordingSession:
             recorder.finish()
 
 
-def attach(model, optimizer, data_loader, recorders, chunk_size=64):
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader, recorders: Sequence["Recorder"],
+           chunk_size: int = 64) -> tuple:
     """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
 
     Batches must be (inputs, integer class targets); the per-sample loss is cross-entropy
@@ -206,8 +209,9 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(model, train_x, train_y, epochs, batch_size, seed, optimizer="adam", lr=None, recorders=(),
-          device=None, progress=True, description="train", checkpoint=None):
+def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
+          optimizer: str = "adam", lr: Optional[float] = None, recorders: Sequence["Recorder"] = (), device=None,
+          progress: bool = True, description: str = "train", checkpoint=None) -> dict:
     """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
 
     ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
