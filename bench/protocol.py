@@ -178,6 +178,6 @@ def add_arguments(parser):
     parser.add_argument("--layer-keeps", type=float, nargs="*", default=[0.1])
     parser.add_argument("--no-original", action="store_true", help="skip the original method's (large) store")
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores after measuring")
-    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR)")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, else ../shared/data/mnist relative to the working directory)")
     parser.add_argument("--out", default="out/bench-protocol")
     parser.add_argument("--summary", action="store_true", help="print the markdown summary of --out's results and exit")

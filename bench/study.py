@@ -167,7 +167,7 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="bundled digits, one seed: a few minutes on 2 cores")
     parser.add_argument("--out", default="out/study", help="results folder (cells.json there makes the study resumable)")
     parser.add_argument("--dataset", choices=["digits", "mnist", "cifar100"], help="default: digits with --quick, else mnist")
-    parser.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist or $MNIST_DIR); "
+    parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, else ../shared/data/mnist relative to the working directory); "
                                            "for cifar100 the folder holding cifar-100-python/")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 with --quick, else 0 1")
     parser.add_argument("--forget-class", type=int, default=3)

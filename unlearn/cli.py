@@ -162,7 +162,7 @@ def build_parser():
                             description="Train (seeded, deterministic) and record every sample or step.")
     t.add_argument("--dataset", required=True, choices=datasets.DATASETS,
                    help="digits: scikit-learn's bundled 8x8 digits (no files needed); mnist: IDX files; cifar100: pickles")
-    t.add_argument("--data-dir", help="folder of the dataset's files (mnist default: ../shared/data/mnist or $MNIST_DIR)")
+    t.add_argument("--data-dir", help="folder of the dataset's files (mnist default: $MNIST_DIR, else ../shared/data/mnist relative to the working directory)")
     t.add_argument("--model", required=True, choices=["simple", "resnet18"], help="the seed's small CNN or ResNet-18 (GroupNorm)")
     t.add_argument("--groups", type=int, default=1, help="GroupNorm groups for resnet18 (default 1, the seed's)")
     t.add_argument("--method", required=True, choices=["per-sample", "original", "layer", "none"],
