@@ -42,6 +42,7 @@ class TimedStore:
     def finalize(self):
         started = time.perf_counter()
         self._store = self._store.finalize()
+        return self
         self.seconds += time.perf_counter() - started
 
 

@@ -79,9 +79,12 @@ class Recording(StoreFile):
 
     def __exit__(self, exc_type, exc, traceback):
         """Commit on a normal exit; on an exception, go back to the last commit and close."""
-        if exc_type is not None and self._h5 is not None and self.writable and self._dirty:
-            self.rollback(self.committed_generation, note=self.commit_note)
-        self.close()
+        try:
+            if exc_type is not None and self._h5 is not None and self.writable and self._dirty:
+                with self._failing_writes_close():
+                    self.rollback(self.committed_generation, note=self.commit_note)
+        finally:
+            self.close()
 
     def _release(self):
         if self._buffer is not None:
@@ -174,7 +177,7 @@ class Recording(StoreFile):
                 f"{self.path}: cannot roll back to commit {generation}; the last commit is {self.committed_generation}"
             )
         limit = -1 if generation is None else int(generation)
-        for name in list(self._runs):
+        for name in list(self._h5[STAGING]) if STAGING in self._h5 else []:  # the file's runs, not a stale list
             if staging.run_generation(self._h5, name) > limit:
                 del self._h5[STAGING][name]
         self._buffer.clear()
@@ -187,6 +190,7 @@ class Recording(StoreFile):
         seal_metadata(self._h5)
         self._h5.flush()
         self.members = read_membership(self._h5)  # as the last commit wrote them
+        self.labels = self._h5[LABELS][()]
         self._load_runs()
         self._write_row_metadata()
         self._h5.flush()

@@ -199,13 +199,13 @@ def test_an_exception_inside_the_with_block_rolls_back_to_the_last_commit(tmp_pa
     rows = np.arange(10 * 8, dtype=np.float32).reshape(10, 8) + 1
     with pytest.raises(RuntimeError, match="mid-step"):
         with gradstore.create(path, num_params=80, num_keys=10, keep=0.1, codec="fp32") as store:
-            store.accumulate(np.arange(5), rows[:5])
+            store.accumulate(np.arange(5), rows[:5], labels=np.ones(5, np.int64))
             store.commit(note="five")
             if reopened:
                 store.close()
                 store = gradstore.open(path, "r+")
             with store:
-                store.accumulate(np.arange(5, 10), rows[5:])
+                store.accumulate(np.arange(5, 10), rows[5:], labels=np.full(5, 7))
                 store.add_members(7, [1, 2])
                 raise RuntimeError("mid-step")
     with gradstore.open(path, "r+") as store:
@@ -213,6 +213,7 @@ def test_an_exception_inside_the_with_block_rolls_back_to_the_last_commit(tmp_pa
         finished = store.finalize()
     assert np.array_equal(finished.read(np.arange(5)), rows[:5])
     assert finished.state[5:].tolist() == [0] * 5 and finished.members == {}
+    assert finished.labels.tolist() == [1] * 5 + [-1] * 5  # the rolled-back batch's labels are gone too
     finished.close()
 
 

@@ -319,3 +319,12 @@ def test_forget_refuses_a_store_recorded_for_another_model_and_leaves_it_as_it_w
     assert "recorded for another model" in capsys.readouterr().err
     assert hashlib.sha256((run / "store.h5").read_bytes()).hexdigest() == digest
     assert not (tmp_path / "o").exists()
+
+
+def test_the_forget_pipeline_refuses_an_unfinished_recording(tmp_path):
+    from unlearn import plan_removal
+
+    with gradstore.create(tmp_path / "r.h5", num_params=100, num_keys=10, keep=0.1) as recording:
+        recording.accumulate([1], np.ones((1, recording.k), np.float32))
+        with pytest.raises(gradstore.BadInputError, match="finalize never ran"):
+            plan_removal(recording, "per-sample", data=None, samples=[1])

@@ -76,6 +76,8 @@ class Removal:
 def plan_removal(store: gradstore.Store, method: str, data, samples: Optional[Sequence[int]] = None,
                  cls: Optional[int] = None, already: Sequence[int] = (), already_keys: Sequence[int] = ()) -> Removal:
     """The pipeline's first two stages: resolve the request's keys, sum their rows."""
+    if not isinstance(store, gradstore.Store):
+        raise gradstore.BadInputError(f"{store.path}: recording has not finished (finalize never ran): nothing to forget with yet")
     started = time.perf_counter()
     request = resolve_request(store, method, data, samples=samples, cls=cls, already=already, already_keys=already_keys)
     vector = removal_vector(store, request.keys)
@@ -291,6 +293,8 @@ def mark_applied(record: dict, erase: bool = False) -> int:
     Returns the number of rows marked (or erased).
     """
     with gradstore.open(Path(record["root_run"]) / "store.h5", "r+") as store:
+        if not isinstance(store, gradstore.Store):
+            raise gradstore.BadInputError(f"{store.path}: recording has not finished (finalize never ran)")
         keys = np.asarray(record["forgotten_keys"], np.int64)
         live = keys[store.state[keys] == gradstore.RowState.LIVE]
         if live.size:
