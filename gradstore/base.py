@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from .errors import BadInputError, FormatError, StoreError
 from .format import ATTR_FINISHED, LABELS, STATE, RowState, open_h5, read_header, read_membership
 
 
-class StoreFile:
+class StoreFile(ABC):
     """An open store file. ``gradstore.create`` and ``gradstore.open`` make its two kinds:
     ``Recording`` (rows still arriving) and ``Store`` (finished: rows to read and forget)."""
 
@@ -120,9 +121,9 @@ class StoreFile:
             "dense_fp32_bytes": stored_rows * self.num_params * 4,
         }
 
+    @abstractmethod
     def _lifecycle_info(self) -> dict:
         """The info fields of a recording's commits (None in a finished store)."""
-        raise NotImplementedError
 
     def _invalid_states(self) -> list:
         bad_state = np.nonzero(~np.isin(self.state, list(RowState.NAMES)))[0]
