@@ -4,16 +4,19 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 
-def per_sample_grads(model, inputs, targets, loss_scale=1.0, chunk_size=64):
-    """Flat per-sample gradients [B, M] (named_parameters() order) of loss_scale * CE(sample).
+def per_sample_grads(model, inputs, targets, loss_scale=1.0, chunk_size=64, loss_fn=None):
+    """Flat per-sample gradients [B, M] (named_parameters() order) of loss_scale * loss_fn(sample).
 
-    With loss_scale = 1/B their sum over the batch is the gradient of the mean loss.
+    ``loss_fn(logits [1, ...], target [1, ...])`` is the loss of one sample (default:
+    cross-entropy). With loss_scale = 1/B their sum over the batch is the gradient of the
+    mean loss. This is the reference (``engine="vmap"``): it holds the [B, M] tensor.
     """
     params = {name: p.detach() for name, p in model.named_parameters()}
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
 
     def sample_loss(p, x, y):
         logits = functional_call(model, p, (x.unsqueeze(0),))
-        return torch.nn.functional.cross_entropy(logits, y.unsqueeze(0)) * loss_scale
+        return loss_fn(logits, y.unsqueeze(0)) * loss_scale
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     outputs = []

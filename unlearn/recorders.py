@@ -33,25 +33,22 @@ class StepContext:
     """What recorders see of one optimizer step."""
 
     step: int
-    sample_ids: np.ndarray  # keys of the batch's samples (indices into the training set)
-    labels: np.ndarray
+    sample_ids: np.ndarray  # keys of the step's samples (indices into the training set), unique
+    labels: Optional[np.ndarray]
     params_before: torch.Tensor  # flat, named_parameters() order
     params_after: torch.Tensor
-    per_sample: torch.Tensor = None  # [B, M] gradients incl. 1/B, when a recorder needs them
+    ingest: "Ingest"  # where rows go (a background thread)
+    per_mask: dict = field(default_factory=dict)  # {(seed, k): (positions [B, k], gradient values [B, k])}
     preconditioner: torch.Tensor = None  # [M] multiplier turning g_i into the sample's update
-    _positions: dict = field(default_factory=dict)
 
     def positions(self, seed, keys, num_params, k):
-        """Mask positions [len(keys), k] on the gradients' device, shared by recorders with one mask."""
-        cache_key = (seed, k, keys.tobytes())
-        if cache_key not in self._positions:
-            device = self.params_after.device
-            self._positions[cache_key] = torch.from_numpy(masks.positions_many(seed, keys, num_params, k)).to(device)
-        return self._positions[cache_key]
+        """Mask positions [len(keys), k] on the parameters' device (a step-keyed row's mask)."""
+        return torch.from_numpy(masks.positions_many(seed, keys, num_params, k)).to(self.params_after.device)
 
 
 class Recorder(ABC):
-    """One store fed from every step; ``needs_per_sample`` asks the session for per-sample gradients."""
+    """One store fed from every step; ``needs_per_sample`` asks the session for per-sample gradients
+    at the store's mask (``mask``: (seed, k))."""
 
     needs_per_sample = False
     needs_preconditioner = False
@@ -67,6 +64,10 @@ class Recorder(ABC):
     @abstractmethod
     def record(self, ctx):
         """Add this step's rows to the store."""
+
+    @property
+    def mask(self):
+        return (self.store.seed, self.store.k)
 
     def finish(self):
         """Finalize the recording; ``store`` is then the finished store."""
@@ -88,11 +89,10 @@ class PerSampleRecorder(Recorder):
 
     def record(self, ctx):
         store = self.store
-        positions = ctx.positions(store.seed, ctx.sample_ids, store.num_params, store.k)
-        values = torch.gather(ctx.per_sample, 1, positions)
+        positions, values = ctx.per_mask[(store.seed, store.k)]
         if self.flavour == "update":
             values = values * ctx.preconditioner[positions]
-        store.accumulate(ctx.sample_ids, values.cpu().numpy(), labels=ctx.labels)
+        ctx.ingest.submit_accumulate(store, ctx.sample_ids, values, ctx.labels)
 
 
 class StepRecorder(Recorder):
@@ -110,8 +110,8 @@ class StepRecorder(Recorder):
         if store.k < store.num_params:
             key = np.array([ctx.step])
             delta = delta[ctx.positions(store.seed, key, store.num_params, store.k)[0]]
-        store.accumulate([ctx.step], delta.cpu().numpy()[None])
-        store.add_members(ctx.step, ctx.sample_ids)
+        ctx.ingest.submit_accumulate(store, [ctx.step], delta[None])
+        ctx.ingest.submit_members(store, ctx.step, ctx.sample_ids)
 
 
 def update_preconditioner(optimizer, params):

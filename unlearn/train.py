@@ -1,33 +1,43 @@
 """Training that records: ``attach`` hooks recorders into any loop; ``train`` is a ready loop.
 
 ``attach`` works like Opacus' ``make_private``: one call wraps the optimizer and the
-data loader, and the user's loop stays as it was::
+data loader, and the user's loop stays as it was, their loss and scheduler included::
 
     optimizer, loader = attach(model, optimizer, loader, recorders)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)   # a real torch Optimizer
     for epoch in range(epochs):
-        for x, y in loader:
+        for batch in loader:                   # any batch structure
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()          # records, then steps
-    optimizer.finish()                # finalizes every store
+            my_loss(model, batch).backward()   # the only gradient computation
+            optimizer.step()                   # steps, then records
+        scheduler.step()
+    optimizer.finish()                         # finalizes every store
 
-The wrapped loader draws the same batches as the original and remembers which
-training indices each batch holds; the wrapped ``step`` computes per-sample gradients
-at the pre-step weights (when a recorder needs them), steps, and hands the step to
-every recorder.
+The wrapped loader draws the same batches as the original and tells the engine the
+training indices (the keys) of each; without it, call ``optimizer.set_batch(keys)``.
+``engine="masked"`` (default) computes each sample's gradient at its kept positions
+inside the user's backward (``unlearn.engine``); ``engine="vmap"`` recomputes full
+per-sample gradients with torch.func at step time (any module; needs (inputs,
+integer targets) batches and a per-sample loss).
 """
 
 import time
-
-from typing import Optional, Sequence
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from gradstore import masks
+
+from .engine import MaskedEngine, merge_repeated_keys
+from .ingest import Ingest
 from .per_sample import per_sample_grads
 from .recorders import Recorder, StepContext, update_preconditioner
+
+ENGINES = ("masked", "vmap")
 
 
 def flat_view(params):
@@ -58,8 +68,21 @@ class _IndexedCollate:
         return self.collate([item for item, _ in items]), torch.tensor([index for _, index in items], dtype=torch.int64)
 
 
+def labels_of(batch, size):
+    """Integer class labels of a batch when it carries them: (inputs, targets) or a dict with 'labels'/'label'."""
+    candidate = None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        candidate = batch[1]
+    elif isinstance(batch, dict):
+        candidate = next((batch[name] for name in ("labels", "label", "targets", "target") if name in batch), None)
+    if isinstance(candidate, torch.Tensor) and candidate.dim() == 1 and candidate.numel() == size \
+            and not candidate.is_floating_point() and not candidate.is_complex():
+        return candidate.detach().cpu().numpy().astype(np.int64)
+    return None
+
+
 class RecordingLoader:
-    """Iterates like the user's loader (same sampler, collate_fn, workers), remembering each batch's indices."""
+    """Iterates like the user's loader (same sampler, collate_fn, workers), telling the session each batch's keys."""
 
     def __init__(self, loader, session):
         self.session = session
@@ -81,111 +104,260 @@ class RecordingLoader:
 
     def __iter__(self):
         for batch, indices in self._loader:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError("recording needs batches of (inputs, targets)")
-            x, y = batch
-            self.session.current_batch = (x, y, indices.numpy())
-            yield x, y
+            self.session.begin_batch(indices.numpy(), labels_of(batch, indices.numel()), batch)
+            yield batch
 
 
-class RecordingOptimizer:
-    """The user's optimizer, whose ``step`` also records. Other attributes pass through."""
+class RecordingOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, whose ``step`` also records: a real ``torch.optim.Optimizer``.
 
-    def __init__(self, optimizer, session):
-        self._optimizer = optimizer
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own, so LR
+    schedulers, ``state_dict``/``load_state_dict`` and GradScaler act on it directly.
+    """
+
+    _step_supports_amp_scaling = False  # GradScaler unscales .grad itself, then calls step()
+
+    def __init__(self, optimizer: torch.optim.Optimizer, session: "RecordingSession"):
+        # Optimizer.__init__ is not called: the wrapped optimizer owns the parameters and state.
+        self.original_optimizer = optimizer
         self._session = session
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
-    def __getattr__(self, name):
-        return getattr(self._optimizer, name)
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.original_optimizer.param_groups = groups
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, state):
+        self.original_optimizer.state = state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults):
+        self.original_optimizer.defaults = defaults
+
+    def __getattr__(self, name):  # anything else the wrapped optimizer has (e.g. its own helpers)
+        if name.startswith("__") or name in ("original_optimizer", "_session"):
+            raise AttributeError(name)
+        return getattr(self.original_optimizer, name)
+
+    def __repr__(self):
+        return f"RecordingOptimizer({self.original_optimizer!r})"
+
+    def __getstate__(self):
+        raise TypeError("a RecordingOptimizer holds open stores; save optimizer.state_dict() instead")
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group):
+        raise ValueError("the recorded parameters are fixed at attach(): add parameter groups before attaching")
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self._session.zero_grad()
 
     def step(self, closure=None):
         return self._session.step(closure)
 
-    def zero_grad(self, set_to_none=True):
-        self._optimizer.zero_grad(set_to_none=set_to_none)
+    def set_batch(self, keys, labels=None):
+        """The keys (training indices) of the samples in the backward passes of this step, in batch order.
+
+        Call it before the backward (values are then computed during it) or after it, before
+        ``step()`` (the engine then keeps each hooked layer's input and output gradient until
+        this call). Labels, when given, let class requests find the samples.
+        """
+        self._session.set_batch(keys, labels)
+
+    def flush(self):
+        """Wait until every recorded step reached its store (before committing a store yourself)."""
+        self._session.ingest.flush()
 
     def finish(self):
+        """Record what is pending, finalize every store, remove the hooks."""
         self._session.finish()
 
 
 class RecordingSession:
-    """The state shared by the wrapped loader and optimizer."""
+    """The state shared by the wrapped loader and optimizer: the engine, the recorders, the ingest."""
 
-    def __init__(self, model, optimizer, recorders, loss_fn=None, chunk_size=64):
+    def __init__(self, model, optimizer, recorders, engine="masked", loss_fn=None, chunk_size=64, background=True):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
         self.optimizer = optimizer
         self.recorders = list(recorders)
+        self.engine_name = engine
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.params = list(model.parameters())
-        self.current_batch = None
+        num_params = sum(p.numel() for p in self.params)
+        for recorder in self.recorders:
+            if recorder.store.num_params != num_params:
+                raise ValueError(f"{recorder.store.path} holds {recorder.store.num_params} parameters; "
+                                 f"the model has {num_params}")
+        self.num_params = num_params
+        self.mask_specs = sorted({r.mask for r in self.recorders if r.needs_per_sample})
+        self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == "masked" and self.mask_specs else None
+        self.ingest = Ingest(max_pending=2 * max(1, len(self.recorders)), background=background)
         self.step_index = 0
         self.record_seconds = 0.0
-        self._per_sample = None  # computed by backward() for this batch, reused by step()
+        self._batches = []  # vmap engine: (keys, labels, batch) since the last step
+        self._per_sample = None  # vmap engine: computed by backward() for this batch, reused by step()
 
     @property
     def needs_per_sample(self):
-        return any(r.needs_per_sample for r in self.recorders)
+        return bool(self.mask_specs)
+
+    @property
+    def computes_gradients(self):
+        """Whether ``backward`` must be called instead of ``loss.backward()`` (the vmap path)."""
+        return self.engine_name == "vmap" and self.needs_per_sample
+
+    def begin_batch(self, keys, labels=None, batch=None):
+        if self.engine is not None:
+            self.engine.begin_batch(keys, labels)
+        self._batches.append((np.asarray(keys, np.int64), labels, batch))
+
+    def set_batch(self, keys, labels=None):
+        keys = np.asarray(keys, np.int64)
+        labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu(), np.int64)
+        if self.engine is not None and not self.engine.assign_unkeyed(keys, labels):
+            self.engine.begin_batch(keys, labels)
+        if self.engine is None:
+            self._batches.append((keys, labels, None))
+
+    def zero_grad(self):
+        if self.engine is not None:
+            self.engine.reset()
+        self._batches = self._batches[-1:] if self._batches else []
+        self._per_sample = None
 
     def backward(self, x, y):
-        """Set every parameter's .grad to the batch's mean-loss gradient from per-sample gradients.
+        """vmap engine: set every parameter's .grad to the batch's mean-loss gradient from per-sample gradients.
 
         A loop that calls this instead of ``loss.backward()`` computes gradients once per
         step instead of twice (the sum of the per-sample gradients is the batch gradient).
         """
-        self._per_sample = per_sample_grads(self.model, x, y, loss_scale=1.0 / len(y), chunk_size=self.chunk_size)
+        self._per_sample = self._vmap(x, y)
         total = self._per_sample.sum(0)
         offset = 0
         for p in self.params:
             p.grad = total[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
-    def step(self, closure=None):
-        if self.current_batch is None:
-            raise RuntimeError("optimizer.step() before any batch of the recording loader")
-        x, y, indices = self.current_batch
-        started = time.perf_counter()
+    def _vmap(self, x, y):
         device = self.params[0].device
-        per_sample, self._per_sample = self._per_sample, None
-        if per_sample is None and self.needs_per_sample:
-            per_sample = per_sample_grads(
-                self.model, x.to(device), y.to(device), loss_scale=1.0 / len(indices), chunk_size=self.chunk_size
-            )
-        before = flat_view(self.params).clone()
+        return per_sample_grads(self.model, x.to(device), y.to(device), loss_scale=1.0 / len(y),
+                                chunk_size=self.chunk_size, loss_fn=self.loss_fn)
+
+    def _vmap_values(self):
+        """The vmap path's per-mask values of this step's batches: full per-sample gradients, gathered."""
+        batches = [b for b in self._batches if b[2] is not None]
+        if not batches:
+            raise RuntimeError("engine='vmap' needs the wrapped loader's (inputs, targets) batches")
+        keys = np.concatenate([b[0] for b in batches])
+        labels = None if any(b[1] is None for b in batches) else np.concatenate([b[1] for b in batches])
+        if self._per_sample is not None:
+            per_sample = self._per_sample
+        else:
+            per_sample = torch.cat([self._vmap(*b[2]) for b in batches])
+        result = {}
+        for seed, k in self.mask_specs:
+            positions = torch.from_numpy(masks.positions_many(seed, keys, self.num_params, k)).to(per_sample.device)
+            result[(seed, k)] = (positions, torch.gather(per_sample, 1, positions))
+        return merge_repeated_keys(keys, labels, result)
+
+    def step(self, closure=None):
+        started = time.perf_counter()
+        per_mask, keys, labels = {}, None, None
+        if self.needs_per_sample:
+            if self.engine is not None:
+                found = self.engine.step_values()
+                factor = self.engine.probe.factor()
+                if found is None:
+                    raise RuntimeError("optimizer.step() with no recorded backward: iterate the wrapped loader "
+                                       "or call optimizer.set_batch(keys) for each batch")
+                keys, labels, per_mask = found
+                if factor != 1.0:
+                    per_mask = {mask: (positions, values * factor) for mask, (positions, values) in per_mask.items()}
+            else:
+                keys, labels, per_mask = self._vmap_values()
+        else:
+            steps_batches = [b for b in self._batches]
+            if not steps_batches:
+                raise RuntimeError("optimizer.step() before any batch: iterate the wrapped loader or call set_batch")
+            keys = np.unique(np.concatenate([b[0] for b in steps_batches]))
+        before = flat_view(self.params).clone() if any(not r.needs_per_sample for r in self.recorders) else None
         self.record_seconds += time.perf_counter() - started
         result = self.optimizer.step(closure)
         started = time.perf_counter()
-        context = StepContext(
-            step=self.step_index,
-            sample_ids=indices,
-            labels=y.numpy().astype(np.int64) if y.device.type == "cpu" else y.cpu().numpy().astype(np.int64),
-            params_before=before,
-            params_after=flat_view(self.params),
-            per_sample=per_sample,
-        )
+        context = StepContext(step=self.step_index, sample_ids=keys, labels=labels, params_before=before,
+                              params_after=flat_view(self.params) if before is not None else self.params[0].detach(),
+                              ingest=self.ingest, per_mask=per_mask)
         if any(r.needs_preconditioner for r in self.recorders):
             context.preconditioner = update_preconditioner(self.optimizer, self.params)
         for recorder in self.recorders:
             recorder.record(context)
         self.step_index += 1
-        self.current_batch = None
+        self._batches, self._per_sample = [], None
+        if self.engine is not None:
+            self.engine.end_step()
         self.record_seconds += time.perf_counter() - started
         return result
 
+    def flush(self):
+        started = time.perf_counter()
+        self.ingest.flush()
+        self.record_seconds += time.perf_counter() - started
+
     def finish(self):
-        for recorder in self.recorders:
-            recorder.finish()
+        started = time.perf_counter()
+        try:
+            self.ingest.close()
+            for recorder in self.recorders:
+                recorder.finish()
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+        self.record_seconds += time.perf_counter() - started
 
 
-def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader, recorders: Sequence["Recorder"],
-           chunk_size: int = 64) -> tuple:
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader=None,
+           recorders: Sequence[Recorder] = (), *, engine: str = "masked", loss_fn: Optional[Callable] = None,
+           chunk_size: int = 64, background: bool = True) -> tuple:
     """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
 
-    Batches must be (inputs, integer class targets); the per-sample loss is cross-entropy
-    scaled by 1/B, matching a mean-reduced loss.
+    Returns (a ``torch.optim.Optimizer`` that records, the wrapped loader or None).
+    ``engine``: 'masked' (default; the user's own backward, any loss that sums or averages
+    per-sample terms; refuses BatchNorm in training mode and modules it cannot attribute,
+    naming them) or 'vmap' (torch.func; ``loss_fn(logits, targets)`` per sample, default
+    cross-entropy, scaled by 1/B as a mean-reduced loss is). ``background``: store writes
+    in a thread overlapping the next step.
     """
-    session = RecordingSession(model, optimizer, recorders, chunk_size=chunk_size)
-    return RecordingOptimizer(optimizer, session), RecordingLoader(data_loader, session)
+    session = RecordingSession(model, optimizer, recorders, engine=engine, loss_fn=loss_fn, chunk_size=chunk_size,
+                               background=background)
+    loader = RecordingLoader(data_loader, session) if data_loader is not None else None
+    return RecordingOptimizer(optimizer, session), loader
 
 
 def make_optimizer(name, params, lr=None, momentum=0.9):
@@ -211,7 +383,7 @@ def default_device():
 
 def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
           optimizer: str = "adam", lr: Optional[float] = None, recorders: Sequence["Recorder"] = (), device=None,
-          progress: bool = True, description: str = "train", checkpoint=None) -> dict:
+          progress: bool = True, description: str = "train", checkpoint=None, engine: str = "masked") -> dict:
     """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
 
     ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
@@ -236,7 +408,7 @@ def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epoc
     resumed_from = steps
     session = None
     if recorders:
-        opt, loader = attach(model, opt, loader, recorders)
+        opt, loader = attach(model, opt, loader, recorders, engine=engine)
         session = opt._session
         session.step_index = steps
     started = time.perf_counter()
@@ -249,16 +421,20 @@ def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epoc
                 continue  # done before the checkpoint: drawn again only to keep the shuffle in step
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
-            if session is not None and session.needs_per_sample:
+            if session is not None and session.computes_gradients:
                 session.backward(x, y)  # one gradient computation serves the step and the recording
             else:
                 torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             steps += 1
             if checkpoint is not None and checkpoint.due(steps):
+                if session is not None:
+                    session.flush()  # the stores hold every step the checkpoint counts
                 checkpoint.save(model, opt, stores, epoch, index + 1, steps, epoch_generator_state,
                                 seconds_before + time.perf_counter() - started)
     if checkpoint is not None and steps > resumed_from:  # the final state, before the stores are sealed
+        if session is not None:
+            session.flush()
         checkpoint.save(model, opt, stores, epochs, 0, steps, generator.get_state(),
                         seconds_before + time.perf_counter() - started)
     if session is not None:
