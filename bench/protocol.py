@@ -55,7 +55,8 @@ def run_one(seed, cls, config, out_dir, log=print):
     model = build_model("simple", 1, 10, seed=seed)
     recorders = make_recorders(out_dir, model, data, {**config, "seed": seed})
     trained = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
-                    recorders=list(recorders.values()), device=device, description=f"seed {seed} class {cls} recording")
+                    recorders=list(recorders.values()), device=device, description=f"seed {seed} class {cls} recording",
+                    engine=config.get("engine", "masked"))
     gold_data = datasets.exclude(data, cls=cls)
     gold = build_model("simple", 1, 10, seed=seed)
     gold_run = train(gold, gold_data.train_x, gold_data.train_y, config["epochs"], config["batch_size"], seed,
@@ -147,7 +148,7 @@ def main(args):
     config = {
         "epochs": args.epochs, "batch_size": 64, "keep_first": 100, "keeps": args.keeps, "grad_keeps": args.grad_keeps,
         "codecs": args.codecs, "original": not args.no_original, "layer_keeps": args.layer_keeps,
-        "auto_for_baselines": False, "data_dir": args.data_dir,
+        "auto_for_baselines": False, "data_dir": args.data_dir, "engine": args.engine,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,7 @@ def add_arguments(parser):
     parser.add_argument("--grad-keeps", type=float, nargs="*", default=[0.02], help="p of the per-sample grad stores")
     parser.add_argument("--codecs", nargs="+", default=["int8"], choices=["fp32", "fp16", "int8"])
     parser.add_argument("--layer-keeps", type=float, nargs="*", default=[0.1])
+    parser.add_argument("--engine", choices=["masked", "vmap"], default="masked", help="per-sample gradient engine")
     parser.add_argument("--no-original", action="store_true", help="skip the original method's (large) store")
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores after measuring")
     parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, else ../shared/data/mnist relative to the working directory)")

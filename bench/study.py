@@ -55,6 +55,7 @@ def build_config(args):
         "seeds": args.seeds if args.seeds is not None else ([0] if quick else [0, 1]),
         "mia": MIA_METHOD,  # cells measured with another MIA are not mixed with these
         "progress": not args.no_progress,
+        "engine": args.engine,
     }
 
 
@@ -183,3 +184,6 @@ def add_arguments(parser):
                         help="retained samples the fine-tune passes over (default 10,000 on MNIST; all with --quick)")
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores of finished seeds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=["masked", "vmap"], default=study_record.STUDY_ENGINE,
+                        help=f"per-sample gradient engine (default {study_record.STUDY_ENGINE}: the faster for the "
+                             "study's many masks, see docs/RESULTS.md)")

@@ -29,6 +29,9 @@ from unlearn.recorders import create_recorder
 from unlearn.train import train
 
 RECORDED = "recorded.json"
+# The per-sample engine of the study's one recording run (12 stores, 6 masks whose p sum to 0.455):
+# measured side by side in docs/RESULTS.md.
+STUDY_ENGINE = "masked"
 
 
 def load_data(config):
@@ -51,8 +54,9 @@ def store_name(method, flavour=None, keep=None, codec=None):
 
 
 def comparable(config):
-    """The options that decide a recording's and a cell's values (not progress display, not which seeds run)."""
-    return {key: value for key, value in config.items() if key not in ("progress", "seeds")}
+    """The options that decide a recording's and a cell's values (not progress display, not which seeds run,
+    not the engine: both give the same per-sample gradients to float32 rounding)."""
+    return {key: value for key, value in config.items() if key not in ("progress", "seeds", "engine")}
 
 
 def _marker(path, config):
@@ -118,7 +122,7 @@ def record(seed, config, seed_dir, log=print):
     log(f"seed {seed}: training {config['epochs']} epochs on {len(data)} samples, recording {len(recorders)} stores")
     run = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
                 recorders=recorders, device=torch.device("cpu"), progress=config["progress"],
-                description=f"seed {seed} recording")
+                description=f"seed {seed} recording", engine=config.get("engine", STUDY_ENGINE))
     for recorder in recorders:
         recorder.store.close()
     shutil.rmtree(scratch)

@@ -1,140 +1,292 @@
-"""`python -m bench throughput`: what recording and forgetting cost, as ratios measured in one run.
+"""`python -m bench throughput`: what recording costs against plain training, engine by engine.
 
-Plain training and training with recording alternate on the same model, data, seed and
-threads (the best of ``--repeats`` each); the recorded store then serves forget
-requests, timed against the plain training time (the retrain-from-scratch reference).
-Inputs need no real files: MNIST when present, scikit-learn's digits otherwise, or
-random CIFAR-shaped tensors with ``--synthetic-cifar`` (ResNet-18 on a GPU).
+Four engines run the same model, data, batches and loop: ``plain`` training, recording
+with the ``masked`` engine (hooks in the backward, kept values only), recording with the
+``vmap`` engine (torch.func full per-sample gradients), and Opacus' ``GradSampleModule``
+(full per-sample gradients through hooks: what users would pick instead). Each
+(model, engine, p) runs in its own child process, so its peak RSS is its own; the
+children are interleaved (A, B, A, B, ... over ``--repeats``) and every figure is a
+median. ``overhead`` is against ``plain`` of the same model in the same run. Recording
+rows: update flavour, int8 store. Recording rows also report where their time goes and,
+from their finished store, how fast it forgets.
 """
 
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import gradstore
-from unlearn import data as datasets
-from unlearn.models import build_model, named_shapes
-from unlearn.recorders import PerSampleRecorder
-from unlearn.train import default_device, train
+ENGINES = ("plain", "masked", "vmap", "opacus")
+MODELS = ("simple", "resnet18")
+OPACUS_MISSING = "opacus is not installed: pip install 'amnesiac-gradstore[peers]' (an optional extra)"
 
 
-class TimedStore:
-    """Wraps a store to count the raw bytes it ingests and the seconds it spends doing so."""
-
-    def __init__(self, store):
-        self._store = store
-        self.seconds = 0.0
-        self.raw_bytes = 0
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
-
-    def accumulate(self, keys, values, labels=None):
-        started = time.perf_counter()
-        self._store.accumulate(keys, values, labels)
-        self.seconds += time.perf_counter() - started
-        self.raw_bytes += np.asarray(values).size * 4
-
-    def finalize(self):
-        started = time.perf_counter()
-        self._store = self._store.finalize()
-        return self
-        self.seconds += time.perf_counter() - started
+def configurations(args):
+    """The (model, engine, keep) cells of this run, in interleaving order."""
+    cells = []
+    for model in args.models:
+        for engine in args.engines:
+            if args.quick and model == "resnet18" and engine == "vmap":
+                continue  # several seconds a step on 2 cores: only the full run has it
+            keeps = args.keeps if engine in ("masked", "vmap") else [None]
+            if args.quick and model == "resnet18":
+                keeps = keeps[:1]
+            cells += [(model, engine, keep) for keep in keeps]
+    return cells
 
 
-def load_inputs(args):
-    if args.synthetic_cifar:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((args.samples, 3, 32, 32)).astype(np.float32)
-        y = rng.integers(0, 100, args.samples).astype(np.int64)
-        return x, y, 3, 100, "random CIFAR-shaped"
+# ---------------------------------------------------------------------- the child
+
+
+def load_batches(samples, batch_size):
+    from unlearn import data as datasets
+
     try:
-        split, name = datasets.load_dataset("mnist"), "mnist"
+        split, source = datasets.load_dataset("mnist"), "mnist"
     except FileNotFoundError:
-        split, name = datasets.load_dataset("digits"), "digits"
-    count = min(args.samples, len(split))
-    return split.train_x[:count], split.train_y[:count], split.in_channels, split.num_classes, name
+        split, source = datasets.load_dataset("digits"), "digits"
+    count = min(samples, len(split))
+    return split.train_x[:count], split.train_y[:count], split.in_channels, split.num_classes, source
 
 
-def measure(args):
-    x, y, channels, classes, source = load_inputs(args)
-    device = torch.device(args.device) if args.device else default_device()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plain_times, recorded_times, store = [], [], None
+def run_child(spec):
+    """One cell: time ``steps`` training steps after ``warmup``; returns the row's measurements."""
+    from unlearn import attach, create_recorder
+    from unlearn.models import build_model
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    x, y, channels, classes, source = load_batches(spec["samples"], spec["batch_size"])
+    model = build_model(spec["model"], channels, classes, seed=0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True,
+                                         generator=torch.Generator().manual_seed(0), drop_last=True)
+    engine, result = spec["engine"], {"inputs": source}
+    recorder, session, scratch = None, None, None
+    if engine == "opacus":
+        from opacus import GradSampleModule
+
+        for module in model.modules():  # Opacus' hooks refuse in-place ops on a hooked module's output
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = False
+        model = GradSampleModule(model)
+    elif engine in ("masked", "vmap"):
+        scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-")
+        recorder = create_recorder(Path(scratch.name) / "store.h5", "per-sample", model, len(x), keep=spec["keep"],
+                                   codec="int8", flavour="update", seed=0)
+        optimizer, loader = attach(model, optimizer, loader, [recorder], engine=engine)
+        session = optimizer._session
+    total = spec["warmup"] + spec["steps"]
+    times, done, at_warmup = [], 0, None
+    while done < total:
+        for batch_x, batch_y in loader:
+            if done == total:
+                break
+            started = time.perf_counter()
+            batch_x, batch_y = batch_x.to(device), batch_y.to(device)
+            optimizer.zero_grad()
+            if engine == "vmap":
+                session.backward(batch_x, batch_y)  # the vmap engine's one gradient computation
+            else:
+                torch.nn.functional.cross_entropy(model(batch_x), batch_y).backward()
+            optimizer.step()
+            if engine == "opacus":
+                for p in model.parameters():
+                    p.grad_sample = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+            done += 1
+            if done == spec["warmup"] and session is not None:  # first calls load numba kernels: not counted
+                session.flush()
+                at_warmup = counters(session)
+    if session is not None:  # the background store writes of the timed steps count
+        started = time.perf_counter()
+        session.flush()
+        times[-1] += time.perf_counter() - started
+    timed = times[spec["warmup"]:]
+    result["seconds_per_step"] = statistics.median(timed)
+    result["mean_seconds_per_step"] = sum(timed) / len(timed)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if session is not None:
+        spent = {name: value - at_warmup.get(name, 0.0) for name, value in counters(session).items()}
+        for name, seconds in spent.items():
+            result[f"{name}_ms_per_step"] = seconds / spec["steps"] * 1e3
+        optimizer.finish()
+        result.update(forget_figures(recorder.store.path))
+        scratch.cleanup()
+    return result
+
+
+def counters(session):
+    """Seconds spent so far: in the store (ingest thread), in the hooks, preparing positions."""
+    spent = {"store": session.ingest.seconds}
+    if session.engine is not None:
+        spent.update(hooks=session.engine.compute_seconds, positions=session.engine.prepare_seconds)
+    return spent
+
+
+def forget_figures(path):
+    """Forget latency from the finished store: one sample, a class, and scatter-add throughput."""
+    import gradstore
+
+    with gradstore.open(path) as store:
+        flat = np.zeros(store.num_params, np.float32)
+        live = np.flatnonzero(store.state == gradstore.RowState.LIVE)
+        store.scatter_add(flat, live[:1])  # warm the kernels
+        one = []
+        for key in live[:21]:
+            started = time.perf_counter()
+            store.scatter_add(flat, [key], -1.0)
+            one.append(time.perf_counter() - started)
+        label = int(np.bincount(store.labels[live]).argmax())
+        class_keys = store.keys_with_label(label)
+        started = time.perf_counter()
+        store.scatter_add(flat, class_keys, -1.0)
+        class_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        store.scatter_add(flat, live, -1.0)
+        all_seconds = time.perf_counter() - started
+        return {"forget_one_sample_ms": statistics.median(one) * 1e3, "forget_class_ms": class_seconds * 1e3,
+                "class_rows": int(class_keys.size),
+                "scatter_add_values_per_s": live.size * store.k / all_seconds}
+
+
+# ---------------------------------------------------------------------- the parent
+
+
+def opacus_available():
+    import importlib.util
+
+    return importlib.util.find_spec("opacus") is not None
+
+
+def measure_cell(spec, timeout):
+    command = [sys.executable, "-m", "bench", "throughput", "--child", json.dumps(spec)]
+    env = dict(os.environ)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"child failed ({done.returncode}): {tail[0]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(args, log=print):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cells = configurations(args)
+    have_opacus = opacus_available()
+    runs = {cell: [] for cell in cells}
     for repeat in range(args.repeats):
-        model = build_model(args.model, channels, classes, seed=0)
-        plain_times.append(train(model, x, y, 1, args.batch_size, 0, device=device, progress=False)["seconds"])
-        model = build_model(args.model, channels, classes, seed=0)
-        num_params = sum(p.numel() for p in model.parameters())
-        store = TimedStore(gradstore.create(out / "throughput.h5", num_params, len(y), args.keep, codec=args.codec,
-                                            fingerprint=gradstore.model_fingerprint(named_shapes(model)), overwrite=True))
-        recorded = train(model, x, y, 1, args.batch_size, 0, recorders=[PerSampleRecorder(store, "update")],
-                         device=device, progress=False)
-        recorded_times.append(recorded["seconds"])
-        store._store.close()
-    plain, with_recording = min(plain_times), min(recorded_times)
-    opened = gradstore.open(out / "throughput.h5")
-    flat = np.zeros(opened.num_params, np.float32)
-    rng = np.random.default_rng(0)
-    opened.scatter_add(flat, [0])  # warm the kernels
-    one = []
-    for key in rng.choice(len(y), size=min(51, len(y)), replace=False).tolist():
-        started = time.perf_counter()
-        opened.scatter_add(flat, [key], -1.0)
-        one.append(time.perf_counter() - started)
-    label = int(np.bincount(y).argmax())
-    class_keys = opened.keys_with_label(label)
-    class_times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        opened.scatter_add(flat, class_keys, -1.0)
-        class_times.append(time.perf_counter() - started)
-    opened.close()
-    return {
-        "inputs": source, "model": args.model, "device": str(device), "samples": len(y), "batch_size": args.batch_size,
-        "keep": args.keep, "codec": args.codec, "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "plain_epoch_seconds": plain, "recorded_epoch_seconds": with_recording,
-        "recording_overhead": with_recording / plain,
-        "store_ingest_mb_s": store.raw_bytes / store.seconds / 1e6,
-        "forget_one_sample_ms": statistics.median(one) * 1e3,
-        "forget_class_seconds": statistics.median(class_times), "class_rows": int(class_keys.size),
-        "retrain_seconds_reference": plain,
-        "forget_one_vs_retrain": plain / statistics.median(one),
-        "forget_class_vs_retrain": plain / statistics.median(class_times),
-    }
+        for model, engine, keep in cells:
+            if engine == "opacus" and not have_opacus:
+                continue
+            steps = args.steps if model == "simple" else args.resnet_steps
+            spec = {"model": model, "engine": engine, "keep": keep, "device": device, "samples": args.samples,
+                    "batch_size": args.batch_size, "warmup": args.warmup, "steps": steps}
+            result = measure_cell(spec, args.timeout)
+            runs[(model, engine, keep)].append(result)
+            if "error" in result:
+                log(f"  {model} {engine} p={keep}: {result['error']}")
+            else:
+                log(f"  repeat {repeat + 1}/{args.repeats}: {model:8s} {engine:6s} p={keep}: "
+                    f"{result['seconds_per_step'] * 1e3:.1f} ms/step, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return rows_from(runs, have_opacus), device
+
+
+def rows_from(runs, have_opacus):
+    plain = {}
+    rows = []
+    for (model, engine, keep), results in runs.items():
+        good = [r for r in results if "error" not in r]
+        row = {"model": model, "engine": engine, "keep": keep, "seconds_per_step": None, "overhead": None,
+               "peak_rss_mb": None, "note": ""}
+        if engine == "opacus" and not have_opacus:
+            row["note"] = OPACUS_MISSING
+        elif not good:
+            row["note"] = results[0]["error"] if results else "not run"
+        else:
+            for key in good[0]:
+                values = [r[key] for r in good if isinstance(r.get(key), (int, float))]
+                row[key] = statistics.median(values) if values else good[0][key]
+            row["repeats"] = len(good)
+            if engine == "plain":
+                plain[model] = row["seconds_per_step"]
+        rows.append(row)
+    for row in rows:
+        if row["seconds_per_step"] is not None and plain.get(row["model"]):
+            row["overhead"] = row["seconds_per_step"] / plain[row["model"]]
+    return rows
+
+
+def table(rows):
+    lines = ["| model | engine | p | ms / step | overhead vs plain | peak RSS (MB) | hooks / positions / store (ms / step) | note |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        parts = [f"{row[key]:.1f}" if isinstance(row.get(key), float) else "-"
+                 for key in ("hooks_ms_per_step", "positions_ms_per_step", "store_ms_per_step")]
+        where = " / ".join(parts) if row["engine"] in ("masked", "vmap") else ""
+        step = f"{row['seconds_per_step'] * 1e3:.1f}" if row["seconds_per_step"] is not None else "-"
+        overhead = f"{row['overhead']:.2f}x" if row["overhead"] is not None else "-"
+        rss = f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] is not None else "-"
+        lines.append(f"| {row['model']} | {row['engine']} | {row['keep'] if row['keep'] is not None else '-'} | {step} | "
+                     f"{overhead} | {rss} | {where} | {row['note']} |")
+    return "\n".join(lines)
 
 
 def main(args):
-    result = measure(args)
-    (Path(args.out) / "throughput.json").write_text(json.dumps(result, indent=2))
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    if args.quick:
+        args.repeats, args.steps, args.resnet_steps, args.warmup = 1, min(args.steps, 12), min(args.resnet_steps, 2), 2
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    started = time.perf_counter()
+    rows, device = measure(args, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "repeats": args.repeats, "steps": args.steps, "resnet_steps": args.resnet_steps,
+            "seconds": time.perf_counter() - started}
+    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(rows, indent=2))
     else:
-        print(f"{result['model']} on {result['samples']} {result['inputs']} samples, {result['device']}, "
-              f"{result['threads']} threads, p={result['keep']} {result['codec']}, best of {result['repeats']}:")
-        print(f"  one epoch: plain {result['plain_epoch_seconds']:.2f} s, recording {result['recorded_epoch_seconds']:.2f} s"
-              f" -> overhead {result['recording_overhead']:.2f}x (target <= 2.0x)")
-        print(f"  store ingest {result['store_ingest_mb_s']:.0f} MB/s of raw fp32 (time inside accumulate + finalize)")
-        print(f"  forget one sample {result['forget_one_sample_ms']:.3f} ms, a class ({result['class_rows']} rows) "
-              f"{result['forget_class_seconds'] * 1e3:.1f} ms")
-        print(f"  against retraining the same data for the same one epoch: {result['forget_one_vs_retrain']:.0f}x "
-              f"(one sample), {result['forget_class_vs_retrain']:.0f}x (a class); a real retrain runs E epochs")
+        print(f"\n{device}, {meta['threads']} threads, batch {args.batch_size}, update rows, int8; medians of "
+              f"{args.repeats} interleaved child processes ({meta['seconds']:.0f} s)")
+        print(table(rows))
+        for row in rows:
+            if row.get("scatter_add_values_per_s"):
+                print(f"  {row['model']} {row['engine']} p={row['keep']}: forget one sample "
+                      f"{row['forget_one_sample_ms']:.2f} ms, a class ({row['class_rows']} rows) "
+                      f"{row['forget_class_ms']:.1f} ms, scatter-add {row['scatter_add_values_per_s'] / 1e6:.0f} M values/s")
     return 0
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", choices=["simple", "resnet18"], default="simple")
-    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few minutes: every engine on SimpleModel; plain, masked, opacus on ResNet-18; 1 repeat")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.1], help="p of the recording engines")
+    parser.add_argument("--samples", type=int, default=4096, help="MNIST training images the batches are drawn from")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--keep", type=float, default=0.1)
-    parser.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="int8")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--synthetic-cifar", action="store_true", help="random 3x32x32 inputs, 100 classes")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per SimpleModel child")
+    parser.add_argument("--resnet-steps", type=int, default=6, help="timed steps per ResNet-18 child")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per child")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--out", default="out/bench-throughput")
+    parser.add_argument("--child", help="internal: run one cell from this JSON spec and print its measurements")

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradstore
 from gradstore import keep_to_k
-from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder
+from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder, layers
 from unlearn.engine import MaskedEngine, UnsupportedModelError, split_by_parameter
 from unlearn.models import build_model
 from unlearn.per_sample import per_sample_grads
@@ -44,17 +44,18 @@ def assert_close(values, expected):
 
 
 class TokenModel(nn.Module):
-    """Embedding + LayerNorm + Linear, with the embedding used twice (adds up)."""
+    """Embedding + LayerNorm + Linear over a sequence, the embedding used twice (adds up)."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(50, 16, padding_idx=0)
         self.norm = nn.LayerNorm(16)
+        self.mix = nn.Linear(16, 16)
         self.head = nn.Linear(16, 5)
 
     def forward(self, idx):
         h = self.embed(idx) + 0.5 * self.embed(idx.flip(1))
-        return self.head(torch.tanh(self.norm(h))).mean(1)
+        return self.head(torch.tanh(self.mix(self.norm(h))).mean(1))
 
 
 class ConvZoo(nn.Module):
@@ -75,8 +76,18 @@ class ConvZoo(nn.Module):
         return self.head(self.gn(h).mean(2))
 
 
+PATHS = {  # (layers.USE_NUMBA, layers.DENSE_SHARE): each way a weight's entries are computed
+    "numba": (True, 2.0),  # CPU kernels, entry by entry
+    "torch": (False, 2.0),  # torch gathers (the GPU path)
+    "dense": (True, 0.0),  # dense per-sample blocks, gathered
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["simple", "convs", "tokens"])
-def test_rows_equal_vmap_at_kept_positions(name):
+def test_rows_equal_vmap_at_kept_positions(name, path, monkeypatch):
+    monkeypatch.setattr(layers, "USE_NUMBA", PATHS[path][0])
+    monkeypatch.setattr(layers, "DENSE_SHARE", PATHS[path][1])
     torch.manual_seed(0)
     if name == "simple":
         model, x, y = build_model("simple", 1, 10), torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))

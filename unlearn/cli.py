@@ -50,7 +50,7 @@ def cmd_train(args):
         "codec": (args.codec or DEFAULT_CODEC.get(args.method)) if args.method != "none" else None,
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "optimizer": args.optimizer,
         "lr": args.lr, "keep_first": args.keep_first, "exclude_class": args.exclude_class,
-        "exclude_samples": exclude_samples,
+        "exclude_samples": exclude_samples, "engine": args.engine if args.method == "per-sample" else None,
     }
     config["checkpoint_every"] = args.checkpoint_every
     if args.resume:
@@ -80,7 +80,8 @@ def cmd_train(args):
     if args.resume and checkpoint is None:
         raise SystemExit("--resume needs the interrupted run's --checkpoint-every")
     result = train(model, split.train_x, split.train_y, args.epochs, args.batch_size, args.seed, args.optimizer,
-                   args.lr, recorders, device, progress=not args.quiet, checkpoint=checkpoint)
+                   args.lr, recorders, device, progress=not args.quiet, checkpoint=checkpoint,
+                   engine=args.engine)
     runs.save_model(out, model)
     np.save(out / "source_indices.npy", split.source_indices)
     report = {
@@ -169,6 +170,9 @@ def build_parser():
                    help="per-sample: ours; original: every step's dense delta; layer: a fraction of it; none: no recording")
     t.add_argument("--flavour", choices=["grad", "update"], default="update",
                    help="per-sample rows: raw gradient (the seed's) or the sample's share of the optimizer step (default)")
+    t.add_argument("--engine", choices=["masked", "vmap"], default="masked",
+                   help="per-sample gradients: 'masked' (hooks in the backward, only the kept values; default) "
+                        "or 'vmap' (torch.func, full per-sample gradients; any module)")
     t.add_argument("--keep", type=float, default=0.1, help="fraction p of values kept per row (per-sample, layer)")
     t.add_argument("--codec", choices=["fp32", "fp16", "int8"],
                    help="row codec (default int8 for per-sample, fp32 for original/layer)")

@@ -17,6 +17,7 @@ forward pass.
 
 from __future__ import annotations
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,11 +29,15 @@ from torch import nn
 
 from gradstore import masks
 
+from . import pair_kernels
 from .layers import Capture, handler_for
 
 # The gradient the optimizer stepped with must be this close to a multiple of the
 # backward's (see Probe); farther, the engine warns once.
 PROBE_TOLERANCE = 1e-2
+
+# Prepare a batch's positions in a thread while its forward runs (False: at begin_batch, inline).
+PREPARE_IN_BACKGROUND = True
 
 UNSUPPORTED_HELP = ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), freeze the module's "
                     "parameters, or record with engine='vmap' (slower, any module torch.func supports)")
@@ -96,18 +101,9 @@ def split_by_parameter(positions: np.ndarray, offsets: np.ndarray):
     ``out`` indexes the flattened [B, k] values, ``j`` the parameter's own flat index;
     within a parameter the pairs are in sample order (b non-decreasing).
     """
-    batch, k = positions.shape
-    flat = positions.reshape(-1)
-    owner = np.searchsorted(offsets, flat, side="right") - 1
-    order = np.argsort(owner.astype(np.int16 if offsets.size < 2**15 else np.int32), kind="stable")  # radix sort
-    counts = np.bincount(owner, minlength=offsets.size - 1)
-    pieces, start = {}, 0
-    for index, count in enumerate(counts.tolist()):
-        if count:
-            out = order[start:start + count]
-            pieces[index] = (out // k, flat[out] - offsets[index], out)
-        start += count
-    return pieces
+    first, b, j, out = pair_kernels.split_rows(np.ascontiguousarray(positions), np.ascontiguousarray(offsets))
+    return {q: (b[first[q]:first[q + 1]], j[first[q]:first[q + 1]], out[first[q]:first[q + 1]])
+            for q in range(offsets.size - 1) if first[q + 1] > first[q]}
 
 
 class Probe:
@@ -190,7 +186,9 @@ class MaskedEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradstore-masks")
         self.current: Optional[BatchEntry] = None
         self.entries: list[BatchEntry] = []  # since the last step
-        self.unkeyed: list[Capture] = []  # captures from backward passes whose keys are not known yet
+        self.unkeyed: list = []  # (capture, slots) of backward passes whose keys are not known yet
+        self.compute_seconds = 0.0  # inside the hooks, on the training thread
+        self.prepare_seconds = 0.0  # mask positions and their split, in the background thread
 
     # ------------------------------------------------------------------ batches
 
@@ -198,7 +196,7 @@ class MaskedEngine:
         """The next forward/backward passes are of these samples (in batch order)."""
         keys = np.ascontiguousarray(keys, dtype=np.int64)
         entry = BatchEntry(keys, None if labels is None else np.asarray(labels, np.int64))
-        entry.prepared = self._executor.submit(self._prepare, keys)
+        entry.prepared = self._executor.submit(self._prepare, keys) if PREPARE_IN_BACKGROUND else self._prepare(keys)
         self.current = entry
         self.entries.append(entry)
         return entry
@@ -216,6 +214,7 @@ class MaskedEngine:
         return True
 
     def _prepare(self, keys):
+        started = time.perf_counter()
         device = next(iter(self._slots_of.values()))[0].param.device if self._slots_of else torch.device("cpu")
         prepared = {}
         for seed, k in self.mask_specs:
@@ -223,6 +222,7 @@ class MaskedEngine:
             pieces = split_by_parameter(positions, self.offsets)
             to = (lambda a: torch.from_numpy(a).to(device, non_blocking=True))
             prepared[(seed, k)] = (to(positions), {i: tuple(to(a) for a in piece) for i, piece in pieces.items()})
+        self.prepare_seconds += time.perf_counter() - started
         return prepared
 
     def reset(self):
@@ -256,6 +256,7 @@ class MaskedEngine:
         output.register_hook(on_output_grad)
 
     def _compute(self, entry: BatchEntry, capture: Capture, slots):
+        started = time.perf_counter()
         prepared = entry.ready()
         batch = capture.delta.shape[0]
         if batch != entry.keys.size:
@@ -274,6 +275,7 @@ class MaskedEngine:
                 if values is None:
                     values = entry.values[mask] = torch.zeros(batch * mask[1], device=capture.delta.device)
                 values.index_add_(0, out, handler.values(capture, slot.name, b, j))
+        self.compute_seconds += time.perf_counter() - started
 
     # ------------------------------------------------------------------ results
 

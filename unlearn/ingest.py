@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -43,8 +44,6 @@ class Ingest:
                 self._queue.task_done()
 
     def _do(self, job):
-        import time
-
         started = time.perf_counter()
         kind, store, args = job
         if kind == "accumulate":

@@ -12,12 +12,45 @@ tensor for a weight. Biases and norm affines are as small as the layer's output,
 their per-sample gradients are formed whole (``dense``) and gathered.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pair_kernels
+
 # Bound on the temporary [pairs, L] rows (floats) a weight handler gathers at once.
 PAIR_CHUNK_FLOATS = 1 << 23
+# CPU tensors go through the numba kernels (no temporaries); False forces the torch path everywhere.
+USE_NUMBA = True
+# Above this share of a weight's entries kept per sample, a dense per-sample product (a
+# batched GEMM over a few samples at a time, then a gather) beats computing the entries one
+# by one: measured on SimpleModel's conv2 on this project's 2-core CPU (docs/RESULTS.md).
+DENSE_SHARE = 0.04
+# Bound on the dense per-sample block (floats): samples at a time x the weight's size.
+DENSE_BLOCK_FLOATS = 1 << 22
+
+
+def _gather_dense_blocks(dense_of, batch, numel, b, j):
+    """g_b[j] for the pairs from ``dense_of(first, stop)`` -> [stop - first, numel], a few samples at a time."""
+    block = max(1, DENSE_BLOCK_FLOATS // max(1, numel))
+    out = torch.empty(b.numel(), device=b.device)
+    edges = torch.arange(0, batch + block, block, device=b.device).clamp(max=batch)
+    bounds = torch.searchsorted(b, edges).tolist()
+    for index, first in enumerate(range(0, batch, block)):
+        lo, hi = bounds[index], bounds[index + 1]
+        if lo < hi:
+            dense = dense_of(first, min(batch, first + block)).reshape(-1)
+            out[lo:hi] = dense.index_select(0, (b[lo:hi] - first) * numel + j[lo:hi])
+    return out
+
+
+def _numpy(tensor):
+    return tensor.detach().to(torch.float32).contiguous().numpy()
+
+
+def _on_cpu(*tensors):
+    return USE_NUMBA and all(t.device.type == "cpu" for t in tensors)
 
 
 class Capture:
@@ -81,6 +114,11 @@ class LinearHandler(Handler):
         o, i = j // width_in, j % width_in
         if length == 1:
             return d3.reshape(-1).index_select(0, b * width_out + o) * a3.reshape(-1).index_select(0, b * width_in + i)
+        if b.numel() >= DENSE_SHARE * batch * width_in * width_out:
+            return _gather_dense_blocks(lambda first, stop: torch.einsum("bto,bti->boi", d3[first:stop], a3[first:stop]),
+                                        batch, width_in * width_out, b, j)
+        if _on_cpu(a3, d3):
+            return torch.from_numpy(pair_kernels.linear_seq_pairs(_numpy(a3), _numpy(d3), b.numpy(), j.numpy()))
         left = d3.transpose(1, 2).reshape(batch * width_out, length)
         right = a3.transpose(1, 2).reshape(batch * width_in, length)
         return _sum_rows_dot(left, right, b * width_out + o, b * width_in + i)
@@ -125,6 +163,14 @@ class ConvHandler(Handler):
         if name == "bias":
             return _gather(delta.sum(2), b, j)
         module = capture.module
+        batch, numel = delta.shape[0], module.weight.numel()
+        if b.numel() >= DENSE_SHARE * batch * numel:
+            x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
+            return _gather_dense_blocks(lambda first, stop: self._dense_weight(module, x[first:stop], delta[first:stop],
+                                                                                kernel, dilation, stride),
+                                        batch, numel, b, j)
+        if _on_cpu(delta):
+            return self._values_numba(capture, b, j)
         x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
         batch, out_channels, length = delta.shape
         in_channels = x.shape[1]
@@ -150,16 +196,43 @@ class ConvHandler(Handler):
             out[lo:hi] = _sum_rows_dot(left, right, b[lo:hi] * out_channels + o[lo:hi], right_rows)
         return out
 
+    def _values_numba(self, capture, b, j):
+        module = capture.module
+        x, delta = capture.inputs[0], capture.delta
+        ndim = len(module.kernel_size)
+        padding = (0,) * ndim
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        elif module.padding == "same":  # torch puts the odd pixel on the right, which bounds checks cover
+            padding = tuple(d * (size - 1) // 2 for size, d in zip(module.kernel_size, module.dilation))
+        elif module.padding != "valid":
+            padding = tuple(module.padding)
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if ndim == 1:
+            x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+            kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+        out_channels = delta.shape[1]
+        per_group_in = x.shape[1] // module.groups
+        values = pair_kernels.conv2d_pairs(_numpy(x), _numpy(delta), b.numpy(), j.numpy(), stride, padding, dilation,
+                                           kernel, per_group_in, out_channels // module.groups)
+        return torch.from_numpy(values)
+
     def dense(self, capture, name):
         delta = self._delta(capture)
         if name == "bias":
             return delta.sum(2)
         module = capture.module
-        if module.groups != 1:
-            return super().dense(capture, name)
         x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
-        unfolded = F.unfold(x, kernel, dilation=dilation, stride=stride)
-        return torch.einsum("bol,bcl->boc", delta, unfolded).reshape(delta.shape[0], -1)
+        return self._dense_weight(module, x, delta, kernel, dilation, stride)
+
+    @staticmethod
+    def _dense_weight(module, x, delta, kernel, dilation, stride):
+        """Per-sample weight gradients [b, numel] of a few samples: im2col, then one batched product per group."""
+        unfolded = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [b, C*K, L]
+        batch, groups, length = delta.shape[0], module.groups, delta.shape[2]
+        grads = torch.einsum("bgol,bgcl->bgoc", delta.reshape(batch, groups, -1, length),
+                             unfolded.reshape(batch, groups, -1, length))
+        return grads.reshape(batch, -1)
 
     def dense_is_cheap(self, name):
         return True
