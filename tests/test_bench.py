@@ -116,3 +116,26 @@ def test_a_phase_recorded_under_other_options_runs_again(tmp_path):
     assert study_record._marker(tmp_path / "recorded.json", {**config, "seeds": [0, 1], "progress": True})["seed"] == 0
     assert study_record._marker(tmp_path / "recorded.json", {**config, "forget_class": 5}) is None
     assert study_record._marker(tmp_path / "missing.json", config) is None
+
+
+def test_throughput_rows_measure_engines_in_child_processes(tmp_path):
+    """Every engine row has the documented keys; plain is the reference; a missing Opacus says why."""
+    import argparse
+    from bench import throughput
+
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    args = parser.parse_args(["--models", "simple", "--engines", "plain", "masked", "opacus", "--keeps", "0.01",
+                              "--samples", "256", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                              "--out", str(tmp_path)])
+    rows, device = throughput.measure(args, log=lambda *a: None)
+    assert [row["engine"] for row in rows] == ["plain", "masked", "opacus"]
+    for row in rows:
+        assert {"model", "engine", "keep", "seconds_per_step", "overhead", "peak_rss_mb", "note"} <= set(row)
+    plain, masked, opacus = rows
+    assert plain["overhead"] == 1.0 and plain["peak_rss_mb"] > 0
+    assert masked["keep"] == 0.01 and masked["seconds_per_step"] > 0 and masked["scatter_add_values_per_s"] > 0
+    if throughput.opacus_available():
+        assert opacus["seconds_per_step"] > 0, opacus["note"]
+    else:
+        assert opacus["seconds_per_step"] is None and "opacus is not installed" in opacus["note"]

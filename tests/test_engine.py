@@ -301,3 +301,24 @@ def test_step_recorders_and_vmap_engine_through_attach(tmp_path):
         assert isinstance(recorder, PerSampleRecorder) and isinstance(layer, StepRecorder)
     np.testing.assert_allclose(rows["masked"][0], rows["vmap"][0], rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(rows["masked"][1], rows["vmap"][1], rtol=1e-5, atol=1e-9)
+
+
+def test_clipped_step_rows_are_the_clipped_share(tmp_path):
+    """clip_grad_norm_ scales the step's gradient by c: rows carry the same c."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    rows, factor = {}, None
+    for clip in (False, True):
+        model = build_model("simple", 1, 10, seed=3)
+        recorder = _store(tmp_path, model, f"clip{clip}")
+        optimizer, _ = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), None, [recorder])
+        optimizer.set_batch([0, 1, 2, 3])
+        F.cross_entropy(model(x), y).backward()
+        if clip:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01))
+            factor = 0.01 / (norm + 1e-6)
+        optimizer.step()
+        optimizer.finish()
+        rows[clip] = _rows(recorder.store)[:4]
+    assert factor < 0.5
+    np.testing.assert_allclose(rows[True], rows[False] * factor, rtol=1e-3, atol=1e-9)
