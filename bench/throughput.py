@@ -40,6 +40,8 @@ def configurations(args):
             if args.quick and model == "resnet18":
                 keeps = keeps[:1]
             cells += [(model, engine, keep) for keep in keeps]
+    if args.study:  # the study's one recording run: 12 stores, 6 masks, on SimpleModel
+        cells += [("simple", engine, "study") for engine in ("masked", "vmap")]
     return cells
 
 
@@ -81,9 +83,17 @@ def run_child(spec):
         model = GradSampleModule(model)
     elif engine in ("masked", "vmap"):
         scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-")
-        recorder = create_recorder(Path(scratch.name) / "store.h5", "per-sample", model, len(x), keep=spec["keep"],
-                                   codec="int8", flavour="update", seed=0)
-        optimizer, loader = attach(model, optimizer, loader, [recorder], engine=engine)
+        if spec["keep"] == "study":  # as bench/study_record.py records: fp32 stores, both flavours, every p
+            from bench.study import FLAVOURS, KEEPS
+
+            recorders = [create_recorder(Path(scratch.name) / f"{flavour}-{keep}.h5", "per-sample", model, len(x),
+                                         keep=keep, codec="fp32", flavour=flavour, seed=0)
+                         for flavour in FLAVOURS for keep in KEEPS]
+        else:
+            recorders = [create_recorder(Path(scratch.name) / "store.h5", "per-sample", model, len(x),
+                                         keep=spec["keep"], codec="int8", flavour="update", seed=0)]
+        recorder = recorders[-1]
+        optimizer, loader = attach(model, optimizer, loader, recorders, engine=engine)
         session = optimizer._session
     total = spec["warmup"] + spec["steps"]
     times, done, at_warmup = [], 0, None
@@ -286,6 +296,8 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per child")
+    parser.add_argument("--study", action="store_true",
+                        help="also time masked and vmap recording the study's 12 stores (6 masks, p summing to 0.455)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--out", default="out/bench-throughput")

@@ -322,3 +322,21 @@ def test_clipped_step_rows_are_the_clipped_share(tmp_path):
         rows[clip] = _rows(recorder.store)[:4]
     assert factor < 0.5
     np.testing.assert_allclose(rows[True], rows[False] * factor, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0])
+def test_several_masks_share_one_pass(share, monkeypatch):
+    """Recorders with different p and seeds are served by one backward, each at its own positions."""
+    monkeypatch.setattr(layers, "DENSE_SHARE", share)
+    torch.manual_seed(0)
+    model, x, y = ConvZoo(), torch.randn(4, 2, 11, 12), torch.randint(0, 3, (4,))
+    num_params = sum(p.numel() for p in model.parameters())
+    mask_specs = [(1, keep_to_k(0.3, num_params)), (2, keep_to_k(0.05, num_params))]
+    engine = MaskedEngine(model, mask_specs, num_params)
+    engine.begin_batch(np.array([3, 1, 4, 2]))
+    F.cross_entropy(model(x), y).backward()
+    _, _, per_mask = engine.step_values()
+    engine.close()
+    for mask in mask_specs:
+        positions, values = per_mask[mask]
+        assert_close(values, reference(model, x, y, positions))

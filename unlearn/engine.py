@@ -266,15 +266,15 @@ class MaskedEngine:
         for slot in slots:
             if slot is self.probe.slot:
                 self.probe.add(handler.dense(capture, slot.name).sum(0))
-            for mask, (_, pieces) in prepared.items():
-                piece = pieces.get(slot.index)
-                if piece is None:
-                    continue
-                b, j, out = piece
+            masks_here = [(mask, pieces[slot.index]) for mask, (_, pieces) in prepared.items() if slot.index in pieces]
+            if not masks_here:
+                continue
+            found = handler.values_many(capture, slot.name, [(b, j) for _, (b, j, _) in masks_here])
+            for (mask, (_, _, out)), values_here in zip(masks_here, found):
                 values = entry.values.get(mask)
                 if values is None:
                     values = entry.values[mask] = torch.zeros(batch * mask[1], device=capture.delta.device)
-                values.index_add_(0, out, handler.values(capture, slot.name, b, j))
+                values.index_add_(0, out, values_here)
         self.compute_seconds += time.perf_counter() - started
 
     # ------------------------------------------------------------------ results

@@ -31,18 +31,25 @@ DENSE_SHARE = 0.04
 DENSE_BLOCK_FLOATS = 1 << 22
 
 
-def _gather_dense_blocks(dense_of, batch, numel, b, j):
-    """g_b[j] for the pairs from ``dense_of(first, stop)`` -> [stop - first, numel], a few samples at a time."""
+def _gather_dense_blocks(dense_of, batch, numel, pieces):
+    """g_b[j] for each piece's pairs from ``dense_of(first, stop)`` -> [stop - first, numel]:
+    a few samples at a time, each block formed once for every piece (every recording mask)."""
     block = max(1, DENSE_BLOCK_FLOATS // max(1, numel))
-    out = torch.empty(b.numel(), device=b.device)
-    edges = torch.arange(0, batch + block, block, device=b.device).clamp(max=batch)
-    bounds = torch.searchsorted(b, edges).tolist()
-    for index, first in enumerate(range(0, batch, block)):
-        lo, hi = bounds[index], bounds[index + 1]
-        if lo < hi:
-            dense = dense_of(first, min(batch, first + block)).reshape(-1)
-            out[lo:hi] = dense.index_select(0, (b[lo:hi] - first) * numel + j[lo:hi])
-    return out
+    starts = list(range(0, batch, block))
+    outs, bounds = [], []
+    for b, _ in pieces:
+        outs.append(torch.empty(b.numel(), device=b.device))
+        edges = torch.tensor(starts + [batch], device=b.device)
+        bounds.append(torch.searchsorted(b, edges).tolist())
+    for index, first in enumerate(starts):
+        if all(edges[index] == edges[index + 1] for edges in bounds):
+            continue
+        dense = dense_of(first, min(batch, first + block)).reshape(-1)
+        for (b, j), out, edges in zip(pieces, outs, bounds):
+            lo, hi = edges[index], edges[index + 1]
+            if lo < hi:
+                out[lo:hi] = dense.index_select(0, (b[lo:hi] - first) * numel + j[lo:hi])
+    return outs
 
 
 def _numpy(tensor):
@@ -89,6 +96,27 @@ class Handler:
         """g_b[j] for each pair: float32 [len(b)]."""
         return _gather(self.dense(capture, name), b, j)
 
+    def values_many(self, capture, name, pieces):
+        """``values`` for several sets of pairs (one per recording mask), sharing the work they can."""
+        blocks = self.dense_blocks(capture, name)
+        if blocks is not None:
+            dense_of, batch, numel = blocks
+            if sum(b.numel() for b, _ in pieces) >= DENSE_SHARE * batch * numel:
+                return _gather_dense_blocks(dense_of, batch, numel, pieces)
+        elif self.formed_whole(name):
+            dense = self.dense(capture, name)
+            return [_gather(dense, b, j) for b, j in pieces]
+        return [self.values(capture, name, b, j) for b, j in pieces]
+
+    def dense_blocks(self, capture, name):
+        """(dense_of(first, stop), batch, numel) when a weight's per-sample gradients can be formed
+        a few samples at a time: cheaper than entry by entry once enough entries are kept."""
+        return None
+
+    def formed_whole(self, name):
+        """Whether this parameter's per-sample gradients are always formed whole (small: biases, norms)."""
+        return name == "bias"
+
     def dense(self, capture, name):
         """Per-sample gradients of the parameter: float32 [B, numel] (small parameters only)."""
         raise NotImplementedError(f"{type(self).__name__} forms no dense per-sample gradient for {name!r}")
@@ -114,9 +142,6 @@ class LinearHandler(Handler):
         o, i = j // width_in, j % width_in
         if length == 1:
             return d3.reshape(-1).index_select(0, b * width_out + o) * a3.reshape(-1).index_select(0, b * width_in + i)
-        if b.numel() >= DENSE_SHARE * batch * width_in * width_out:
-            return _gather_dense_blocks(lambda first, stop: torch.einsum("bto,bti->boi", d3[first:stop], a3[first:stop]),
-                                        batch, width_in * width_out, b, j)
         if _on_cpu(a3, d3):
             return torch.from_numpy(pair_kernels.linear_seq_pairs(_numpy(a3), _numpy(d3), b.numpy(), j.numpy()))
         left = d3.transpose(1, 2).reshape(batch * width_out, length)
@@ -128,6 +153,13 @@ class LinearHandler(Handler):
         if name == "bias":
             return d3.sum(1)
         return torch.einsum("bto,bti->boi", d3, a3).reshape(a3.shape[0], -1)
+
+    def dense_blocks(self, capture, name):
+        a3, d3 = self._rows(capture)
+        if name == "bias" or a3.shape[1] == 1:  # one token: two gathers per entry beat any product
+            return None
+        return (lambda first, stop: torch.einsum("bto,bti->boi", d3[first:stop], a3[first:stop]),
+                a3.shape[0], a3.shape[2] * d3.shape[2])
 
     def dense_is_cheap(self, name):
         return True  # the smallest weight may serve as the probe; see engine.Probe
@@ -163,12 +195,6 @@ class ConvHandler(Handler):
         if name == "bias":
             return _gather(delta.sum(2), b, j)
         module = capture.module
-        batch, numel = delta.shape[0], module.weight.numel()
-        if b.numel() >= DENSE_SHARE * batch * numel:
-            x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
-            return _gather_dense_blocks(lambda first, stop: self._dense_weight(module, x[first:stop], delta[first:stop],
-                                                                                kernel, dilation, stride),
-                                        batch, numel, b, j)
         if _on_cpu(delta):
             return self._values_numba(capture, b, j)
         x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
@@ -216,6 +242,14 @@ class ConvHandler(Handler):
         values = pair_kernels.conv2d_pairs(_numpy(x), _numpy(delta), b.numpy(), j.numpy(), stride, padding, dilation,
                                            kernel, per_group_in, out_channels // module.groups)
         return torch.from_numpy(values)
+
+    def dense_blocks(self, capture, name):
+        if name == "bias":
+            return None
+        module, delta = capture.module, self._delta(capture)
+        x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
+        return (lambda first, stop: self._dense_weight(module, x[first:stop], delta[first:stop], kernel, dilation, stride),
+                delta.shape[0], module.weight.numel())
 
     def dense(self, capture, name):
         delta = self._delta(capture)
@@ -266,6 +300,9 @@ class EmbeddingHandler(Handler):
 
 
 class LayerNormHandler(Handler):
+    def formed_whole(self, name):
+        return True
+
     def dense(self, capture, name):
         module = capture.module
         x = capture.inputs[0].float()
@@ -281,6 +318,9 @@ class LayerNormHandler(Handler):
 
 
 class GroupNormHandler(Handler):
+    def formed_whole(self, name):
+        return True
+
     def dense(self, capture, name):
         module = capture.module
         x = capture.inputs[0].float()
