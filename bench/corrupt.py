@@ -13,6 +13,7 @@ larger store with and without checking them.
 """
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -110,26 +111,49 @@ def check(path, expected):
     return ("detected", "at read: " + "; ".join(detected[:3])) if detected else ("unaffected", "")
 
 
+_FORKSERVER = None
+
+
+def _forkserver():
+    """A multiprocessing context whose children fork from a fresh server process.
+
+    A plain fork() of this process is unsafe once numba's GNU OpenMP pool has run (numba
+    then kills the child with SIGTERM): the server never runs a kernel, so its children can.
+    """
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["bench.corrupt"])
+    return _FORKSERVER
+
+
+def _report(pipe, function, args):
+    try:
+        outcome = function(*args)
+    except BaseException as error:  # noqa: BLE001
+        outcome = ["UNCAUGHT", f"{type(error).__name__}: {error}"]
+    pipe.send(list(outcome))
+    pipe.close()
+
+
 def isolated(function, *args):
-    """function(*args) in a forked child, so that a crash inside libhdf5 is an outcome, not the end of the run."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report and leave without running any cleanup of the parent's
-        os.close(read_end)
-        try:
-            payload = json.dumps(function(*args)).encode()
-        except BaseException as error:  # noqa: BLE001
-            payload = json.dumps(["UNCAUGHT", f"{type(error).__name__}: {error}"]).encode()
-        with os.fdopen(write_end, "wb") as pipe:
-            pipe.write(payload)
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        payload = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return "CRASH", f"killed by signal {os.WTERMSIG(status)} ({signal.Signals(os.WTERMSIG(status)).name})"
-    return tuple(json.loads(payload))
+    """function(*args) in a child process, so that a crash inside libhdf5 is an outcome, not the end of the run."""
+    context = _forkserver()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_report, args=(send, function, args))
+    child.start()
+    send.close()
+    try:
+        payload = receive.recv()
+    except EOFError:
+        payload = None
+    child.join()
+    if child.exitcode is not None and child.exitcode < 0:
+        number = -child.exitcode
+        return "CRASH", f"killed by signal {number} ({signal.Signals(number).name})"
+    if payload is None:
+        return "CRASH", f"exited with status {child.exitcode} without a result"
+    return tuple(payload)
 
 
 def trial(source, work, expected, ranges, rng):
