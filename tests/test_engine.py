@@ -11,7 +11,7 @@ from torch import nn
 import gradstore
 from gradstore import keep_to_k
 from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder, layers
-from unlearn.engine import MaskedEngine, UnsupportedModelError, split_by_parameter
+from unlearn.engine import MaskBatch, MaskedEngine, UnsupportedModelError
 from unlearn.models import build_model
 from unlearn.per_sample import per_sample_grads
 
@@ -123,11 +123,12 @@ def test_losses_sum_and_label_smoothing(loss):
     assert_close(values, expected)
 
 
-def test_split_by_parameter_covers_every_position_once():
+def test_mask_batch_splits_every_position_once_by_parameter():
     rng = np.random.default_rng(0)
     offsets = np.array([0, 5, 5, 40, 41, 100])
     positions = np.sort(np.stack([rng.choice(100, 30, replace=False) for _ in range(4)]), 1)
-    pieces = split_by_parameter(positions, offsets)
+    batch = MaskBatch(positions, offsets, torch.device("cpu"))
+    pieces = {index: [t.numpy() for t in batch.pieces(index)] for index in range(5) if batch.count(index)}
     seen = np.zeros(positions.size, bool)
     for index, (b, j, out) in pieces.items():
         assert np.all(np.diff(b) >= 0)

@@ -86,7 +86,7 @@ class BatchEntry:
 
     keys: np.ndarray
     labels: Optional[np.ndarray]
-    prepared: object = None  # Future of {mask: (positions, {param index: (b, j, out)})}
+    prepared: object = None  # {mask: MaskBatch}, or a Future of it
     values: dict = field(default_factory=dict)  # {mask: float32 [B * k]} once a capture arrived
 
     def ready(self):
@@ -95,15 +95,42 @@ class BatchEntry:
         return self.prepared
 
 
-def split_by_parameter(positions: np.ndarray, offsets: np.ndarray):
-    """Split sorted positions [B, k] by parameter: {p: (b, j, out)} as int64 arrays.
+class MaskBatch:
+    """One mask's positions for one batch: [B, k], sorted per row, with where each parameter starts.
 
-    ``out`` indexes the flattened [B, k] values, ``j`` the parameter's own flat index;
-    within a parameter the pairs are in sample order (b non-decreasing).
+    The CPU kernels walk the rows directly (``rows``); the other paths get (sample, index,
+    flat slot) arrays per parameter (``pieces``), built on first use.
     """
-    first, b, j, out = pair_kernels.split_rows(np.ascontiguousarray(positions), np.ascontiguousarray(offsets))
-    return {q: (b[first[q]:first[q + 1]], j[first[q]:first[q + 1]], out[first[q]:first[q + 1]])
-            for q in range(offsets.size - 1) if first[q + 1] > first[q]}
+
+    def __init__(self, positions: np.ndarray, offsets: np.ndarray, device):
+        self.numpy = positions
+        self.k = positions.shape[1]
+        self.offsets = offsets
+        self.bounds = pair_kernels.row_bounds(positions, offsets)  # [B, P + 1]
+        self.positions = torch.from_numpy(positions).to(device, non_blocking=True)
+        self.device = device
+        self._pieces = {}
+
+    def rows(self, index):
+        """(first, stop) columns of each row that fall in parameter ``index``."""
+        return self.bounds[:, index], self.bounds[:, index + 1]
+
+    def count(self, index):
+        first, stop = self.rows(index)
+        return int((stop - first).sum())
+
+    def pieces(self, index):
+        """(b, j, out) int64 tensors: sample, index within the parameter, slot in the flat [B * k] values."""
+        if index not in self._pieces:
+            first, stop = self.rows(index)
+            lengths = stop - first
+            rows = np.arange(lengths.size)
+            before = np.cumsum(lengths) - lengths
+            out = np.arange(int(lengths.sum())) + np.repeat(rows * self.k + first - before, lengths)
+            b = np.repeat(rows, lengths)
+            j = self.numpy.reshape(-1)[out] - self.offsets[index]
+            self._pieces[index] = tuple(torch.from_numpy(a).to(self.device) for a in (b, j, out))
+        return self._pieces[index]
 
 
 class Probe:
@@ -218,10 +245,7 @@ class MaskedEngine:
         device = next(iter(self._slots_of.values()))[0].param.device if self._slots_of else torch.device("cpu")
         prepared = {}
         for seed, k in self.mask_specs:
-            positions = masks.positions_many(seed, keys, self.num_params, k)
-            pieces = split_by_parameter(positions, self.offsets)
-            to = (lambda a: torch.from_numpy(a).to(device, non_blocking=True))
-            prepared[(seed, k)] = (to(positions), {i: tuple(to(a) for a in piece) for i, piece in pieces.items()})
+            prepared[(seed, k)] = MaskBatch(masks.positions_many(seed, keys, self.num_params, k), self.offsets, device)
         self.prepare_seconds += time.perf_counter() - started
         return prepared
 
@@ -266,16 +290,29 @@ class MaskedEngine:
         for slot in slots:
             if slot is self.probe.slot:
                 self.probe.add(handler.dense(capture, slot.name).sum(0))
-            masks_here = [(mask, pieces[slot.index]) for mask, (_, pieces) in prepared.items() if slot.index in pieces]
-            if not masks_here:
+            here = [(mask, found) for mask, found in prepared.items() if found.count(slot.index)]
+            if not here:
                 continue
-            found = handler.values_many(capture, slot.name, [(b, j) for _, (b, j, _) in masks_here])
-            for (mask, (_, _, out)), values_here in zip(masks_here, found):
-                values = entry.values.get(mask)
-                if values is None:
-                    values = entry.values[mask] = torch.zeros(batch * mask[1], device=capture.delta.device)
-                values.index_add_(0, out, values_here)
+            values_of = {mask: self._values(entry, mask, batch, capture.delta.device) for mask, _ in here}
+            pairs = sum(found.count(slot.index) for _, found in here)
+            if handler.adds_rows(capture, slot.name, pairs):  # CPU kernels: straight into the values
+                for mask, found in here:
+                    first, stop = found.rows(slot.index)
+                    handler.add_rows(capture, slot.name, found.numpy, first, stop, slot.offset,
+                                     values_of[mask].view(batch, mask[1]).numpy())
+                continue
+            pieces = [found.pieces(slot.index) for _, found in here]
+            computed = handler.values_many(capture, slot.name, [(b, j) for b, j, _ in pieces])
+            for (mask, _), (_, _, out), values_here in zip(here, pieces, computed):
+                values_of[mask].index_add_(0, out, values_here)
         self.compute_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _values(entry, mask, batch, device):
+        values = entry.values.get(mask)
+        if values is None:
+            values = entry.values[mask] = torch.zeros(batch * mask[1], device=device)
+        return values
 
     # ------------------------------------------------------------------ results
 
@@ -290,7 +327,7 @@ class MaskedEngine:
             labels = np.concatenate([e.labels for e in entries])
         result = {}
         for mask in self.mask_specs:
-            positions = torch.cat([e.ready()[mask][0] for e in entries])
+            positions = torch.cat([e.ready()[mask].positions for e in entries])
             values = torch.cat([e.values.get(mask, torch.zeros(e.keys.size * mask[1], device=positions.device))
                                 .view(e.keys.size, mask[1]) for e in entries])
             result[mask] = (positions, values)

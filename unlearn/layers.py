@@ -108,6 +108,14 @@ class Handler:
             return [_gather(dense, b, j) for b, j in pieces]
         return [self.values(capture, name, b, j) for b, j in pieces]
 
+    def adds_rows(self, capture, name, pairs):
+        """Whether ``add_rows`` serves this parameter now (CPU kernels, few entries kept)."""
+        return False
+
+    def add_rows(self, capture, name, positions, first, stop, offset, values):
+        """values[r, c] += g_r[positions[r, c] - offset] for c in first[r]:stop[r] (numpy, in place)."""
+        raise NotImplementedError
+
     def dense_blocks(self, capture, name):
         """(dense_of(first, stop), batch, numel) when a weight's per-sample gradients can be formed
         a few samples at a time: cheaper than entry by entry once enough entries are kept."""
@@ -142,8 +150,6 @@ class LinearHandler(Handler):
         o, i = j // width_in, j % width_in
         if length == 1:
             return d3.reshape(-1).index_select(0, b * width_out + o) * a3.reshape(-1).index_select(0, b * width_in + i)
-        if _on_cpu(a3, d3):
-            return torch.from_numpy(pair_kernels.linear_seq_pairs(_numpy(a3), _numpy(d3), b.numpy(), j.numpy()))
         left = d3.transpose(1, 2).reshape(batch * width_out, length)
         right = a3.transpose(1, 2).reshape(batch * width_in, length)
         return _sum_rows_dot(left, right, b * width_out + o, b * width_in + i)
@@ -153,6 +159,15 @@ class LinearHandler(Handler):
         if name == "bias":
             return d3.sum(1)
         return torch.einsum("bto,bti->boi", d3, a3).reshape(a3.shape[0], -1)
+
+    def adds_rows(self, capture, name, pairs):
+        a3, d3 = self._rows(capture)
+        return (name != "bias" and a3.shape[1] > 1 and _on_cpu(a3, d3)
+                and pairs < DENSE_SHARE * a3.shape[0] * a3.shape[2] * d3.shape[2])
+
+    def add_rows(self, capture, name, positions, first, stop, offset, values):
+        a3, d3 = self._rows(capture)
+        pair_kernels.linear_rows(_numpy(a3), _numpy(d3), positions, first, stop, offset, values)
 
     def dense_blocks(self, capture, name):
         a3, d3 = self._rows(capture)
@@ -195,8 +210,6 @@ class ConvHandler(Handler):
         if name == "bias":
             return _gather(delta.sum(2), b, j)
         module = capture.module
-        if _on_cpu(delta):
-            return self._values_numba(capture, b, j)
         x, kernel, dilation, stride = self._unfold_args(module, capture.inputs[0].float())
         batch, out_channels, length = delta.shape
         in_channels = x.shape[1]
@@ -222,7 +235,16 @@ class ConvHandler(Handler):
             out[lo:hi] = _sum_rows_dot(left, right, b[lo:hi] * out_channels + o[lo:hi], right_rows)
         return out
 
-    def _values_numba(self, capture, b, j):
+    def adds_rows(self, capture, name, pairs):
+        return (name != "bias" and _on_cpu(capture.delta)
+                and pairs < DENSE_SHARE * capture.delta.shape[0] * capture.module.weight.numel())
+
+    def add_rows(self, capture, name, positions, first, stop, offset, values):
+        x, delta, geometry = self._numba_geometry(capture)
+        pair_kernels.conv2d_rows(x, delta, positions, first, stop, offset, values, *geometry)
+
+    def _numba_geometry(self, capture):
+        """(x, delta as 4-D numpy, (stride, padding, dilation, kernel, per_group_in, per_group_out))."""
         module = capture.module
         x, delta = capture.inputs[0], capture.delta
         ndim = len(module.kernel_size)
@@ -237,11 +259,8 @@ class ConvHandler(Handler):
         if ndim == 1:
             x, delta = x.unsqueeze(2), delta.unsqueeze(2)
             kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-        out_channels = delta.shape[1]
-        per_group_in = x.shape[1] // module.groups
-        values = pair_kernels.conv2d_pairs(_numpy(x), _numpy(delta), b.numpy(), j.numpy(), stride, padding, dilation,
-                                           kernel, per_group_in, out_channels // module.groups)
-        return torch.from_numpy(values)
+        geometry = (stride, padding, dilation, kernel, x.shape[1] // module.groups, delta.shape[1] // module.groups)
+        return _numpy(x), _numpy(delta), geometry
 
     def dense_blocks(self, capture, name):
         if name == "bias":
