@@ -341,3 +341,37 @@ def test_several_masks_share_one_pass(share, monkeypatch):
     for mask in mask_specs:
         positions, values = per_mask[mask]
         assert_close(values, reference(model, x, y, positions))
+
+
+class DictImages(torch.utils.data.Dataset):
+    """Batches of any structure: here dicts, as Hugging Face datasets give."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, index):
+        return {"pixels": self.x[index], "label": self.y[index]}
+
+
+def test_dict_batches_through_the_wrapped_loader_keep_keys_and_labels(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    model = build_model("simple", 1, 10, seed=3)
+    recorder = _store(tmp_path, model, "dicts", num_samples=12)
+    loader = torch.utils.data.DataLoader(DictImages(x, y), batch_size=5, shuffle=True,
+                                         generator=torch.Generator().manual_seed(1))
+    optimizer, loader = attach(model, torch.optim.SGD(model.parameters(), lr=0.0), loader, [recorder])
+    for batch in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(batch["pixels"]), batch["label"], reduction="sum").backward()
+        optimizer.step()
+    optimizer.finish()
+    positions = torch.from_numpy(gradstore.masks.positions_many(SEED, np.arange(12), recorder.store.num_params,
+                                                                recorder.store.k))
+    expected = reference(build_model("simple", 1, 10, seed=3), x, y, positions, scale=1.0)  # lr 0: weights unchanged
+    np.testing.assert_allclose(_rows(recorder.store)[:12], expected.numpy(), rtol=1e-4, atol=1e-7)
+    with gradstore.open(recorder.store.path) as store:
+        np.testing.assert_array_equal(store.labels[:12], y.numpy())
