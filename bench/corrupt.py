@@ -14,7 +14,6 @@ larger store with and without checking them.
 
 import json
 import multiprocessing
-import os
 import shutil
 import signal
 import time

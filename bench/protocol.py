@@ -10,7 +10,6 @@ next to a fine-tune-only control. Prints a table, writes protocol-results.json.
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import gradstore

@@ -182,7 +182,7 @@ class MaskedEngine:
         self.model = model
         self.mask_specs = sorted(set(mask_specs))  # (seed, k)
         self.num_params = num_params
-        offsets, slots_of, index = [0], {}, 0
+        offsets, slots_of = [0], {}
         names = {id(p): n for n, p in model.named_parameters()}
         for p in model.parameters():
             offsets.append(offsets[-1] + p.numel())

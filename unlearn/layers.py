@@ -12,7 +12,6 @@ tensor for a weight. Biases and norm affines are as small as the layer's output,
 their per-sample gradients are formed whole (``dense``) and gathered.
 """
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -17,7 +17,7 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import gradstore
 from gradstore import masks
 
 from .models import named_shapes
+
+if TYPE_CHECKING:
+    from .ingest import Ingest
 
 
 @dataclass
