@@ -87,10 +87,6 @@ def _gather(dense, b, j):
 class Handler:
     """Per-sample gradient entries of one module type."""
 
-    def params(self, module):
-        """{name: parameter} that this handler attributes (those requiring grad)."""
-        return {name: p for name, p in module.named_parameters(recurse=False)}
-
     def values(self, capture, name, b, j):
         """g_b[j] for each pair: float32 [len(b)]."""
         return _gather(self.dense(capture, name), b, j)
@@ -113,7 +109,7 @@ class Handler:
 
     def add_rows(self, capture, name, positions, first, stop, offset, values):
         """values[r, c] += g_r[positions[r, c] - offset] for c in first[r]:stop[r] (numpy, in place)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} adds no rows in place (adds_rows is False)")
 
     def dense_blocks(self, capture, name):
         """(dense_of(first, stop), batch, numel) when a weight's per-sample gradients can be formed
@@ -317,10 +313,17 @@ class EmbeddingHandler(Handler):
         return False
 
 
-class LayerNormHandler(Handler):
+class NormHandler(Handler):
+    """Affine parameters of a normalization: as small as a channel, always formed whole."""
+
     def formed_whole(self, name):
         return True
 
+    def dense_is_cheap(self, name):
+        return True
+
+
+class LayerNormHandler(NormHandler):
     def dense(self, capture, name):
         module = capture.module
         x = capture.inputs[0].float()
@@ -331,14 +334,8 @@ class LayerNormHandler(Handler):
             delta = delta * F.layer_norm(x, shape, eps=module.eps)
         return delta.reshape(batch, -1, *shape).sum(1).reshape(batch, -1)
 
-    def dense_is_cheap(self, name):
-        return True
 
-
-class GroupNormHandler(Handler):
-    def formed_whole(self, name):
-        return True
-
+class GroupNormHandler(NormHandler):
     def dense(self, capture, name):
         module = capture.module
         x = capture.inputs[0].float()
@@ -346,9 +343,6 @@ class GroupNormHandler(Handler):
         if name == "weight":
             delta = delta * F.group_norm(x, module.num_groups, eps=module.eps)
         return delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
-
-    def dense_is_cheap(self, name):
-        return True
 
 
 HANDLERS = {

@@ -38,8 +38,8 @@ class StepContext:
     step: int
     sample_ids: np.ndarray  # keys of the step's samples (indices into the training set), unique
     labels: Optional[np.ndarray]
-    params_before: torch.Tensor  # flat, named_parameters() order
-    params_after: torch.Tensor
+    params_before: Optional[torch.Tensor]  # flat, named_parameters() order; only when a step recorder needs them
+    params_after: Optional[torch.Tensor]
     ingest: "Ingest"  # where rows go (a background thread)
     per_mask: dict = field(default_factory=dict)  # {(seed, k): (positions [B, k], gradient values [B, k])}
     preconditioner: torch.Tensor = None  # [M] multiplier turning g_i into the sample's update

@@ -312,7 +312,7 @@ class RecordingSession:
         result = self.optimizer.step(closure)
         started = time.perf_counter()
         context = StepContext(step=self.step_index, sample_ids=keys, labels=labels, params_before=before,
-                              params_after=flat_view(self.params) if before is not None else self.params[0].detach(),
+                              params_after=flat_view(self.params) if before is not None else None,
                               ingest=self.ingest, per_mask=per_mask)
         if any(r.needs_preconditioner for r in self.recorders):
             context.preconditioner = update_preconditioner(self.optimizer, self.params)
