@@ -13,7 +13,7 @@ import gradstore
 from gradstore.cli import run_reporting_errors
 
 from . import data as datasets
-from . import runs
+from . import poison, runs
 from .evaluate import accuracy, evaluate
 from .forget import forget, mark_applied, root_run
 from .models import build_model
@@ -21,6 +21,7 @@ from .recorders import create_recorder, recorder_for
 from .checkpoint import Checkpointer
 from .train import default_device, train
 
+GAP_KEYS = ("forgotten_acc", "rest_acc", "ua", "ra", "ta", "mia_efficacy", "asr", "poisoned_label_acc", "target_class_acc")
 DEFAULT_CODEC = {"per-sample": "int8", "original": "fp32", "layer": "fp32"}
 
 
@@ -53,6 +54,12 @@ def cmd_train(args):
         "exclude_samples": exclude_samples, "engine": args.engine if args.method == "per-sample" else None,
     }
     config["checkpoint_every"] = args.checkpoint_every
+    if args.poison is not None:
+        config["poison"] = {"count": args.poison, "seed": args.seed if args.poison_seed is None else args.poison_seed,
+                            "target": args.poison_target}
+    split = runs.build_data(config)  # before the options are saved: the poison's trigger comes from the images
+    if split.poison is not None:
+        config["poison"] = split.poison.to_json()
     if args.resume:
         started = runs.load_json(out / runs.STARTED)
         if started != json.loads(json.dumps(config, default=runs._jsonable)):
@@ -63,7 +70,8 @@ def cmd_train(args):
             for stale in (runs.CHECKPOINT, "store.h5", "train.json"):
                 (out / stale).unlink(missing_ok=True)
         runs.save_json(out / runs.STARTED, config)
-    split = runs.build_data(config)
+    if split.poison is not None:
+        poison.write_keys(out / runs.POISONED, split.poison)
     config.update(in_channels=split.in_channels, num_classes=split.num_classes)
     device = torch.device(args.device) if args.device else default_device()
     model = build_model(args.model, split.in_channels, split.num_classes, seed=args.seed, groups=args.groups)
@@ -129,7 +137,8 @@ def cmd_forget(args):
         gold_config = runs.load_json(Path(args.gold) / "train.json")
         gold = {**measure(runs.load_model(args.gold, gold_config, device)), "seconds": gold_config["seconds"]}
         result["gold"] = gold
-        result["gap_to_gold"] = {key: result[key] - gold[key] for key in ("forgotten_acc", "rest_acc", "ua", "ra", "ta", "mia_efficacy")}
+        result["gap_to_gold"] = {key: result[key] - gold[key] for key in GAP_KEYS if result.get(key) is not None
+                                 and gold.get(key) is not None}
         result["speedup_vs_gold"] = gold_config["seconds"] / max(report["seconds"], 1e-9)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +197,12 @@ def build_parser():
     exclusion.add_argument("--exclude-class", type=int, metavar="C", help="train without class C (gold standard)")
     exclusion.add_argument("--exclude-samples", metavar="FILE",
                            help="train without these training-set indices (one per line, or .npy), as --keep-first leaves them")
+    t.add_argument("--poison", type=int, metavar="N",
+                   help="poison N seeded training samples of other classes than --poison-target: a 4x4 patch of the "
+                        "maximum pixel value one pixel in from the bottom-right corner (2x2 on 8x8 images) and the "
+                        "target label; their keys go to RUN_DIR/poisoned.txt (drawn before --exclude-samples)")
+    t.add_argument("--poison-seed", type=int, metavar="S", help="seed of the poison's draw (default: --seed)")
+    t.add_argument("--poison-target", type=int, default=0, metavar="T", help="the poison's target label (default 0)")
     t.add_argument("--memory-budget", type=int, default=256, metavar="MIB", help="store write buffer (MiB)")
     t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
@@ -262,7 +277,10 @@ def check_common_inputs(args):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
     if args.command == "train":
+        if args.poison is None and (args.poison_seed is not None or args.poison_target != 0):
+            raise ValueError("--poison-seed and --poison-target need --poison N")
         for option, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 0),
+                                   ("--poison", 0 if args.poison is None else args.poison, 0),
                                    ("--groups", args.groups, 1), ("--memory-budget", args.memory_budget, 0),
                                    ("--checkpoint-every", args.checkpoint_every, 0)):
             if value < low:

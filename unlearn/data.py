@@ -1,5 +1,6 @@
 """Datasets from local files only: MNIST IDX (gzipped or not), and scikit-learn's digits."""
 
+import dataclasses
 import gzip
 import os
 from pathlib import Path
@@ -135,16 +136,18 @@ class DataSplit:
     """A training set (as used: keys index it) and a test set, as float32 / int64 numpy arrays.
 
     ``source_indices`` maps each training key to its index in the dataset's full
-    training set, so a run can say exactly which samples it trained on.
+    training set, so a run can say exactly which samples it trained on. ``poison``: the
+    poison applied to it, if any (unlearn.poison; its keys index this split).
     """
 
-    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, source_indices=None):
+    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, source_indices=None, poison=None):
         self.name = name
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         self.in_channels = train_x.shape[1]
         self.source_indices = np.arange(len(train_y)) if source_indices is None else source_indices
+        self.poison = poison
 
     def __len__(self):
         return len(self.train_y)
@@ -152,8 +155,12 @@ class DataSplit:
     def subset(self, keep_mask):
         """The split restricted to training samples where keep_mask is true (keys renumbered)."""
         keep = np.nonzero(keep_mask)[0]
+        poison = self.poison
+        if poison is not None:  # its keys renumbered; poisoned samples left out are no longer in it
+            kept = poison.keys[np.isin(poison.keys, keep)]
+            poison = dataclasses.replace(poison, keys=np.searchsorted(keep, kept).astype(np.int64))
         return DataSplit(self.name, self.train_x[keep], self.train_y[keep], self.test_x, self.test_y,
-                         self.num_classes, self.source_indices[keep])
+                         self.num_classes, self.source_indices[keep], poison=poison)
 
 
 def load_dataset(name, data_dir=None):

@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .poison import metrics as poison_metrics
+
 EVAL_BATCH = 1024
 MIA_DRAWS = 5  # shadow draws: the figure is their mean, mia_efficacy_std their spread
 MIA_MEMBERS = 10_000  # retained samples per draw, against as many test samples (SalUn's reference sizes)
@@ -99,6 +101,7 @@ def evaluate(model: torch.nn.Module, data, forget_keys: np.ndarray, forget_class
     forgotten_acc / rest_acc: the seed's cells, on the test set (class requests: the
     class / every other class; sample requests: the forget samples / the test set).
     ua / ra / ta: accuracy on the forget set, the retained training set, the test set.
+    A poisoned split adds asr, poisoned_label_acc and target_class_acc (unlearn.poison.metrics).
     """
     retained = np.setdiff1d(np.arange(len(data)), forget_keys if excluded is None else excluded)
     forget_x, forget_y = data.train_x[forget_keys], data.train_y[forget_keys]
@@ -114,7 +117,9 @@ def evaluate(model: torch.nn.Module, data, forget_keys: np.ndarray, forget_class
         rest_acc = accuracy(model, data.test_x[~in_class], data.test_y[~in_class])
     else:
         forgotten_acc, rest_acc = ua, ta
+    backdoor = poison_metrics(model, data) if getattr(data, "poison", None) is not None else {}
     return {
+        **backdoor,
         "forgotten_acc": forgotten_acc,
         "rest_acc": rest_acc,
         "ua": ua,

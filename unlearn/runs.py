@@ -5,6 +5,7 @@ RUN_DIR/store.h5      the recording (absent for --method none)
 RUN_DIR/train.json    settings and results; enough to rebuild the data and the model
 RUN_DIR/started.json  the options, written when training starts (a run without train.json was interrupted)
 RUN_DIR/checkpoint.pt while training with --checkpoint-every: the last checkpoint (weights_only)
+RUN_DIR/poisoned.txt  only with --poison: the poisoned training keys, one per line (see unlearn.poison)
 RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.forget)
 """
 
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 
 from . import data as datasets
+from . import poison
 from .models import build_model
 
 STARTED = "started.json"
 CHECKPOINT = "checkpoint.pt"
+POISONED = "poisoned.txt"
 
 
 def save_json(path, payload):
@@ -74,6 +77,8 @@ def build_data(config):
     if config.get("keep_first"):
         cls, count = config["keep_first"]
         split = datasets.keep_first(split, cls, count)
+    if config.get("poison"):  # drawn before any exclusion: a retrained reference excludes the same samples
+        split = poison.from_spec(split, config["poison"])
     return _apply_exclusions(split, config)
 
 
