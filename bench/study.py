@@ -27,6 +27,7 @@ from . import study_cells, study_record, study_report
 KEEPS = [0.2, 0.1, 0.075, 0.05, 0.02, 0.01]
 CODECS = ["fp32", "fp16", "int8"]
 FLAVOURS = ["grad", "update"]
+REQUESTS = ["class", "samples", "poisoned"]
 
 
 def build_config(args):
@@ -56,6 +57,11 @@ def build_config(args):
         "mia": MIA_METHOD,  # cells measured with another MIA are not mixed with these
         "progress": not args.no_progress,
         "engine": args.engine,
+        "requests": list(dict.fromkeys(args.request)),
+        "poison": args.poison,
+        "poison_seed": args.poison_seed,
+        "poison_target": args.poison_target,
+        "poison_keeps": args.poison_keeps,
     }
 
 
@@ -72,6 +78,10 @@ class CellLog:
         if saved and saved["config"] != json.loads(json.dumps(study_record.comparable(config))):
             raise SystemExit(f"{path} holds a study with another configuration; use a new --out or delete it")
         self.cells = saved["cells"] if saved else {}
+        poisoned = json.loads(json.dumps(study_record.comparable(config, "poisoned")))
+        if any(cell["task"] == "poisoned" and cell.get("config") != poisoned for cell in self.cells.values()):
+            raise SystemExit(f"{path} holds poisoned-request cells of another poison (--poison, --poison-seed, "
+                             "--poison-target, --poison-keeps); use a new --out or delete it")
         self.config = config
         if not saved:  # the options are on disk before anything else is
             self._save()
@@ -89,14 +99,15 @@ class CellLog:
 
 def needed_cells(seed, config):
     """Every cell a seed contributes, by id (reference rows, then each store's scale modes)."""
-    references = ["after train", "retrain"]
-    stores = [(study_record.store_name("original"), ("1",)), (study_record.store_name("layer", keep=config["layer_keep"]), ("1",))]
-    stores += [(study_record.store_name("per-sample", flavour, keep, codec), ("1", "auto"))
-               for flavour in config["flavours"] for keep in config["keeps"] for codec in config["codecs"]]
+    baselines = [(study_record.store_name("original"), ("1",)),
+                 (study_record.store_name("layer", keep=config["layer_keep"]), ("1",))]
     ids = []
-    for task in ("class", "samples"):
-        ids += [cell_id(seed, task, kind) for kind in references
-                + (["finetune only"] if task == "class" and config["finetune_epochs"] else [])]
+    for task in config["requests"]:
+        codecs, keeps = (["int8"], config["poison_keeps"]) if task == "poisoned" else (config["codecs"], config["keeps"])
+        stores = baselines + [(study_record.store_name("per-sample", flavour, keep, codec), ("1", "auto"))
+                              for flavour in config["flavours"] for keep in keeps for codec in codecs]
+        fine_tuned = config["finetune_epochs"] and task in ("class", "poisoned")
+        ids += [cell_id(seed, task, kind) for kind in ["after train", "retrain"] + (["finetune only"] if fine_tuned else [])]
         ids += [cell_id(seed, task, f"{name}|{mode}") for name, modes in stores for mode in modes]
     return ids
 
@@ -106,6 +117,11 @@ def run_seed(seed, config, out, log, progress):
         log(f"seed {seed}: every cell is in {progress.path}, skipped")
         return
     seed_dir = out / f"seed{seed}"
+    if "poisoned" in config["requests"]:
+        run_poisoned(seed, config, seed_dir / "poisoned", log, progress)
+    tasks = [task for task in ("class", "samples") if task in config["requests"]]
+    if all(key in progress for key in needed_cells(seed, {**config, "requests": tasks})):
+        return
     recorded = study_record.record(seed, config, seed_dir, log)
     if any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values()):
         log(f"seed {seed}: cells are missing and the stores were deleted: recording again")
@@ -116,33 +132,51 @@ def run_seed(seed, config, out, log, progress):
     samples = study_record.forget_samples(config, seed, len(data))
     cls = config["forget_class"]
     class_subset = study_cells.finetune_subset(config, seed, data, (data.train_y == cls).nonzero()[0])
-    references = {
-        "class": study_record.reference_model("class", seed, config, seed_dir, data, log),
-        "samples": study_record.reference_model("samples", seed, config, seed_dir, data, log),
-    }
-    stores = recorded["stores"]
-    for task in ("class", "samples"):
-        rows = [("after train", trained, recorded["train_seconds"]), ("retrain", *references[task])]
-        if task == "class" and config["finetune_epochs"]:
-            rows.append(("finetune only", trained, 0.0))
-        for kind, weights, seconds in rows:
-            key = cell_id(seed, task, kind)
-            if key not in progress:
-                cell = study_cells.reference_cells(task, kind, weights, data, config, seed, samples, class_subset, seconds)
-                progress.add(key, {"seed": seed, "task": task, "row": kind, "method": kind, **cell})
-        for name, entry in stores.items():
-            keys = {mode: cell_id(seed, task, f"{name}|{mode}") for mode in ("1", "auto")}
-            wanted = ["1", "auto"] if entry["method"] == "per-sample" else ["1"]
-            if all(keys[mode] in progress for mode in wanted):
-                continue
-            started = time.perf_counter()
-            cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
-                                            samples, class_subset)
-            for mode, cell in cells.items():
-                row = {key: value for key, value in entry.items() if key != "path"}
-                progress.add(keys[mode], {"seed": seed, "task": task, "row": name, "scale_mode": mode, **row, **cell})
-            log(f"seed {seed} {task:<7} {name:<26} " + study_report.cell_line(task, cells)
-                + f"  ({time.perf_counter() - started:.1f} s)")
+    for task in tasks:
+        reference = study_record.reference_model(task, seed, config, seed_dir, data, log)
+        subset = class_subset if task == "class" else None
+        measure_request(seed, task, config, seed_dir, recorded, trained, reference, data, samples, subset, log, progress)
+
+
+def run_poisoned(seed, config, seed_dir, log, progress):
+    """The poisoned request: its own training run on the poisoned split, its own retrained reference."""
+    if all(key in progress for key in needed_cells(seed, {**config, "requests": ["poisoned"]})):
+        return
+    recorded = study_record.record_poisoned(seed, config, seed_dir, log)
+    data = study_record.poisoned_data(config, seed)
+    trained = np.load(seed_dir / "trained.npy", allow_pickle=False)
+    reference = study_record.reference_model("poisoned", seed, config, seed_dir, data, log)
+    subset = study_cells.finetune_subset(config, seed, data, data.poison.keys)
+    extra = {"config": study_record.comparable(config, "poisoned"), "poison": recorded["poison"]}
+    measure_request(seed, "poisoned", config, seed_dir, recorded, trained, reference, data, data.poison.keys, subset, log,
+                    progress, extra)
+
+
+def measure_request(seed, task, config, seed_dir, recorded, trained, reference, data, samples, subset, log, progress,
+                    extra=None):
+    """Every cell of one request for one seed: the reference rows, then each store at each scale mode."""
+    extra = extra or {}
+    rows = [("after train", trained, recorded["train_seconds"]), ("retrain", *reference)]
+    if task in ("class", "poisoned") and config["finetune_epochs"]:
+        rows.append(("finetune only", trained, 0.0))
+    for kind, weights, seconds in rows:
+        key = cell_id(seed, task, kind)
+        if key not in progress:
+            cell = study_cells.reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds)
+            progress.add(key, {"seed": seed, "task": task, "row": kind, "method": kind, **extra, **cell})
+    for name, entry in recorded["stores"].items():
+        keys = {mode: cell_id(seed, task, f"{name}|{mode}") for mode in ("1", "auto")}
+        wanted = ["1", "auto"] if entry["method"] == "per-sample" else ["1"]
+        if all(keys[mode] in progress for mode in wanted):
+            continue
+        started = time.perf_counter()
+        cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
+                                        samples, subset)
+        for mode, cell in cells.items():
+            row = {key: value for key, value in entry.items() if key != "path"}
+            progress.add(keys[mode], {"seed": seed, "task": task, "row": name, "scale_mode": mode, **row, **extra, **cell})
+        log(f"seed {seed} {task:<8} {name:<26} " + study_report.cell_line(task, cells)
+            + f"  ({time.perf_counter() - started:.1f} s)")
 
 
 def main(args):
@@ -178,12 +212,22 @@ def add_arguments(parser):
     parser.add_argument("--keeps", type=float, nargs="+", default=KEEPS, help="p of the per-sample stores")
     parser.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
     parser.add_argument("--flavours", nargs="+", default=FLAVOURS, choices=FLAVOURS)
+    parser.add_argument("--request", nargs="+", default=["class", "samples"], choices=REQUESTS,
+                        help="request kinds to measure (default: class samples); poisoned: a backdoor's samples, "
+                             "on its own poisoned training run")
+    parser.add_argument("--poison", type=float, default=100,
+                        help="poisoned samples of the poisoned request: a count, or a fraction of the training set "
+                             "when below 1 (default 100)")
+    parser.add_argument("--poison-seed", type=int, help="seed of the poison's draw (default: each seed's own)")
+    parser.add_argument("--poison-target", type=int, default=0, help="the poison's target label (default 0)")
+    parser.add_argument("--poison-keeps", type=float, nargs="+", default=[0.01, 0.02],
+                        help="p of the poisoned request's int8 per-sample stores (default 0.01 0.02)")
     parser.add_argument("--sample-fraction", type=float, default=0.01, help="share of the training set in the sample request")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the 'after retrain' fine-tune (0: none)")
     parser.add_argument("--finetune-samples", type=int,
                         help="retained samples the fine-tune passes over (default 10,000 on MNIST; all with --quick)")
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores of finished seeds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--engine", choices=["masked", "vmap"], default=study_record.STUDY_ENGINE,
-                        help=f"per-sample gradient engine (default {study_record.STUDY_ENGINE}: the faster for the "
-                             "study's many masks, see docs/RESULTS.md)")
+    parser.add_argument("--engine", choices=["masked", "vmap"],
+                        help=f"per-sample gradient engine (default: {study_record.STUDY_ENGINE} for the class and sample "
+                             "requests' run, the faster for its many masks (docs/RESULTS.md); masked for the poisoned run's few)")

@@ -2,7 +2,10 @@
 
 Class requests (the seed's tables): forgotten/rest test accuracy after train, with no
 retrain (the removal alone) and after retrain (the removal, then a short fine-tune on
-retained data). Sample requests: UA/RA/TA and MIA efficacy with no retrain.
+retained data). Sample requests: UA/RA/TA and MIA efficacy with no retrain. Poisoned
+requests (on their own poisoned training run): the backdoor's ASR, the poisoned samples'
+accuracy on their poisoned label and the target class's test accuracy beside UA/RA/TA/MIA,
+with no retrain and after the fine-tune, at both scales.
 """
 
 
@@ -54,12 +57,35 @@ def reference_cells(task, kind, weights, data, config, seed, samples, subset, se
     """A row without a store: 'after train', 'retrain' (from scratch), or 'finetune only'."""
     model = fresh_model(data, weights)
     cell = {"seconds": seconds}
-    if kind == "finetune only":
+    if kind == "finetune only" and task != "poisoned":
         cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)
-    if task == "class":
+    if task == "poisoned":
+        cell.update(poisoned_cell(model, data, config, seed, subset, finetune=kind == "finetune only"))
+    elif task == "class":
         cell["forgotten"], cell["rest"] = class_cells(model, data, config["forget_class"])
     else:
         cell.update(sample_metrics(model, data, samples, seed))
+    return cell
+
+
+POISON_FIELDS = ("asr", "poisoned_label_acc", "target_class_acc", "ua", "ra", "ta", "mia_efficacy", "mia_efficacy_std")
+AFTER_FINETUNE = ("asr", "poisoned_label_acc", "target_class_acc", "ta")  # the poisoned request's "after retrain" columns
+
+
+def poisoned_metrics(model, data, seed):
+    """The backdoor's figures (unlearn.poison.metrics) beside UA/RA/TA/MIA, on ``data``, the poisoned split."""
+    metrics = evaluate(model, data, data.poison.keys, retained_limit=RETAINED_EVAL, seed=seed)
+    return {key: metrics[key] for key in POISON_FIELDS}
+
+
+def poisoned_cell(model, data, config, seed, subset, finetune=True):
+    """A poisoned request's cell for ``model``: its figures, then (when ``finetune``) the same after the study's
+    fine-tune on retained clean samples, as ``<field>_after_retrain`` (``model`` is fine-tuned in place)."""
+    cell = poisoned_metrics(model, data, seed)
+    if finetune and config["finetune_epochs"]:
+        cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)
+        after = poisoned_metrics(model, data, seed)
+        cell.update({f"{key}_after_retrain": after[key] for key in AFTER_FINETUNE})
     return cell
 
 
@@ -69,6 +95,8 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
     with gradstore.open(store_path) as store:
         if task == "class":
             removal = plan_removal(store, entry["method"], data, cls=config["forget_class"])
+        elif task == "poisoned":
+            removal = plan_removal(store, entry["method"], data, samples=data.poison.keys)
         else:
             removal = plan_removal(store, entry["method"], data, samples=samples)
         info = store.info()
@@ -85,7 +113,9 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
         cell.update(scale=choice.scale, seconds=removal.seconds + choice.seconds)
         if mode == "auto":
             cell["scale_reached"] = choice.reached
-        if task == "class":
+        if task == "poisoned":  # both scales with and without the fine-tune: either may be where the backdoor goes
+            cell.update(poisoned_cell(model, data, config, seed, subset))
+        elif task == "class":
             cell["forgotten"], cell["rest"] = class_cells(model, data, config["forget_class"])
             if mode == "1" and config["finetune_epochs"]:
                 cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)

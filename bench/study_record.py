@@ -24,6 +24,7 @@ import torch
 
 import gradstore
 from unlearn import data as datasets
+from unlearn import poison
 from unlearn.models import build_model, flat_params
 from unlearn.recorders import create_recorder
 from unlearn.train import train
@@ -53,18 +54,38 @@ def store_name(method, flavour=None, keep=None, codec=None):
     return "original" if method == "original" else f"layer-p{keep}"
 
 
-def comparable(config):
-    """The options that decide a recording's and a cell's values (not progress display, not which seeds run,
-    not the engine: both give the same per-sample gradients to float32 rounding)."""
-    return {key: value for key, value in config.items() if key not in ("progress", "seeds", "engine")}
+POISON_OPTIONS = ("poison", "poison_seed", "poison_target", "poison_keeps")
 
 
-def _marker(path, config):
+def comparable(config, task=None):
+    """The options that decide a recording's and a cell's values (not progress display, not which seeds or
+    requests run, not the engine: both give the same per-sample gradients to float32 rounding). The poison's
+    options decide only the poisoned request's (``task="poisoned"``)."""
+    ignored = ("progress", "seeds", "engine", "requests") + (() if task == "poisoned" else POISON_OPTIONS)
+    return {key: value for key, value in config.items() if key not in ignored}
+
+
+def poison_spec(config, seed, num_samples):
+    """The poisoned request's poison: ``config["poison"]`` samples (a fraction of the training set when below 1),
+    drawn with the seed's own seed unless --poison-seed gives one."""
+    count = config["poison"]
+    count = max(1, round(count * num_samples)) if count < 1 else int(count)
+    return {"count": count, "seed": seed if config.get("poison_seed") is None else config["poison_seed"],
+            "target": config.get("poison_target", 0)}
+
+
+def poisoned_data(config, seed):
+    """The poisoned request's training split: the study's data with the poison applied (unlearn.poison)."""
+    data = load_data(config)
+    return poison.from_spec(data, poison_spec(config, seed, len(data)))
+
+
+def _marker(path, config, task=None):
     """A phase's marker, if it was written under these options (else the phase runs again)."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("config") == json.loads(json.dumps(comparable(config))) else None
+    return saved if saved.get("config") == json.loads(json.dumps(comparable(config, task))) else None
 
 
 def write_json(path, value):
@@ -114,17 +135,8 @@ def record(seed, config, seed_dir, log=print):
                                              codec="fp32", flavour=flavour, seed=seed,
                                              memory_budget=len(data) * k * 4, buffer_dir=scratch))
             stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "fp32"}
-    for method, keep in (("original", 1.0), ("layer", config["layer_keep"])):
-        name = store_name(method, keep=keep)
-        recorders.append(create_recorder(seed_dir / f"{name}.h5", method, model, len(data), steps, keep=keep,
-                                         codec="fp32", seed=seed))
-        stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": "fp32"}
-    log(f"seed {seed}: training {config['epochs']} epochs on {len(data)} samples, recording {len(recorders)} stores")
-    run = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
-                recorders=recorders, device=torch.device("cpu"), progress=config["progress"],
-                description=f"seed {seed} recording", engine=config.get("engine", STUDY_ENGINE))
-    for recorder in recorders:
-        recorder.store.close()
+    recorders += step_recorders(seed, config, seed_dir, model, data, steps, stores)
+    run = train_recording(seed, config, model, data, recorders, config.get("engine") or STUDY_ENGINE, log)
     shutil.rmtree(scratch)
     started = time.perf_counter()
     for name, entry in list(stores.items()):
@@ -150,17 +162,77 @@ def record(seed, config, seed_dir, log=print):
     return result
 
 
+def step_recorders(seed, config, seed_dir, model, data, steps, stores):
+    """The baselines' recorders (the original method's store, the layer-wise one), entered in ``stores``."""
+    recorders = []
+    for method, keep in (("original", 1.0), ("layer", config["layer_keep"])):
+        name = store_name(method, keep=keep)
+        recorders.append(create_recorder(seed_dir / f"{name}.h5", method, model, len(data), steps, keep=keep,
+                                         codec="fp32", seed=seed))
+        stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": "fp32"}
+    return recorders
+
+
+def train_recording(seed, config, model, data, recorders, engine, log):
+    """The seed's training run with every recorder attached; the stores are closed (finished) after it."""
+    log(f"seed {seed}: training {config['epochs']} epochs on {len(data)} samples, recording {len(recorders)} stores")
+    run = train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], seed,
+                recorders=recorders, device=torch.device("cpu"), progress=config["progress"],
+                description=f"seed {seed} recording", engine=engine)
+    for recorder in recorders:
+        recorder.store.close()
+    return run
+
+
+def record_poisoned(seed, config, seed_dir, log=print):
+    """The poisoned request's own training run, on the poisoned split: int8 per-sample stores of both flavours
+    at each of ``config["poison_keeps"]``, recorded directly (no transcode), and the baselines' stores.
+    The masked engine records them (their p sum to a few percent). Returns the marker's content."""
+    marker = seed_dir / RECORDED
+    saved = _marker(marker, config, "poisoned")
+    if saved is not None:
+        return saved
+    if seed_dir.exists():
+        shutil.rmtree(seed_dir)
+    seed_dir.mkdir(parents=True)
+    data = poisoned_data(config, seed)
+    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
+    stores, recorders = {}, []
+    for flavour in config["flavours"]:
+        for keep in config["poison_keeps"]:
+            name = store_name("per-sample", flavour, keep, "int8")
+            recorders.append(create_recorder(seed_dir / f"{name}.h5", "per-sample", model, len(data), steps, keep=keep,
+                                             codec="int8", flavour=flavour, seed=seed))
+            stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "int8"}
+    recorders += step_recorders(seed, config, seed_dir, model, data, steps, stores)
+    run = train_recording(seed, config, model, data, recorders, config.get("engine") or "masked", log)
+    np.save(seed_dir / "trained.npy", flat_params(model))
+    result = {
+        "config": comparable(config, "poisoned"), "seed": seed, "num_samples": len(data), "steps": run["steps"],
+        "poison": data.poison.to_json(), "poisoned_keys": data.poison.keys.tolist(),
+        "train_seconds": run["seconds"], "record_seconds": run["record_seconds"],
+        "stores": {name: {**entry, "path": f"{name}.h5"} for name, entry in stores.items()},
+    }
+    write_json(marker, result)
+    log(f"seed {seed}: trained on the poisoned split and recorded in {run['seconds']:.0f} s")
+    return result
+
+
 def reference_model(kind, seed, config, seed_dir, data, log=print):
-    """A model trained from scratch (``kind`` 'class' or 'samples': without the forget set) or
-    the fine-tune-only control ('finetune': the trained model, one fine-tune, no removal).
+    """A model trained from scratch without a request's forget set (``kind`` 'class', 'samples', or
+    'poisoned': ``data`` is then the poisoned split, retrained without its poisoned samples).
 
     Returns (flat weights, seconds); cached as seed_dir/<kind>.npy + .json.
     """
     weights, marker = seed_dir / f"reference-{kind}.npy", seed_dir / f"reference-{kind}.json"
-    saved = _marker(marker, config)
+    task = "poisoned" if kind == "poisoned" else None
+    saved = _marker(marker, config, task)
     if saved is not None:
         return np.load(weights, allow_pickle=False), saved["seconds"]
-    if kind == "class":
+    if kind == "poisoned":  # ``data`` is the poisoned split
+        kept = datasets.exclude(data, samples=data.poison.keys)
+    elif kind == "class":
         kept = datasets.exclude(data, cls=config["forget_class"])
     elif kind == "samples":
         kept = datasets.exclude(data, samples=forget_samples(config, seed, len(data)))
@@ -171,5 +243,5 @@ def reference_model(kind, seed, config, seed_dir, data, log=print):
     run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], seed,
                 device=torch.device("cpu"), progress=config["progress"], description=f"seed {seed} retrain ({kind})")
     np.save(weights, flat_params(model))
-    write_json(marker, {"config": comparable(config), "seconds": run["seconds"]})
+    write_json(marker, {"config": comparable(config, task), "seconds": run["seconds"]})
     return flat_params(model), run["seconds"]

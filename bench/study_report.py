@@ -12,9 +12,14 @@ from pathlib import Path
 REFERENCE_ROWS = ("after train", "retrain", "finetune only")
 CLASS_FIELDS = ("forgotten", "rest", "forgotten_after_retrain", "rest_after_retrain")
 SAMPLE_FIELDS = ("ua", "ra", "ta", "mia_efficacy")
-NUMERIC = CLASS_FIELDS + SAMPLE_FIELDS + ("mia_efficacy_std", "scale", "bytes_on_disk", "bytes_per_value", "ratio_vs_original",
-                                          "gap_to_retrain", "seconds", "finetune_seconds", "forget_loss")
-GAP_FIELDS = {"class": ("forgotten", "rest"), "samples": SAMPLE_FIELDS}
+POISON_FIELDS = ("asr", "poisoned_label_acc", "target_class_acc")
+POISON_AFTER = tuple(f"{field}_after_retrain" for field in POISON_FIELDS + ("ta",))
+NUMERIC = CLASS_FIELDS + SAMPLE_FIELDS + POISON_FIELDS + POISON_AFTER + (
+    "mia_efficacy_std", "scale", "bytes_on_disk", "bytes_per_value", "ratio_vs_original", "gap_to_retrain", "seconds",
+    "finetune_seconds", "forget_loss")
+GAP_FIELDS = {"class": ("forgotten", "rest"), "samples": SAMPLE_FIELDS, "poisoned": ("asr", "target_class_acc", "ta")}
+TASK_TITLES = {"class": "class request (forgotten, rest)", "samples": "random-sample request (UA, RA, TA, MIA)",
+               "poisoned": "poisoned request (ASR, target class, TA)"}
 
 
 def display_name(cell):
@@ -140,6 +145,30 @@ def sample_table(summary, spread=True):
     return "\n".join(lines)
 
 
+def poisoned_table(summary, spread=True):
+    """The poisoned request: the backdoor's figures with no retrain and after the fine-tune, every method."""
+    lines = ["| Technique | scale | ASR | poisoned-label acc | target-class acc | TA | RA | MIA efficacy "
+             "| after fine-tune: ASR | target-class acc | TA | forget s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def figure(entry, field):
+        if entry is None or field not in entry:
+            return ""
+        mean, std, n = entry[field]
+        return f"{mean:.3f}" + (f" ±{std:.3f}" if spread and n > 1 else "")
+
+    for row, cell in _ordered_rows(summary, "poisoned"):
+        for mode in ("", "1", "auto"):
+            entry = summary.get(("poisoned", row, mode))
+            if entry is None:
+                continue
+            scale = {"": "", "1": "1", "auto": f"auto ({entry['scale'][0]:.3g})" if "scale" in entry else "auto"}[mode]
+            values = [figure(entry, field) for field in POISON_FIELDS + ("ta", "ra", "mia_efficacy")]
+            values += [figure(entry, f"{field}_after_retrain") for field in ("asr", "target_class_acc", "ta")]
+            lines.append(f"| {display_name(cell)} | {scale} | " + " | ".join(values) + f" | {_value(entry, 'seconds', '.2f')} |")
+    return "\n".join(lines)
+
+
 def target_lines(cells):
     """The project's MNIST target, per int8 per-sample store and seed: no fine-tune, auto scale."""
     gold = {c["seed"]: c for c in cells if c["task"] == "class" and c["method"] == "retrain"}
@@ -166,6 +195,9 @@ def cell_line(task, cells):
     for mode, cell in cells.items():
         if task == "class":
             parts.append(f"scale {mode}: {cell['forgotten']:.3f}/{cell['rest']:.3f}")
+        elif task == "poisoned":
+            parts.append(f"scale {mode}: ASR {cell['asr']:.3f} target {cell['target_class_acc']:.3f} TA {cell['ta']:.3f}"
+                         + (f" (fine-tuned: ASR {cell['asr_after_retrain']:.3f})" if "asr_after_retrain" in cell else ""))
         else:
             parts.append(f"scale {mode}: UA {cell['ua']:.3f} TA {cell['ta']:.3f} MIA {cell['mia_efficacy']:.3f}")
     return "  ".join(parts)
@@ -225,10 +257,9 @@ def plot(cells, out):
     figure.savefig(quality, dpi=110)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, task in zip(axes, ("class", "samples")):
-        if summary.get((task, "retrain", "")) is None:
-            continue
+    tasks = [task for task in TASK_TITLES if summary.get((task, "retrain", "")) is not None]
+    figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
         for codec, colour in colours.items():
             points = []
             for (t, _, _), entry in summary.items():
@@ -249,15 +280,44 @@ def plot(cells, out):
         ax.set_xscale("log")
         ax.set_xlabel("store bytes on disk (log)")
         ax.set_ylabel("mean |metric - retrain's| (per seed), no retrain")
-        ax.set_title(("class request (forgotten, rest)" if task == "class" else "1% sample request (UA, RA, TA, MIA)")
-                     + "\npoints: every flavour, p and scale; line: the frontier", fontsize=9)
+        ax.set_title(TASK_TITLES[task] + "\npoints: every flavour, p and scale; line: the frontier", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.tight_layout()
     frontier_path = Path(out) / "study-frontier.png"
     figure.savefig(frontier_path, dpi=110)
     plt.close(figure)
-    return [quality, frontier_path]
+    paths = [quality, frontier_path]
+    if "poisoned" in tasks:
+        paths.append(plot_poisoned(summary, out, plt))
+    return paths
+
+
+def plot_poisoned(summary, out, plt):
+    """study-poisoned.png: the backdoor against the target class, every method, no retrain and after the fine-tune."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, suffix, title in zip(axes, ("", "_after_retrain"), ("no retrain", "after the fine-tune")):
+        for (task, row, mode), entry in summary.items():
+            if task != "poisoned" or f"asr{suffix}" not in entry:
+                continue
+            cell = entry["cell"]
+            if cell["method"] == "per-sample":
+                marker, colour = ("o" if cell["flavour"] == "update" else "x"), ("tab:green" if mode == "auto" else "tab:blue")
+                label = f"ours {cell['flavour']} p={cell['keep']:g} scale {mode}"
+            else:
+                marker, colour, label = {"original": "s", "layer": "^"}.get(cell["method"], "*"), "k", display_name(cell)
+            ax.plot(entry[f"asr{suffix}"][0], entry[f"target_class_acc{suffix}"][0], marker, color=colour, ms=6)
+            ax.annotate(label, (entry[f"asr{suffix}"][0], entry[f"target_class_acc{suffix}"][0]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("attack success rate (triggered test images of other classes sent to the target)")
+        ax.set_title(f"poisoned request, {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("target-class test accuracy")
+    figure.tight_layout()
+    path = Path(out) / "study-poisoned.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def write(cells_by_id, config, out, command=None):
@@ -281,7 +341,9 @@ def write(cells_by_id, config, out, command=None):
     plots = plot(cells, out)
     seeds = sorted({c["seed"] for c in cells})
     text = [
-        f"# Study: {config['dataset']}, forgetting class {config['forget_class']} and {config['sample_fraction']:.0%} of the samples",
+        f"# Study: {config['dataset']}, forgetting " + ", ".join(
+            {"class": f"class {config['forget_class']}", "samples": f"{config['sample_fraction']:.0%} of the samples",
+             "poisoned": "poisoned samples"}[task] for task in config.get("requests", ["class", "samples"])),
         "",
         f"Command: `{command or 'python -m bench study'}`; machine: {machine}; date: {date}; seeds: {seeds} "
         "(cells are the mean over seeds, ± the spread (population std) when there are several).",
@@ -297,27 +359,56 @@ def write(cells_by_id, config, out, command=None):
         "stores; training for \"After train\" (with every store recording) and \"Retrain from scratch\"; the "
         "fine-tune for the control.",
         "",
-        f"## Forgetting class {config['forget_class']} (forgotten/rest test accuracy)",
-        "",
-        class_table(summary),
-        "",
-        f"## Forgetting {config['sample_fraction']:.0%} of the training samples at random (no retrain)",
-        "",
-        "UA/RA/TA: accuracy on the forget set, on retained training samples (10,000 at most), on the test set. "
-        "MIA efficacy: share of the forget set a membership classifier calls non-members (SalUn's), the mean of "
-        "5 shadow draws of 10,000 retained against 10,000 test samples; MIA std over draws: their spread "
-        "(mean over seeds).",
-        "",
-        sample_table(summary),
-        "",
-        "## Target (int8 per-sample stores, no fine-tune, scale auto: forgotten <= 0.01, rest within 1 point of retrain, >= 20x smaller)",
-        "",
-        *target_lines(cells),
-        "",
-        "![quality against bytes](study-quality-vs-bytes.png)",
-        "",
-        "![frontier per codec](study-frontier.png)",
-        "",
     ]
+    tasks = {cell["task"] for cell in cells}
+    if "class" in tasks:
+        text += [
+            f"## Forgetting class {config['forget_class']} (forgotten/rest test accuracy)",
+            "",
+            class_table(summary),
+            "",
+        ]
+    if "samples" in tasks:
+        text += [
+            f"## Forgetting {config['sample_fraction']:.0%} of the training samples at random (no retrain)",
+            "",
+            "UA/RA/TA: accuracy on the forget set, on retained training samples (10,000 at most), on the test set. "
+            "MIA efficacy: share of the forget set a membership classifier calls non-members (SalUn's), the mean of "
+            "5 shadow draws of 10,000 retained against 10,000 test samples; MIA std over draws: their spread "
+            "(mean over seeds).",
+            "",
+            sample_table(summary),
+            "",
+        ]
+    if "poisoned" in tasks:
+        spec = next(cell["poison"] for cell in cells if cell["task"] == "poisoned")
+        text += [
+            f"## Forgetting {spec['count']} poisoned samples (a backdoor)",
+            "",
+            f"Each seed trains once more, on a split where {spec['count']} samples of other classes than "
+            f"{spec['target']} carry a {spec['trigger']['size']}x{spec['trigger']['size']} patch of value "
+            f"{spec['trigger']['value']:g} at rows {spec['trigger']['rows'][0]}-{spec['trigger']['rows'][1]}, columns "
+            f"{spec['trigger']['cols'][0]}-{spec['trigger']['cols'][1]} and the label {spec['target']} "
+            "(unlearn.poison); its stores record that run, and the retrained model leaves the poisoned samples out. "
+            "ASR: share of the triggered test images of the other classes predicted as the target. Poisoned-label "
+            "acc (UA): the poisoned samples' accuracy on the label they were trained with. After fine-tune: the "
+            "same model after the study's fine-tune on retained clean samples.",
+            "",
+            poisoned_table(summary),
+            "",
+            "![the backdoor against the target class](study-poisoned.png)",
+            "",
+        ]
+    if "class" in tasks:
+        text += [
+            "## Target (int8 per-sample stores, no fine-tune, scale auto: forgotten <= 0.01, rest within 1 point of "
+            "retrain, >= 20x smaller)",
+            "",
+            *target_lines(cells),
+            "",
+            "![quality against bytes](study-quality-vs-bytes.png)",
+            "",
+        ]
+    text += ["![frontier per codec](study-frontier.png)", ""]
     (out / "results.md").write_text("\n".join(text))
     return [out / "results.md", out / "results.csv", out / "results.json", *plots]

@@ -1,0 +1,89 @@
+"""The poisoned request: a seeded backdoor, recorded in the run, rebuilt the same for retraining and forgetting."""
+
+import json
+
+import numpy as np
+import pytest
+
+from unlearn import data as datasets
+from unlearn import poison
+from unlearn.cli import main as unlearn_main
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load_dataset("digits")
+
+
+def test_trigger_geometry_follows_the_image_size():
+    assert poison.Trigger.for_images(28, 28, 1.0).to_json() == {"rows": [23, 26], "cols": [23, 26], "size": 4, "value": 1.0}
+    assert poison.Trigger.for_images(32, 32, 1.0).to_json()["rows"] == [27, 30]
+    assert poison.Trigger.for_images(8, 8, 1.0).to_json() == {"rows": [5, 6], "cols": [5, 6], "size": 2, "value": 1.0}
+    images = np.zeros((2, 3, 8, 8), np.float32)
+    triggered = poison.Trigger.for_images(8, 8, 0.5).apply(images)
+    assert images.sum() == 0  # a copy
+    assert (triggered[:, :, 5:7, 5:7] == 0.5).all() and triggered.sum() == 2 * 3 * 4 * 0.5
+
+
+def test_the_draw_is_seeded_avoids_the_target_and_poisons_only_its_keys(digits):
+    first = poison.from_spec(digits, {"count": 40, "seed": 7, "target": 2})
+    again = poison.from_spec(digits, {"count": 40, "seed": 7, "target": 2})
+    other = poison.from_spec(digits, {"count": 40, "seed": 8, "target": 2})
+    keys = first.poison.keys
+    assert np.array_equal(keys, again.poison.keys) and not np.array_equal(keys, other.poison.keys)
+    assert keys.size == 40 and np.unique(keys).size == 40 and (digits.train_y[keys] != 2).all()
+    assert (first.train_y[keys] == 2).all() and (first.train_x[keys][..., 5:7, 5:7] == digits.train_x.max()).all()
+    untouched = np.setdiff1d(np.arange(len(digits)), keys)
+    assert np.array_equal(first.train_x[untouched], digits.train_x[untouched])
+    assert np.array_equal(first.train_y[untouched], digits.train_y[untouched])
+    assert digits.poison is None and (digits.train_x[keys][..., 5:7, 5:7] != digits.train_x.max()).any()
+    # the spec round-trips through JSON to the same poison
+    rebuilt = poison.from_spec(digits, json.loads(json.dumps(first.poison.to_json())))
+    assert np.array_equal(rebuilt.train_x, first.train_x) and np.array_equal(rebuilt.train_y, first.train_y)
+
+
+def test_excluding_poisoned_samples_renumbers_the_rest(digits):
+    split = poison.from_spec(digits, {"count": 30, "seed": 1, "target": 0})
+    gone = split.poison.keys[:10]
+    kept = datasets.exclude(split, samples=gone)
+    assert kept.poison.keys.size == 20
+    assert np.array_equal(kept.train_x[kept.poison.keys], split.train_x[split.poison.keys[10:]])
+
+
+def test_bad_poison_requests_name_what_is_wrong(digits):
+    with pytest.raises(ValueError, match="cannot poison 2000 samples"):
+        poison.from_spec(digits, {"count": 2000, "seed": 0, "target": 0})
+    with pytest.raises(ValueError, match="target 10 out of range"):
+        poison.from_spec(digits, {"count": 5, "seed": 0, "target": 10})
+
+
+def test_train_records_the_poison_and_the_retrained_reference_excludes_the_same_samples(tmp_path, capsys):
+    run, gold = tmp_path / "run", tmp_path / "gold"
+    common = ["--dataset", "digits", "--model", "simple", "--epochs", "1", "--keep-first", "3:60", "--quiet"]
+    assert unlearn_main(["train", *common, "--method", "per-sample", "--keep", "0.02", "--poison", "25",
+                         "--poison-seed", "5", "--out", str(run)]) == 0
+    config = json.loads((run / "train.json").read_text())
+    assert config["poison"] == {"count": 25, "seed": 5, "target": 0,
+                                "trigger": {"rows": [5, 6], "cols": [5, 6], "size": 2, "value": 1.0}}
+    keys = datasets.read_sample_file(run / "poisoned.txt")
+    kept = datasets.keep_first(datasets.load_dataset("digits"), 3, 60)
+    assert np.array_equal(keys, poison.from_spec(kept, config["poison"]).poison.keys)
+    assert unlearn_main(["train", *common, "--method", "none", "--poison", "25", "--poison-seed", "5",
+                         "--exclude-samples", str(run / "poisoned.txt"), "--out", str(gold)]) == 0
+    gold_config = json.loads((gold / "train.json").read_text())
+    assert gold_config["num_samples"] == config["num_samples"] - 25 and gold_config["poison"] == config["poison"]
+    assert datasets.read_sample_file(gold / "poisoned.txt").size == 0  # it kept none of them
+    capsys.readouterr()
+    assert unlearn_main(["forget", str(run), "--samples", str(run / "poisoned.txt"), "--gold", str(gold),
+                         "--out", str(tmp_path / "f"), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for where in (result, result["after_train"], result["gold"], result["gap_to_gold"]):
+        assert {"asr", "poisoned_label_acc", "target_class_acc"} <= set(where)
+    assert 0 <= result["asr"] <= 1 and result["ua"] == result["poisoned_label_acc"]
+
+
+def test_poison_options_without_poison_are_refused(tmp_path, capsys):
+    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "none",
+                         "--poison-seed", "3", "--out", str(tmp_path / "r")]) != 0
+    assert "--poison-seed and --poison-target need --poison" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
