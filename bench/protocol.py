@@ -8,6 +8,7 @@ next to a fine-tune-only control. Prints a table, writes protocol-results.json.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -140,6 +141,24 @@ def summary_markdown(results, target_method="per-sample update p=0.01 int8"):
     return "\n".join(lines)
 
 
+def poisoned_request(args, out):
+    """The poisoned request under the protocol's settings: the study's poisoned run (bench/study.py), on MNIST with
+    class 3 kept at its first 100 samples, int8 stores at the protocol's p, every method side by side."""
+    from unlearn.evaluate import MIA_METHOD
+
+    from . import study
+
+    config = {
+        "dataset": "mnist", "data_dir": args.data_dir, "forget_class": 3, "keep_first": 100, "epochs": args.epochs,
+        "batch_size": 64, "optimizer": "adam", "keeps": [], "codecs": ["int8"], "flavours": ["grad", "update"],
+        "layer_keep": (args.layer_keeps or [0.1])[0], "sample_fraction": 0.01, "finetune_epochs": 1,
+        "finetune_samples": 10_000, "seeds": args.seeds, "mia": MIA_METHOD, "progress": False, "engine": args.engine,
+        "requests": ["poisoned"], "poison": args.poison, "poison_seed": args.poison_seed,
+        "poison_target": args.poison_target, "poison_keeps": sorted(set(args.keeps) | set(args.grad_keeps)),
+    }
+    return study.run(config, out, keep_stores=args.keep_stores, command="python -m bench " + " ".join(sys.argv[1:]))
+
+
 def main(args):
     if args.summary:
         print(summary_markdown(json.loads((Path(args.out) / "protocol-results.json").read_text())))
@@ -151,6 +170,10 @@ def main(args):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "poisoned" in args.request:
+        poisoned_request(args, out / "poisoned")
+    if "class" not in args.request:
+        return 0
     results_path = out / "protocol-results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["seed"], r["cls"]) for r in results}
@@ -169,6 +192,12 @@ def main(args):
 
 
 def add_arguments(parser):
+    parser.add_argument("--request", nargs="+", default=["class"], choices=["class", "poisoned"],
+                        help="class (default): forget --classes; poisoned: forget --poison backdoor samples "
+                             "(the study's poisoned request, written under OUT/poisoned)")
+    parser.add_argument("--poison", type=float, default=100, help="poisoned samples (a count, or a fraction below 1)")
+    parser.add_argument("--poison-seed", type=int, help="seed of the poison's draw (default: each seed)")
+    parser.add_argument("--poison-target", type=int, default=0, help="the poison's target label")
     parser.add_argument("--classes", type=int, nargs="+", default=[3], help="classes kept at 100 samples and forgotten")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--epochs", type=int, default=4)

@@ -180,18 +180,22 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
 
 
 def main(args):
-    config = build_config(args)
-    out = Path(args.out)
+    return run(build_config(args), Path(args.out), keep_stores=args.keep_stores,
+               command="python -m bench " + shlex.join(sys.argv[1:]))
+
+
+def run(config, out, keep_stores=False, command=None):
+    """Every seed's cells (resuming from out/cells.json), then the report. Also the protocol's poisoned request."""
     out.mkdir(parents=True, exist_ok=True)
     progress = CellLog(out / "cells.json", config)
     started = time.perf_counter()
     for seed in config["seeds"]:
         run_seed(seed, config, out, print, progress)
-        if not args.keep_stores:
-            for path in (out / f"seed{seed}").glob("*.h5"):
+        if not keep_stores:
+            for path in (out / f"seed{seed}").rglob("*.h5"):
                 path.unlink()
-    command = "python -m bench " + shlex.join(sys.argv[1:])
-    cells = {key: cell for key, cell in progress.cells.items() if cell["seed"] in config["seeds"]}  # this run's seeds
+    cells = {key: cell for key, cell in progress.cells.items()
+             if cell["seed"] in config["seeds"] and cell["task"] in config["requests"]}  # this run's seeds and requests
     outputs = study_report.write(cells, config, out, command=command)
     print(study_report.console_table(cells, config))
     print(f"study finished in {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(p) for p in outputs))

@@ -205,7 +205,13 @@ def cell_line(task, cells):
 
 def console_table(cells, config):
     summary = aggregate(with_ratios(cells))
-    return "Forgetting class {} (forgotten/rest test accuracy):\n".format(config["forget_class"]) + class_table(summary, spread=False)
+    tasks = {cell["task"] for cell in cells.values()}
+    tables = []
+    if "class" in tasks:
+        tables.append(f"Forgetting class {config['forget_class']} (forgotten/rest test accuracy):\n" + class_table(summary, spread=False))
+    if "poisoned" in tasks:
+        tables.append("Forgetting the poisoned samples:\n" + poisoned_table(summary, spread=False))
+    return "\n\n".join(tables)
 
 
 def plot(cells, out):
