@@ -96,9 +96,9 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
         if task == "class":
             removal = plan_removal(store, entry["method"], data, cls=config["forget_class"])
         elif task == "poisoned":
-            removal = plan_removal(store, entry["method"], data, samples=data.poison.keys)
+            removal = plan_removal(store, entry["method"], data, samples=data.poison.keys, seed=seed)
         else:
-            removal = plan_removal(store, entry["method"], data, samples=samples)
+            removal = plan_removal(store, entry["method"], data, samples=samples, seed=seed)
         info = store.info()
     common = {"bytes_on_disk": info["bytes_on_disk"], "bytes_per_value": info["bytes_per_value"],
               "keys_removed": int(removal.request.keys.size)}

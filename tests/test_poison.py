@@ -87,3 +87,64 @@ def test_poison_options_without_poison_are_refused(tmp_path, capsys):
                          "--poison-seed", "3", "--out", str(tmp_path / "r")]) != 0
     assert "--poison-seed and --poison-target need --poison" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory):
+    """A digits run with 60 poisoned samples, recorded (update rows, p = 0.05, int8)."""
+    run = tmp_path_factory.mktemp("poisoned") / "run"
+    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--keep", "0.05",
+                         "--epochs", "6", "--poison", "60", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def auto_step(run, samples, monkeypatch=None, threshold=None):
+    import gradstore
+    from unlearn import forget as forgetting, runs
+    from unlearn.models import flat_params
+
+    if threshold is not None:
+        monkeypatch.setattr(forgetting, "EVIDENCE_P", threshold)
+    config = runs.load_json(run / "train.json")
+    data = runs.build_data(config)
+    model = runs.load_model(run, config)
+    base = flat_params(model)
+    with gradstore.open(run / "store.h5") as store:
+        removal = forgetting.plan_removal(store, "per-sample", data, samples=samples, seed=config["seed"])
+    choice = forgetting.apply_removal(model, base, removal, data, "auto", seed=config["seed"])
+    return choice, model, data, base
+
+
+def test_the_sample_rule_removes_nothing_where_the_samples_taught_nothing(poisoned_run):
+    from unlearn.models import flat_params
+
+    config = json.loads((poisoned_run / "train.json").read_text())
+    poisoned_keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
+    clean = np.setdiff1d(np.arange(config["num_samples"]), poisoned_keys)
+    typical = np.sort(np.random.default_rng(3).choice(clean, 60, replace=False))  # as many, drawn at random
+    choice, model, _, base = auto_step(poisoned_run, typical)
+    assert choice.scale == 0.0 and choice.reached and choice.evidence["stopped_by"] == "evidence"
+    assert choice.evidence["p_value"] >= 0.05 and choice.evidence["projections"] == 1
+    assert np.array_equal(flat_params(model), base)  # the model is left as it was
+
+
+def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evidence(poisoned_run, monkeypatch):
+    from unlearn import poison as poisoning
+
+    keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
+    steps = []
+    for threshold in (1.0, 0.05, 1e-300):  # from any evidence suffices to none does
+        choice, model, data, base = auto_step(poisoned_run, keys, monkeypatch, threshold)
+        steps.append(choice.scale)
+        if threshold == 0.05:
+            assert choice.scale > 0 and choice.evidence["p_value"] < 0.05
+            before, after = poisoning.metrics(runs_model(poisoned_run), data), poisoning.metrics(model, data)
+            assert after["asr"] < before["asr"] - 0.2, (before, after)
+            assert after["target_class_acc"] >= before["target_class_acc"] - 0.05
+    assert steps[0] >= steps[1] >= steps[2] == 0.0
+
+
+def runs_model(run):
+    from unlearn import runs
+
+    return runs.load_model(run, runs.load_json(run / "train.json"))

@@ -248,7 +248,7 @@ def test_training_is_seeded_and_deterministic():
     assert not np.array_equal(weights[0], flat_params(other))  # the seed matters (batch order)
 
 
-def test_sample_request_auto_scale_uses_the_loss_rule(tmp_path, capsys):
+def test_sample_request_auto_scale_reports_its_evidence(tmp_path, capsys):
     run = tmp_path / "run"
     assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "2",
                          "--keep", "0.05", "--out", str(run), "--quiet"]) == 0
@@ -257,10 +257,15 @@ def test_sample_request_auto_scale_uses_the_loss_rule(tmp_path, capsys):
     assert unlearn_main(["forget", str(run), "--samples", str(tmp_path / "s.npy"), "--scale", "auto",
                          "--out", str(tmp_path / "o"), "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["scale_search"]["rule"].startswith("samples: forget-set mean loss")
-    assert result["scale_search"]["evaluations"] >= 2 and result["scale"] > 0
-    if result["scale_search"]["reached"]:  # the target, when reached, is met by the written model
-        assert result["forget_loss"] >= result["after_train"]["forget_loss"]
+    search = result["scale_search"]
+    assert search["rule"].startswith("samples: the projected removal")
+    evidence = search["evidence"]
+    assert evidence["forget_samples"] == 20 and evidence["control_samples"] >= 50 and evidence["projections"] >= 1
+    assert evidence["stopped_by"] in ("evidence", "guard", "segments") and 0 <= evidence["p_value"] <= 1
+    if result["scale"] == 0:  # no evidence: the model is the trained one
+        assert result["ua"] == result["after_train"]["ua"] and result["ta"] == result["after_train"]["ta"]
+    else:
+        assert evidence["p_value"] < 0.05
 
 
 def test_forget_on_a_run_trained_with_exclusions_maps_keys_to_its_own_samples(tmp_path, capsys):

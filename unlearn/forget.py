@@ -39,6 +39,16 @@ GUARD_SLICE = 2000  # retained training samples watched by the auto step's guard
 CLASS_MARGIN = 1.5
 
 
+# Sample requests (choose_sample_step): the removal walks a projected path (unlearn.projection) in segments
+# that each move the weights by SEGMENT_SHARE of their norm, SEGMENTS at most; the step is kept only when
+# the request's samples lose significantly more than a control of retained samples of the same labels
+# losing its own rows (one-sided Mann-Whitney U on the per-sample loss rises, p < EVIDENCE_P).
+SEGMENT_SHARE = 0.07
+SEGMENTS = 24
+EVIDENCE_P = 0.05
+CONTROL_MIN = 50  # the smallest control: a smaller request is compared with a larger control (conservative)
+
+
 @dataclass
 class Request:
     """A resolved request: training samples to forget and the store keys that carry them."""
@@ -62,6 +72,8 @@ class ScaleChoice:
     evaluations: int
     seconds: float
     rule: str
+    weights: Optional[np.ndarray] = None  # the weights chosen, when they are not base + scale * rows (a projected path)
+    evidence: Optional[dict] = None  # what the sample rule measured (see choose_sample_step)
 
 
 @dataclass
@@ -71,28 +83,56 @@ class Removal:
     request: Request
     vector: np.ndarray  # float32 [M]: sum of the request's rows
     seconds: float  # resolving and reading the rows
+    control: Optional[np.ndarray] = None  # float32 [M]: a control set's rows (sample requests; see control_samples)
+    control_samples: Optional[np.ndarray] = None  # retained samples of the request's labels, as many (at least CONTROL_MIN)
 
 
 def plan_removal(store: gradstore.Store, method: str, data, samples: Optional[Sequence[int]] = None,
-                 cls: Optional[int] = None, already: Sequence[int] = (), already_keys: Sequence[int] = ()) -> Removal:
-    """The pipeline's first two stages: resolve the request's keys, sum their rows."""
+                 cls: Optional[int] = None, already: Sequence[int] = (), already_keys: Sequence[int] = (),
+                 seed: int = 0) -> Removal:
+    """The pipeline's first two stages: resolve the request's keys, sum their rows.
+
+    A sample request also gets its control: as many retained samples of the same labels (at
+    least CONTROL_MIN), drawn with ``seed``, and the sum of their live rows (choose_sample_step)."""
     if not isinstance(store, gradstore.Store):
         raise gradstore.BadInputError(f"{store.path}: recording has not finished (finalize never ran): nothing to forget with yet")
     started = time.perf_counter()
     request = resolve_request(store, method, data, samples=samples, cls=cls, already=already, already_keys=already_keys)
     vector = removal_vector(store, request.keys)
-    return Removal(request, vector, time.perf_counter() - started)
+    removal = Removal(request, vector, time.perf_counter() - started)
+    if cls is None and request.samples.size:
+        removal.control_samples = label_matched(data, request, max(request.samples.size, CONTROL_MIN), [seed, 6])
+        keys = removal.control_samples if method == "per-sample" else np.setdiff1d(
+            store.keys_covering(removal.control_samples), np.union1d(request.keys, already_keys))
+        removal.control = removal_vector(store, keys[store.state[keys] == gradstore.RowState.LIVE])
+        removal.seconds = time.perf_counter() - started
+    return removal
+
+
+def label_matched(data, request, count, seed, exclude=()):
+    """About ``count`` retained samples (not in the request's chain, nor in ``exclude``) with the request's label mix."""
+    rng = np.random.default_rng(seed)
+    retained = np.setdiff1d(np.setdiff1d(np.arange(len(data)), request.excluded), np.asarray(exclude, np.int64))
+    labels, counts = np.unique(data.train_y[request.samples], return_counts=True)
+    chosen = []
+    for label, share in zip(labels, counts):
+        pool = retained[data.train_y[retained] == label]
+        want = int(np.ceil(count * share / request.samples.size))
+        chosen.append(rng.choice(pool, min(want, pool.size), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, data, scale: Union[float, str],
                   seed: int = 0) -> ScaleChoice:
     """The pipeline's last two stages: choose the step (a number, or "auto") and load
     ``base + step * removal`` into ``model``."""
-    if scale == "auto":
+    if scale == "auto" and removal.request.cls is None:
+        choice = choose_sample_step(model, base, removal, data, seed=seed)
+    elif scale == "auto":
         choice = choose_scale(model, base, removal.vector, data, removal.request, seed=seed)
     else:
         choice = ScaleChoice(float(scale), True, 0, 0.0, "given")
-    load_flat_params(model, base + np.float32(choice.scale) * removal.vector)
+    load_flat_params(model, choice.weights if choice.weights is not None else base + np.float32(choice.scale) * removal.vector)
     return choice
 
 
@@ -135,16 +175,17 @@ def resolve_request(store, method, data, samples=None, cls=None, already=(), alr
 
 
 def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed=0, max_evaluations=40):
-    """The smallest step at which the forget set stops looking trained-on, within a guard.
+    """Class requests: the smallest step at which the class stops being recognised, within a guard.
 
-    Class requests: the class's training samples' accuracy falls to CLASS_TARGET_ACC = 0
-    (what a model that never saw the class gets). Sample requests: their mean loss
-    reaches the mean loss of test samples of the same classes (unseen data).
-    Guard: accuracy on a slice of retained training data stays within guard_tolerance
-    of its value before removal. Forward passes only: a doubling search, then bisection;
-    class requests then take CLASS_MARGIN times the step when the guard allows.
+    The class's training samples' accuracy falls to CLASS_TARGET_ACC = 0 (what a model that
+    never saw the class gets). Guard: accuracy on a slice of retained training data stays
+    within guard_tolerance of its value before removal. Forward passes only: a doubling
+    search, then bisection; then CLASS_MARGIN times the step when the guard allows.
+    (Sample requests: choose_sample_step.)
     """
     started = time.perf_counter()
+    if request.cls is None:
+        raise ValueError("choose_scale is the class rule; sample requests use choose_sample_step")
     if request.keys.size == 0:
         return ScaleChoice(0.0, False, 0, 0.0, "empty request: nothing to remove")
     load_flat_params(model, base)  # the guard's reference is the model before removal, whatever it holds now
@@ -152,14 +193,7 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
     retained = np.setdiff1d(np.arange(len(data)), request.excluded)
     guard = rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False)
     forget_x, forget_y = data.train_x[request.samples], data.train_y[request.samples]
-    if request.cls is not None:
-        rule = f"class: training-sample accuracy <= {CLASS_TARGET_ACC}, then x{CLASS_MARGIN} if the guard allows"
-        target_loss = None
-    else:
-        same_classes = np.isin(data.test_y, np.unique(forget_y))
-        _, test_loss, _ = per_sample_stats(model, data.test_x[same_classes], data.test_y[same_classes])
-        target_loss = float(test_loss.mean())
-        rule = f"samples: forget-set mean loss >= test mean loss of their classes ({target_loss:.4f})"
+    rule = f"class: training-sample accuracy <= {CLASS_TARGET_ACC}, then x{CLASS_MARGIN} if the guard allows"
     guard_floor = accuracy(model, data.train_x[guard], data.train_y[guard]) - guard_tolerance
     evaluations = 0
 
@@ -167,10 +201,7 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
         nonlocal evaluations
         evaluations += 1
         load_flat_params(model, base + np.float32(scale) * removal)
-        if request.cls is not None:
-            forgotten = accuracy(model, forget_x, forget_y) <= CLASS_TARGET_ACC
-        else:
-            forgotten = per_sample_stats(model, forget_x, forget_y)[1].mean() >= target_loss
+        forgotten = accuracy(model, forget_x, forget_y) <= CLASS_TARGET_ACC
         guarded = accuracy(model, data.train_x[guard], data.train_y[guard]) >= guard_floor
         return forgotten, guarded
 
@@ -193,14 +224,113 @@ def choose_scale(model, base, removal, data, request, guard_tolerance=0.01, seed
             else:
                 low = middle
         scale = high
-        if request.cls is not None:
-            forgotten, guarded = assess(scale * CLASS_MARGIN)
-            if guarded:
-                scale *= CLASS_MARGIN
+        forgotten, guarded = assess(scale * CLASS_MARGIN)
+        if guarded:
+            scale *= CLASS_MARGIN
     else:
         scale = last_safe
     load_flat_params(model, base)
     return ScaleChoice(float(scale), reached, evaluations, time.perf_counter() - started, rule)
+
+
+def choose_sample_step(model, base, removal: Removal, data, guard_tolerance=0.01, seed=0, bisections=4) -> ScaleChoice:
+    """Sample requests: remove what the samples taught that their classes' other samples did not, or nothing.
+
+    The path: the request's rows, projected off the gradients of the retained data's mean
+    outputs per class (unlearn.projection), walked in segments of SEGMENT_SHARE of the weights'
+    norm, SEGMENTS at most. At each segment's end two checks:
+    - the evidence: each forget sample's loss rise against those of a control (retained samples
+      of the same labels, removal.control) whose own rows are removed as far along the same
+      projections; one-sided Mann-Whitney U, p < EVIDENCE_P;
+    - the guards: retained accuracy on a random slice and on a slice of the request's labels,
+      each within ``guard_tolerance`` of its value before removal (a failing segment is bisected).
+    The step is the furthest point where both hold, 0 if the first segment already lacks the
+    evidence (the store shows nothing these samples taught that random samples of their labels
+    did not). Forward passes, and backward passes on retained data for the projections, only:
+    test data never enter.
+    """
+    from .projection import ProjectedWalk
+
+    started = time.perf_counter()
+    request = removal.request
+    if request.keys.size == 0 or not np.any(removal.vector):
+        return ScaleChoice(0.0, False, 0, 0.0, "empty request: nothing to remove")
+    load_flat_params(model, base)
+    rng = np.random.default_rng(seed)
+    retained = np.setdiff1d(np.setdiff1d(np.arange(len(data)), request.excluded), removal.control_samples)
+    guards = [rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False),
+              label_matched(data, request, GUARD_SLICE, [seed, 7], exclude=removal.control_samples)]
+    floors = [accuracy(model, data.train_x[g], data.train_y[g]) - guard_tolerance for g in guards]
+    evidence = Evidence(model, data, request.samples, removal.control_samples)
+    segment = SEGMENT_SHARE * float(np.linalg.norm(base)) / float(np.linalg.norm(removal.vector))
+    walk = ProjectedWalk(model, base, removal.vector, removal.control, data, retained, np.unique(data.train_y[request.samples]),
+                         segment, seed=seed)
+    evaluations = 0
+
+    def holds(fraction):
+        """Guards and evidence at ``fraction`` of the current segment: (guarded, p-value or None)."""
+        nonlocal evaluations
+        evaluations += 1
+        weights, control_weights = walk.within(fraction)
+        load_flat_params(model, weights)
+        if not all(accuracy(model, data.train_x[g], data.train_y[g]) >= floor for g, floor in zip(guards, floors)):
+            return False, None
+        return True, evidence.p_value(weights, control_weights)
+
+    chosen, last_p, stop = (np.asarray(base, np.float32), 0.0), None, "segments"
+    while walk.walked < SEGMENTS:
+        walk.project()
+        guarded, p_value = holds(1.0)
+        if guarded and p_value < EVIDENCE_P:
+            walk.advance()
+            chosen, last_p = (walk.start, walk.scale()), p_value
+            continue
+        stop = "evidence" if guarded else "guard"
+        if not guarded:  # the guard fails within this segment: the furthest point before it that keeps both
+            low, high = 0.0, 1.0
+            for _ in range(bisections):
+                middle = (low + high) / 2
+                ok, p_middle = holds(middle)
+                if ok and p_middle < EVIDENCE_P:
+                    low, chosen, last_p = middle, (walk.within(middle)[0], walk.scale(middle)), p_middle
+                else:
+                    high = middle
+        else:
+            last_p = last_p if last_p is not None else p_value
+        break
+    weights, scale = chosen
+    load_flat_params(model, base)
+    report = {
+        "test": "one-sided Mann-Whitney U: forget-set loss rises > a same-label control's under its own rows' removal",
+        "threshold": EVIDENCE_P, "p_value": last_p, "forget_samples": int(request.samples.size),
+        "control_samples": int(removal.control_samples.size), "segment": segment, "segments_kept": scale / segment,
+        "projections": walk.bases, "stopped_by": stop,
+    }
+    rule = ("samples: the projected removal, as far as the forget set keeps losing more than a same-label control "
+            f"(Mann-Whitney p < {EVIDENCE_P}) and the retained guards hold")
+    reached = stop == "evidence"  # a guard or the segment limit stopped it while the samples still lost more: not reached
+    return ScaleChoice(float(scale), reached, evaluations, time.perf_counter() - started, rule,
+                       weights=np.asarray(weights, np.float32), evidence=report)
+
+
+class Evidence:
+    """The sample rule's test: per-sample loss rises of the forget set against the control's."""
+
+    def __init__(self, model, data, samples, control_samples):
+        self.model = model
+        self.forget = data.train_x[samples], data.train_y[samples]
+        self.control = data.train_x[control_samples], data.train_y[control_samples]
+        self.forget_before = per_sample_stats(model, *self.forget)[1]
+        self.control_before = per_sample_stats(model, *self.control)[1]
+
+    def p_value(self, weights, control_weights) -> float:
+        from scipy.stats import mannwhitneyu
+
+        load_flat_params(self.model, weights)
+        forget_rise = per_sample_stats(self.model, *self.forget)[1] - self.forget_before
+        load_flat_params(self.model, control_weights)
+        control_rise = per_sample_stats(self.model, *self.control)[1] - self.control_before
+        return float(mannwhitneyu(forget_rise, control_rise, alternative="greater").pvalue)
 
 
 def check_fingerprint(store, model):
@@ -256,7 +386,7 @@ def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, c
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
         removal = plan_removal(store, config["method"], data, samples=samples, cls=cls, already=already,
-                               already_keys=already_keys)
+                               already_keys=already_keys, seed=config["seed"])
     request = removal.request
     choice = apply_removal(model, flat_params(model), removal, data, scale, seed=config["seed"])
     removal_seconds = time.perf_counter() - started
@@ -266,7 +396,7 @@ def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, c
                     "skipped_already_forgotten": int(request.skipped_samples.size)},
         "scale": choice.scale,
         "scale_search": {"rule": choice.rule, "reached": choice.reached, "evaluations": choice.evaluations,
-                         "seconds": choice.seconds},
+                         "seconds": choice.seconds, **({"evidence": choice.evidence} if choice.evidence else {})},
         "removal_norm": float(np.linalg.norm(removal.vector)),
         "seconds_no_retrain": removal_seconds,
     }
