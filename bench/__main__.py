@@ -1,4 +1,4 @@
-"""python -m bench {store,codecs,footprint,throughput,protocol,study,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,codecs,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,7 +25,7 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import codecs_study, corrupt, crash, footprint, protocol, purge, store, study, throughput
+    from . import backdoor, codecs_study, corrupt, crash, footprint, protocol, purge, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,7 +38,8 @@ def main():
         ("crash", crash, "SIGKILL recordings at random moments; verify, resume, compare with an uninterrupted run"),
         ("corrupt", corrupt, "flip random bytes in a store: every read right or an error naming rows; checksum cost"),
         ("purge", purge, "time to erase forgotten rows against the store's size"),
-        ("study", study, "the seed's tables: every codec, flavour and p, class and sample requests, plots"),
+        ("study", study, "the seed's tables: every codec, flavour and p, class, sample and poisoned requests, plots"),
+        ("backdoor", backdoor, "a poisoned request's removal variants: ASR against the target class and TA"),
     ):
         sub = commands.add_parser(name, help=summary)
         module.add_arguments(sub)
