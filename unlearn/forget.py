@@ -255,11 +255,15 @@ def choose_sample_step(model, base, removal: Removal, data, guard_tolerance=0.01
     request = removal.request
     if request.keys.size == 0 or not np.any(removal.vector):
         return ScaleChoice(0.0, False, 0, 0.0, "empty request: nothing to remove")
+    if removal.control_samples is None or removal.control_samples.size == 0:
+        return ScaleChoice(0.0, False, 0, 0.0, "samples: no retained sample shares the request's labels, so "
+                           "nothing tells what only these samples taught: nothing removed")
     load_flat_params(model, base)
     rng = np.random.default_rng(seed)
     retained = np.setdiff1d(np.setdiff1d(np.arange(len(data)), request.excluded), removal.control_samples)
     guards = [rng.choice(retained, min(GUARD_SLICE, retained.size), replace=False),
               label_matched(data, request, GUARD_SLICE, [seed, 7], exclude=removal.control_samples)]
+    guards = [guard for guard in guards if guard.size]
     floors = [accuracy(model, data.train_x[g], data.train_y[g]) - guard_tolerance for g in guards]
     evidence = Evidence(model, data, request.samples, removal.control_samples)
     segment = SEGMENT_SHARE * float(np.linalg.norm(base)) / float(np.linalg.norm(removal.vector))
