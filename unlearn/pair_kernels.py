@@ -17,6 +17,16 @@ PARALLEL_MIN_PAIRS = 4096
 _OPTIONS = dict(cache=True, nogil=True)
 
 
+@njit(inline="always", **_OPTIONS)
+def _advance(j, o, base, width):
+    """(o, base) moved up to the output whose ``width`` entries hold entry j (base = o * width). Positions
+    ascend within a row, so each row walks its outputs once, without a division per entry."""
+    while j - base >= width:
+        o += 1
+        base += width
+    return o, base
+
+
 def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                       kernel_h, kernel_w, per_group_in, per_group_out):
     """values[r, c] += the entry at positions[r, c] - offset, for c in lo[r]:hi[r] (no pair arrays)."""
@@ -25,17 +35,11 @@ def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, stride_h, str
     taps = kernel_h * kernel_w
     per_out = per_group_in * taps
     for sample in prange(positions.shape[0]):
-        first, last = lo[sample], hi[sample]
-        if first == last:
-            continue
         row = positions[sample]
-        o = (row[first] - offset) // per_out
-        base = o * per_out
-        for c in range(first, last):  # positions ascend: follow the output channel without dividing
+        o, base = 0, 0
+        for c in range(lo[sample], hi[sample]):
             j = row[c] - offset
-            while j - base >= per_out:
-                o += 1
-                base += per_out
+            o, base = _advance(j, o, base, per_out)
             rest = j - base
             ch = rest // taps
             tap = rest - ch * taps
@@ -62,18 +66,10 @@ def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, stride_h, str
 def _linear_rows_body(a, delta, positions, lo, hi, offset, values, width_in):
     """values[r, c] += sum_t delta[r, t, o] * a[r, t, i] for j = positions[r, c] - offset = o * width_in + i."""
     for sample in prange(positions.shape[0]):
-        first, last = lo[sample], hi[sample]
-        if first == last:
-            continue
-        row = positions[sample]
-        o = (row[first] - offset) // width_in
-        base = o * width_in
-        for c in range(first, last):
-            j = row[c] - offset
-            while j - base >= width_in:
-                o += 1
-                base += width_in
-            i = j - base
+        o, base = 0, 0
+        for c in range(lo[sample], hi[sample]):
+            o, base = _advance(positions[sample, c] - offset, o, base, width_in)
+            i = positions[sample, c] - offset - base
             total = np.float32(0.0)
             for t in range(a.shape[1]):
                 total += delta[sample, t, o] * a[sample, t, i]

@@ -108,6 +108,12 @@ class RecordingLoader:
             yield batch
 
 
+def _delegated(name):
+    """A property that reads and writes the wrapped optimizer's attribute ``name``."""
+    return property(lambda self: getattr(self.original_optimizer, name),
+                    lambda self, value: setattr(self.original_optimizer, name, value))
+
+
 class RecordingOptimizer(torch.optim.Optimizer):
     """The user's optimizer, whose ``step`` also records: a real ``torch.optim.Optimizer``.
 
@@ -128,29 +134,10 @@ class RecordingOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
-    @property
-    def param_groups(self):
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups):
-        self.original_optimizer.param_groups = groups
-
-    @property
-    def state(self):
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, state):
-        self.original_optimizer.state = state
-
-    @property
-    def defaults(self):
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):
-        self.original_optimizer.defaults = defaults
+    # shared with the wrapped optimizer, read and written through (LR schedulers write param_groups' lr)
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def __getattr__(self, name):  # anything else the wrapped optimizer has (e.g. its own helpers)
         if name.startswith("__") or name in ("original_optimizer", "_session"):
