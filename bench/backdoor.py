@@ -4,7 +4,8 @@ Per seed it reuses the study's poisoned run (bench/study_record.record_poisoned:
 split, int8 per-sample stores of both flavours at --poison-keeps, the model retrained without
 the poison) and sweeps removal variants of each per-sample store over a grid of steps:
 - rows: w + c * (sum of the poisoned rows), the study's "scale c";
-- layer L: the same, restricted to one parameter tensor;
+- layer L: the same restricted to one parameter tensor, at 8 times the steps (one tensor alone
+  moves the model less);
 - projected once: the rows projected off the retained data's mean-output gradients at w;
 - projected path: the path the sample rule walks (unlearn.projection), segment by segment;
 - auto: the sample rule's own choice (unlearn.forget.choose_sample_step), then the fine-tune.
