@@ -1,4 +1,4 @@
-"""python -m bench {store,codecs,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,positions,codecs,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,12 +25,13 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import backdoor, codecs_study, corrupt, crash, footprint, protocol, purge, store, study, throughput
+    from . import backdoor, codecs_study, corrupt, crash, footprint, positions, protocol, purge, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, summary in (
         ("store", store, "bytes/value, ingest, read, scatter, forget on real gradients"),
+        ("positions", positions, "mask positions per second, bit for bit against another revision's (--against)"),
         ("codecs", codecs_study, "int8 block size and error growth over epochs"),
         ("footprint", footprint, "analytic vs measured bytes of every method"),
         ("throughput", throughput, "recording overhead, ingest, forget latency vs retrain"),

@@ -226,7 +226,8 @@ def add_arguments(parser):
     parser.add_argument("--poison-target", type=int, default=0, help="the poison's target label (default 0)")
     parser.add_argument("--poison-keeps", type=float, nargs="+", default=[0.01, 0.02],
                         help="p of the poisoned request's int8 per-sample stores (default 0.01 0.02)")
-    parser.add_argument("--sample-fraction", type=float, default=0.01, help="share of the training set in the sample request")
+    parser.add_argument("--sample-fraction", type=float, default=0.01, help="share of the training set in the sample request, or a count when 1 or more "
+                             "(e.g. 100)")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the 'after retrain' fine-tune (0: none)")
     parser.add_argument("--finetune-samples", type=int,
                         help="retained samples the fine-tune passes over (default 10,000 on MNIST; all with --quick)")

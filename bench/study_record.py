@@ -43,8 +43,12 @@ def load_data(config):
 
 
 def forget_samples(config, seed, num_samples):
-    """The random-sample request: a fixed fraction of the training set, drawn from the seed."""
-    count = max(1, round(config["sample_fraction"] * num_samples))
+    """The random-sample request: ``sample_fraction`` of the training set (a count when 1 or more), drawn from
+    the seed."""
+    share = config["sample_fraction"]
+    count = int(share) if share >= 1 else max(1, round(share * num_samples))
+    if count > num_samples:
+        raise ValueError(f"--sample-fraction {share:g} asks for {count} samples of {num_samples}")
     return np.sort(np.random.default_rng([seed, 1]).choice(num_samples, count, replace=False))
 
 

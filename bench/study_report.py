@@ -326,6 +326,12 @@ def plot_poisoned(summary, out, plt):
     return path
 
 
+def sample_share(config):
+    """The sample request's size as the study's --sample-fraction gave it: '1%', or a count ('100')."""
+    share = config["sample_fraction"]
+    return f"{int(share)}" if share >= 1 else f"{share:.0%}"
+
+
 def write(cells_by_id, config, out, command=None):
     """Write results.json, results.csv, results.md and the plots; returns their paths."""
     out = Path(out)
@@ -348,7 +354,7 @@ def write(cells_by_id, config, out, command=None):
     seeds = sorted({c["seed"] for c in cells})
     text = [
         f"# Study: {config['dataset']}, forgetting " + ", ".join(
-            {"class": f"class {config['forget_class']}", "samples": f"{config['sample_fraction']:.0%} of the samples",
+            {"class": f"class {config['forget_class']}", "samples": f"{sample_share(config)} of the samples",
              "poisoned": "poisoned samples"}[task] for task in config.get("requests", ["class", "samples"])),
         "",
         f"Command: `{command or 'python -m bench study'}`; machine: {machine}; date: {date}; seeds: {seeds} "
@@ -360,7 +366,8 @@ def write(cells_by_id, config, out, command=None):
         f"{config['finetune_epochs']} epoch(s) of fine-tuning on "
         + (f"{config['finetune_samples']:,} retained samples" if config["finetune_samples"] else "the retained samples")
         + " (the same samples for every row and for the fine-tune-only control). Scale auto: the step chosen "
-        "with forward passes only (`unlearn.forget.choose_scale`). The retrained model's cells stand in every "
+        "by `unlearn.forget.choose_scale` for a class and `choose_sample_step` for samples (docs/DESIGN.md), "
+        "never from test labels. The retrained model's cells stand in every "
         "column as the target. Seconds: reading the rows and building the removal (plus the auto search) for "
         "stores; training for \"After train\" (with every store recording) and \"Retrain from scratch\"; the "
         "fine-tune for the control.",
@@ -376,7 +383,7 @@ def write(cells_by_id, config, out, command=None):
         ]
     if "samples" in tasks:
         text += [
-            f"## Forgetting {config['sample_fraction']:.0%} of the training samples at random (no retrain)",
+            f"## Forgetting {sample_share(config)} of the training samples at random (no retrain)",
             "",
             "UA/RA/TA: accuracy on the forget set, on retained training samples (10,000 at most), on the test set. "
             "MIA efficacy: share of the forget set a membership classifier calls non-members (SalUn's), the mean of "

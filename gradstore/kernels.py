@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .masks import PARALLEL_MIN_VALUES, ROUNDING_SALT, fill_rows, stream_base, stream_draw
+from .masks import PARALLEL_MIN_VALUES, ROUNDING_SALT, fill_rows, stream_base, stream_draw, unroll_for
 
 # ---------------------------------------------------------------- int8, absmax per block
 
@@ -120,13 +120,13 @@ def add_rows(target, slots, fresh, values):
 # ---------------------------------------------------------------- scatter-add
 
 
-def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions):
+def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions, unroll):
     n, k = values.shape
     # 1) positions of every row (each row writes only its own slice of ``positions``)
     nthreads = min(n, nparts)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        fill_rows(seed, keys, num_params, positions, t * per, min(n, (t + 1) * per))
+        fill_rows(seed, keys, num_params, positions, t * per, min(n, (t + 1) * per), unroll)
     # 2) each part owns the parameter range [lo, hi): no two parts touch one element
     span = (num_params + nparts - 1) // nparts
     for p in prange(nparts):
@@ -158,10 +158,11 @@ def scatter_add(flat, values, scales, block_size, keys, seed, num_params, alpha)
     n, k = values.shape
     positions = np.empty((n, k), np.int64)
     alpha = np.float32(alpha)
+    unroll = unroll_for(num_params, k)
     if n * k < PARALLEL_MIN_VALUES or n == 1:
-        _scatter_add_serial(flat, values, scales, block_size, keys, seed, num_params, alpha, 1, positions)
+        _scatter_add_serial(flat, values, scales, block_size, keys, seed, num_params, alpha, 1, positions, unroll)
     else:
         import numba
 
         nparts = max(1, numba.get_num_threads())
-        _scatter_add_parallel(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions)
+        _scatter_add_parallel(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions, unroll)

@@ -8,7 +8,9 @@ gives the algorithm in plain Python; ``reference_positions`` below is that text.
 """
 
 import numpy as np
-from numba import int64, njit, prange, uint64
+from llvmlite import ir
+from numba import int64, njit, prange, types, uint64
+from numba.extending import intrinsic
 
 GOLDEN = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
@@ -49,76 +51,159 @@ def below(draw, n):
     return int64((high * uint64(n) + ((low * uint64(n)) >> uint64(32))) >> uint64(32))
 
 
-_DEBRUIJN = 0x03F79D71B4CB0A89
-_DEBRUIJN_TABLE = np.zeros(64, np.int64)
-for _bit in range(64):
-    _DEBRUIJN_TABLE[(((1 << _bit) * _DEBRUIJN) & _MASK64) >> 58] = _bit
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """Index of the lowest set bit of a uint64 (64 for zero): one tzcnt/bsf instruction."""
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
 
 
-@njit(inline="always", cache=True)
-def _lowest_bit(word):
-    """Index of the lowest set bit of a non-zero uint64 (de Bruijn multiply)."""
-    isolated = word & (~word + uint64(1))
-    return _DEBRUIJN_TABLE[(isolated * uint64(_DEBRUIJN)) >> uint64(58)]
+@intrinsic
+def _popcount(typingctx, word):
+    """Set bits of a uint64: one popcnt instruction."""
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
 
 
-def bitmap_words(num_params):
-    """A zeroed bitmap of num_params bits, as the scratch ``_fill_positions`` needs."""
-    return np.zeros((num_params + 63) // 64, np.uint64)
+def unroll_for(num_params, k):
+    """How many positions ``_read_bitmap`` writes per word without a branch, from the bits a word holds on
+    average (64 k / M): 0 (skip empty words) when most are empty, up to 8 when most hold several.
+    Measured on this project's 2-vCPU machine (docs/RESULTS.md); any value gives the same output."""
+    density = 64.0 * k / max(num_params, 1)
+    if density < 0.2:
+        return 0
+    if density < 0.45:
+        return 1
+    if density < 1.0:
+        return 2
+    if density < 2.5:
+        return 3
+    return 8
 
 
 @njit(cache=True)
-def _fill_positions(seed, key, num_params, out, bitmap):
+def _floyd(seed, key, num_params, k, bitmap, draws):
+    """Floyd's algorithm: mark the row's k picks in ``bitmap`` (zeroed on entry).
+
+    The draws do not depend on the bitmap, so they are computed first, in a loop the CPU
+    pipelines; the marking loop then only branches on a collision (rare at small p).
+    """
+    base = stream_base(seed, key, MASK_SALT)
+    first = num_params - k
+    for i in range(k):
+        draws[i] = below(stream_draw(base, i), first + i + 1)
+    for i in range(k):
+        t = draws[i]
+        bit = uint64(1) << uint64(t & 63)
+        word = bitmap[t >> 6]
+        if word & bit:  # already picked: Floyd takes j = first + i, never picked before
+            j = first + i
+            bitmap[j >> 6] |= uint64(1) << uint64(j & 63)
+        else:
+            bitmap[t >> 6] = word | bit
+
+
+@njit(cache=True, inline="always")
+def _read_words(bitmap, out, unroll):
+    """Write the set bits' indices in order into ``out`` (exactly as many as are set) and zero the bitmap.
+
+    While ``out`` has room, each word's first ``unroll`` positions are written without a
+    branch (those past the word's count are overwritten by the next word's), so a word
+    costs no unpredictable branch; the rest, and every word when ``unroll`` is 0, go
+    through the exact loop that skips empty words. Inlined with a constant ``unroll``,
+    so the compiler unrolls it.
+    """
+    k = out.shape[0]
+    n = 0
+    w = 0
+    if unroll > 0:
+        while w < bitmap.shape[0] and n + unroll <= k:
+            word = bitmap[w]
+            bitmap[w] = 0
+            count = int64(_popcount(word))
+            first = w * 64
+            for u in range(unroll):
+                out[n + u] = first + int64(_trailing_zeros(word))
+                word &= word - uint64(1)
+            if count > unroll:
+                m = n + unroll
+                while word:
+                    out[m] = first + int64(_trailing_zeros(word))
+                    m += 1
+                    word &= word - uint64(1)
+            n += count
+            w += 1
+    while w < bitmap.shape[0]:
+        word = bitmap[w]
+        if word:
+            bitmap[w] = 0
+            while word:
+                out[n] = w * 64 + int64(_trailing_zeros(word))
+                n += 1
+                word &= word - uint64(1)
+        w += 1
+
+
+@njit(cache=True)
+def _read_bitmap(bitmap, out, unroll):
+    """``_read_words`` specialised for each unroll that ``unroll_for`` returns."""
+    if unroll == 1:
+        _read_words(bitmap, out, 1)
+    elif unroll == 2:
+        _read_words(bitmap, out, 2)
+    elif unroll == 3:
+        _read_words(bitmap, out, 3)
+    elif unroll == 8:
+        _read_words(bitmap, out, 8)
+    else:
+        _read_words(bitmap, out, 0)
+
+
+@njit(cache=True)
+def _fill_positions(seed, key, num_params, out, bitmap, draws, unroll):
     """Write the sorted positions of one row into ``out`` (length k).
 
-    ``bitmap`` is a zeroed uint64 scratch of ceil(num_params / 64) words, left zeroed.
-    Floyd's algorithm marks the picks in the bitmap; reading its set bits in order
-    gives them sorted in O(num_params / 64 + k), with no sort.
+    ``bitmap`` is a zeroed uint64 scratch of ceil(num_params / 64) words, left zeroed;
+    ``draws`` an int64 scratch of at least k. Floyd's algorithm marks the picks in the
+    bitmap; reading its set bits in order gives them sorted in O(num_params / 64 + k),
+    with no sort.
     """
     k = out.shape[0]
     if k == num_params:
         for j in range(k):
             out[j] = j
         return
-    base = stream_base(seed, key, MASK_SALT)
-    i = 0
-    for j in range(num_params - k, num_params):
-        t = below(stream_draw(base, i), j + 1)
-        i += 1
-        if (bitmap[t >> 6] >> uint64(t & 63)) & uint64(1):
-            t = j
-        bitmap[t >> 6] |= uint64(1) << uint64(t & 63)
-    n = 0
-    for w in range(bitmap.shape[0]):
-        word = bitmap[w]
-        if word:
-            bitmap[w] = 0
-            while word:
-                out[n] = w * 64 + _lowest_bit(word)
-                n += 1
-                word &= word - uint64(1)
+    _floyd(seed, key, num_params, k, bitmap, draws)
+    _read_bitmap(bitmap, out, unroll)
 
 
 @njit(cache=True)
-def fill_rows(seed, keys, num_params, out, start, stop):
+def fill_rows(seed, keys, num_params, out, start, stop, unroll):
     """Positions of keys[start:stop] into out[start:stop], with one scratch bitmap."""
     bitmap = np.zeros((num_params + 63) // 64, np.uint64)
+    draws = np.empty(out.shape[1], np.int64)
     for r in range(start, stop):
-        _fill_positions(seed, keys[r], num_params, out[r], bitmap)
+        _fill_positions(seed, keys[r], num_params, out[r], bitmap, draws, unroll)
 
 
 @njit(cache=True, parallel=True)
-def _positions_many_parallel(seed, keys, num_params, k, out):
+def _positions_many_parallel(seed, keys, num_params, unroll, out):
     n = keys.shape[0]
     nthreads = min(n, 64)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        fill_rows(seed, keys, num_params, out, t * per, min(n, (t + 1) * per))
+        fill_rows(seed, keys, num_params, out, t * per, min(n, (t + 1) * per), unroll)
 
 
 @njit(cache=True)
-def _positions_many_serial(seed, keys, num_params, k, out):
-    fill_rows(seed, keys, num_params, out, 0, keys.shape[0])
+def _positions_many_serial(seed, keys, num_params, unroll, out):
+    fill_rows(seed, keys, num_params, out, 0, keys.shape[0], unroll)
 
 
 # Below this many values a parallel launch (waking the thread pool) costs more than it saves.
@@ -131,10 +216,11 @@ def positions_many(seed, keys, num_params, k):
         raise ValueError(f"num_params must be below 2**32, got {num_params}")
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     out = np.empty((keys.shape[0], k), dtype=np.int64)
+    unroll = unroll_for(num_params, k)
     if keys.shape[0] * k >= PARALLEL_MIN_VALUES and keys.shape[0] > 1:
-        _positions_many_parallel(seed, keys, num_params, k, out)
+        _positions_many_parallel(seed, keys, num_params, unroll, out)
     else:
-        _positions_many_serial(seed, keys, num_params, k, out)
+        _positions_many_serial(seed, keys, num_params, unroll, out)
     return out
 
 

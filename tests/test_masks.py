@@ -31,6 +31,20 @@ def test_positions_match_reference(num_params, k):
             assert np.array_equal(pos, masks.reference_positions(seed, key, num_params, k)), (seed, key)
 
 
+@pytest.mark.parametrize("k", [3, 28, 60, 200, 1200, 4000])  # 64 k / M from 0.03 to 43: every unroll
+def test_every_bitmap_unroll_matches_reference(k):
+    """The bitmap reader's unrolled paths (picked by density) agree with the reference, and so does every
+    other unroll forced on the same row: the choice is speed only."""
+    num_params, seed = 6000, 11
+    keys = np.array([0, 5, 2**35 + 1], np.int64)
+    expected = np.stack([masks.reference_positions(seed, int(key), num_params, k) for key in keys])
+    assert np.array_equal(masks.positions_many(seed, keys, num_params, k), expected)
+    for unroll in (0, 1, 2, 3, 8):
+        out = np.empty((keys.size, k), np.int64)
+        masks._positions_many_serial(seed, keys, num_params, unroll, out)
+        assert np.array_equal(out, expected), unroll
+
+
 def test_k_equal_to_m_is_identity():
     for key in (0, 5, 99):
         assert np.array_equal(masks.positions(3, key, 257, 257), np.arange(257))
