@@ -18,7 +18,9 @@ from .base import load
 from .codecs import get_codec
 from .errors import BadInputError
 from .format import ROWS, open_h5, seal_metadata, write_header
+from .joined import ShardedStore, open_manifest
 from .recording import DEFAULT_MEMORY_BUDGET, Recording
+from .shards import is_manifest
 from .store import Store
 from .writer import rows_per_chunk
 
@@ -50,6 +52,7 @@ def create(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     buffer_dir: Optional[PathLike] = None,
     overwrite: bool = False,
+    writer: Optional[dict] = None,
 ) -> Recording:
     """Create a store file and return its ``Recording``, ready for ``accumulate``.
 
@@ -59,6 +62,8 @@ def create(
     buffer_dir: keep those sums in a memory-mapped scratch file in this folder (a budget
     larger than RAM then pages to disk instead of exhausting memory).
     fingerprint: from ``format.model_fingerprint`` (checked at forget time by callers).
+    writer: {"run_id", "rank", "ranks"} when this is one rank's recording of a sharded
+    store (``gradstore.shards``); finalize then goes through ``shards.finalize_shard``.
     """
     path = os.fspath(path)
     if int(num_params) != num_params or num_params < 1:
@@ -75,6 +80,8 @@ def create(
         raise BadInputError(
             f"fingerprint counts {fingerprint.get('num_params')} parameters but num_params is {num_params}"
         )
+    if writer is not None:
+        writer = _check_writer(writer)
     num_params, num_keys, seed = int(num_params), int(num_keys), int(seed)
     k = keep_to_k(keep, num_params)
     codec = get_codec(codec)
@@ -89,6 +96,7 @@ def create(
         "rows_per_chunk": rows_per_chunk(num_keys, k, codec),
         "key_kind": key_kind,
         "fingerprint": fingerprint,
+        **({"writer": writer} if writer is not None else {}),
         "package_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -107,19 +115,34 @@ def create(
     return Recording(path, h5file, config, writable=True, memory_budget=memory_budget, buffer_dir=buffer_dir)
 
 
-def open(path: PathLike, mode: str = "r") -> Union[Store, Recording]:  # noqa: A001 - mirrors h5py.File / builtins.open
+def open(path: PathLike, mode: str = "r") -> Union[Store, Recording, ShardedStore]:  # noqa: A001 - mirrors h5py.File
     """Open an existing store file: a finished file gives its ``Store``, an unfinished one its
-    ``Recording`` (to resume). mode 'r' reads; 'r+' also writes (accumulate, commit,
+    ``Recording`` (to resume), a sharded store's entry point its ``ShardedStore``. mode 'r' reads; 'r+' also writes (accumulate, commit,
     finalize; mark_forgotten, purge)."""
     if mode not in ("r", "r+"):
         raise BadInputError(f"mode must be 'r' or 'r+', got {mode!r}")
     path = os.fspath(path)
+
+    h5file = open_h5(path, mode)
+    if is_manifest(h5file):  # the entry point of a sharded store
+        return open_manifest(path, h5file, mode)
+    h5file.close()
 
     def make(h5file, config, finished):
         kind = Store if finished else Recording
         return kind(path, h5file, config, writable=(mode == "r+"))
 
     return load(path, mode, make)
+
+
+def _check_writer(writer):
+    try:
+        run_id, rank, ranks = str(writer["run_id"]), int(writer["rank"]), int(writer["ranks"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError(f"writer must be {{'run_id': str, 'rank': int, 'ranks': int}}, got {writer!r}") from None
+    if not run_id or not 0 <= rank < ranks:
+        raise BadInputError(f"writer needs a run_id and 0 <= rank < ranks, got {writer!r}")
+    return {"run_id": run_id, "rank": rank, "ranks": ranks}
 
 
 def _check_labels(labels, count):

@@ -33,6 +33,8 @@ class StoreFile(ABC):
         self.zstd_level: int = config["zstd_level"]
         self.rows_per_chunk: int = config["rows_per_chunk"]
         self.parts = self.codec.parts(self.k)
+        shard = config.get("shard")  # a shard of a sharded store (gradstore.shards) holds one key range
+        self.key_range = (0, self.num_keys) if shard is None else tuple(int(key) for key in shard["key_range"])
         self.labels = h5file[LABELS][()]
         self.state = h5file[STATE][()]
         self.members = read_membership(h5file)
@@ -75,6 +77,12 @@ class StoreFile(ABC):
                 f"{what} out of range [0, {self.num_keys}): {out_of_range[:10].tolist()}"
                 + (" ..." if out_of_range.size > 10 else "")
             )
+        lo, hi = self.key_range
+        if (lo, hi) != (0, self.num_keys):
+            outside = array[(array < lo) | (array >= hi)]
+            if outside.size:
+                raise BadInputError(f"{self.path} is a shard holding keys [{lo}, {hi}); {what} {outside[:10].tolist()} "
+                                    "are in other shards: open the store's entry point instead")
         unique, counts = np.unique(array, return_counts=True)
         if (counts > 1).any():
             raise BadInputError(f"{what} repeated: {unique[counts > 1][:10].tolist()}")
@@ -94,6 +102,11 @@ class StoreFile(ABC):
         flat = np.concatenate([self.members[key] for key in keys.tolist()])
         covering = np.unique(owners[np.isin(flat, np.asarray(samples, np.int64))])
         return covering[np.isin(self.state[covering], states)]
+
+    def _own_chunks(self):
+        """The chunk indices of this file's key range (all of them, but for a shard)."""
+        lo, hi = self.key_range
+        return range(lo // self.rows_per_chunk, -(-hi // self.rows_per_chunk))
 
     def keys_with_label(self, label: int, states=(RowState.LIVE,)) -> np.ndarray:
         """Keys whose stored label is ``label`` (live rows by default)."""

@@ -16,7 +16,9 @@ import numpy as np
 from . import chunkio
 from .errors import FormatError, ReadOnlyError, StoreLockedError, WriteFailedError
 
-FORMAT_VERSION = 2  # 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
+FILE_VERSION = 2  # a store file; 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
+MANIFEST_VERSION = 3  # the entry point of a sharded store (gradstore.shards); its shards are version 2 files
+FORMAT_VERSION = MANIFEST_VERSION  # the highest version this gradstore reads
 
 # root attributes
 ATTR_VERSION = "gradstore_format_version"
@@ -80,7 +82,7 @@ def _attr_text(obj, name):
 
 
 def write_header(h5file, config, finished=False):
-    h5file.attrs[ATTR_VERSION] = FORMAT_VERSION
+    h5file.attrs[ATTR_VERSION] = FILE_VERSION
     set_json_attr(h5file, ATTR_CONFIG, config)
     h5file.attrs[ATTR_FINISHED] = bool(finished)
 

@@ -290,6 +290,11 @@ class Recording(StoreFile):
         runs leave no bytes behind and a crash leaves either the old or the new file.
         """
         self._require_writable()
+        writer = self.config.get("writer")
+        if writer is not None:
+            raise BadInputError(f"{self.path} is rank {writer['rank']} of {writer['ranks']}'s recording of a sharded "
+                                "store: commit it, then finish every rank's with gradstore.shards.finalize_shard "
+                                "and write_manifest")
         self._compact_runs(staging.MAX_FANIN)
         cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in self._runs]
         if len(self._buffer):

@@ -237,9 +237,10 @@ class RunWriter:
         return self.name
 
 
-def merge(cursors, num_keys, k, block_rows, emit):
-    """Stream every key block [lo, lo + block_rows): emit(lo, sums float32 [rows, k], present bool)."""
-    for lo in range(0, num_keys, block_rows):
+def merge(cursors, num_keys, k, block_rows, emit, start=0):
+    """Stream every key block [lo, lo + block_rows) from ``start`` up to ``num_keys``:
+    emit(lo, sums float32 [rows, k], present bool)."""
+    for lo in range(start, num_keys, block_rows):
         hi = min(num_keys, lo + block_rows)
         sums = None
         present = np.zeros(hi - lo, np.bool_)

@@ -167,7 +167,7 @@ class Store(StoreFile):
                            before_replace=self._h5.close) as out:
             for part in self.parts:
                 source, source_sums = self._row_datasets[part.name], self._checksums.get(part.name)
-                for chunk in range(-(-self.num_keys // rows)):
+                for chunk in self._own_chunks():
                     lo = chunk * rows
                     hit = doomed[lo : lo + rows]
                     if not hit.any():  # copied as stored, once its checksum holds
@@ -207,7 +207,7 @@ class Store(StoreFile):
         rows = self.rows_per_chunk
         for part in self.parts:
             dset = self._row_datasets[part.name]
-            for chunk in range(-(-self.num_keys // rows)):
+            for chunk in self._own_chunks():
                 keys = self._chunk_keys(chunk)
                 try:
                     block = chunkio.read_chunks(dset, [chunk], part.shuffle, self._chunk_keys,

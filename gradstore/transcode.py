@@ -16,7 +16,6 @@ import numpy as np
 from .api import open as open_store
 from .codecs import get_codec
 from .errors import BadInputError
-from .store import Store
 from .writer import finished_file, rows_per_chunk
 
 
@@ -34,7 +33,7 @@ def transcode(source: Union[str, os.PathLike], destination: Union[str, os.PathLi
         raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it")
     codec = get_codec(codec)
     with open_store(source) as src:
-        if not isinstance(src, Store):
+        if not src.finished:
             raise BadInputError(f"{source}: cannot transcode before finalize(): recording has not finished")
         config = dict(src.config)
         config.update(

@@ -240,7 +240,7 @@ def test_info_fields(small_store):
         "bytes_on_disk", "bytes_per_value", "finished",
     }
     assert required <= set(info)
-    assert info["format_version"] == gradstore.FORMAT_VERSION
+    assert info["format_version"] == gradstore.format.FILE_VERSION  # a single file; FORMAT_VERSION is the highest read
     assert (info["num_params"], info["keep"], info["k"], info["seed"]) == (5000, 0.1, 500, 11)
     assert info["codec"] == gradstore.get_codec("int8").get_config()
     assert (info["rows_live"], info["rows_forgotten"], info["finished"]) == (300, 0, True)
