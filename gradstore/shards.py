@@ -48,6 +48,14 @@ def shard_dir(path) -> str:
     return os.fspath(path) + ".shards"
 
 
+def entry_path(file) -> str:
+    """The entry point of the sharded store a recording or shard file belongs to."""
+    folder = os.path.dirname(os.fspath(file))
+    if not folder.endswith(".shards"):
+        raise BadInputError(f"{file} is not inside a sharded store's '<store>.shards' folder")
+    return folder[: -len(".shards")]
+
+
 def recording_path(path, rank: int, ranks: int) -> str:
     return os.path.join(shard_dir(path), f"recording-{rank:05d}-of-{ranks:05d}.h5")
 

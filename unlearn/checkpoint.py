@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from gradstore import BadInputError
+from gradstore import BadInputError, shards
+
+from . import distributed
 
 
 class Checkpointer:
@@ -33,7 +35,15 @@ class Checkpointer:
         return step % self.every_steps == 0
 
     def save(self, model, optimizer, stores, epoch, batch, step, epoch_generator_state, seconds=0.0):
+        """Commit every store, then write the checkpoint. Under torch.distributed every rank commits its own
+        recordings at the same step (they reach the same generation), and rank 0 writes the file once all have."""
         generations = {_key(store): store.commit(note={"step": step}) for store in stores if not store.finished}
+        distributed.barrier()  # every rank's commit is on disk before the checkpoint that counts on it
+        if distributed.rank_and_world()[0] == 0:
+            self._write(model, optimizer, epoch, batch, step, epoch_generator_state, generations, seconds)
+        distributed.barrier()
+
+    def _write(self, model, optimizer, epoch, batch, step, epoch_generator_state, generations, seconds):
         payload = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -91,5 +101,7 @@ class Checkpointer:
 
 
 def _key(store):
-    """A store's name in the checkpoint: its resolved path, however the run directory was spelled."""
-    return os.path.realpath(store.path)
+    """A store's name in the checkpoint: its resolved path, however the run directory was spelled (for one
+    rank's recording of a sharded store, the store's entry point: the same name on every rank)."""
+    path = shards.entry_path(store.path) if "writer" in store.config else store.path
+    return os.path.realpath(path)

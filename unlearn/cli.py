@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import gradstore
 from gradstore.cli import run_reporting_errors
 
 from . import data as datasets
-from . import poison, runs
+from . import distributed, poison, runs
 from .evaluate import accuracy, evaluate
 from .forget import forget, mark_applied, root_run
 from .models import build_model
@@ -34,6 +35,18 @@ def parse_keep_first(text):
 
 
 def cmd_train(args):
+    """Train and record; under torchrun every rank runs this, rank 0 writes the run's files."""
+    device = distributed.init_from_environment(args.device)
+    try:
+        return _train_run(args, device)
+    finally:
+        if distributed.active():
+            torch.distributed.destroy_process_group()
+
+
+def _train_run(args, device):
+    rank, world = distributed.rank_and_world()
+    lead = rank == 0  # writes the run directory's files
     out = Path(args.out)
     if (out / "train.json").exists() and not args.overwrite:
         raise SystemExit(f"{out} already holds a run (train.json); pass --overwrite or choose another --out")
@@ -42,7 +55,9 @@ def cmd_train(args):
         raise SystemExit(f"--resume: {out} holds no interrupted run ({runs.STARTED} without train.json)")
     if interrupted and not (args.resume or args.overwrite):
         raise SystemExit(f"{out} holds an interrupted run; pass --resume to continue it or --overwrite to start again")
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every rank has seen the directory as it was before rank 0 writes to it
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     exclude_samples = datasets.read_sample_file(args.exclude_samples).tolist() if args.exclude_samples else None
     config = {
         "dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "groups": args.groups,
@@ -65,21 +80,24 @@ def cmd_train(args):
         if started != json.loads(json.dumps(config, default=runs._jsonable)):
             changed = sorted(key for key in set(started) | set(config) if started.get(key) != config.get(key))
             raise SystemExit(f"--resume: the options differ from the interrupted run's ({', '.join(changed)})")
-    else:
+    elif lead:
         if args.overwrite:
             for stale in (runs.CHECKPOINT, "store.h5", "train.json"):
                 (out / stale).unlink(missing_ok=True)
+            shutil.rmtree(gradstore.shards.shard_dir(out / "store.h5"), ignore_errors=True)
         runs.save_json(out / runs.STARTED, config)
-    if split.poison is not None:
+    if split.poison is not None and lead:
         poison.write_keys(out / runs.POISONED, split.poison)
+    distributed.barrier()
     config.update(in_channels=split.in_channels, num_classes=split.num_classes)
-    device = torch.device(args.device) if args.device else default_device()
     model = build_model(args.model, split.in_channels, split.num_classes, seed=args.seed, groups=args.groups)
     recorders = []
     steps = args.epochs * -(-len(split) // args.batch_size)
     if args.method != "none":
-        if args.resume and (out / "store.h5").exists():
-            recorders.append(recorder_for(gradstore.open(out / "store.h5", "r+"), args.method, args.flavour))
+        existing = _recording_to_resume(out / "store.h5", rank, world) if args.resume else None
+        if existing is not None:  # a finished sharded store is opened by every rank: read-only
+            mode = "r" if world > 1 and existing == out / "store.h5" else "r+"
+            recorders.append(recorder_for(gradstore.open(existing, mode), args.method, args.flavour))
         else:
             recorders.append(create_recorder(out / "store.h5", args.method, model, len(split), steps, keep=args.keep,
                                              codec=config["codec"], flavour=args.flavour, seed=args.seed,
@@ -90,6 +108,8 @@ def cmd_train(args):
     result = train(model, split.train_x, split.train_y, args.epochs, args.batch_size, args.seed, args.optimizer,
                    args.lr, recorders, device, progress=not args.quiet, checkpoint=checkpoint,
                    engine=args.engine)
+    if not lead:
+        return 0
     runs.save_model(out, model)
     np.save(out / "source_indices.npy", split.source_indices)
     report = {
@@ -102,6 +122,7 @@ def cmd_train(args):
         "resumed_from_step": result["resumed_from_step"],
         "test_acc": accuracy(model, split.test_x, split.test_y),
         "device": str(device),
+        "ranks": world,
     }
     if recorders:
         with gradstore.open(out / "store.h5") as store:
@@ -113,6 +134,22 @@ def cmd_train(args):
           f"{out}: {report['num_samples']} samples, {report['epochs']} epochs, {report['seconds']:.1f} s, "
           f"test accuracy {report['test_acc']:.4f}" + (f", store {report['store']['bytes_on_disk']:,} bytes" if recorders else ""))
     return 0
+
+
+def _recording_to_resume(path, rank, world):
+    """The store file this rank resumes: the finished store, its own recording, or None (none yet).
+    A run recorded by another number of ranks is refused."""
+    if path.exists():
+        return path
+    folder = Path(gradstore.shards.shard_dir(path))
+    mine = Path(gradstore.shards.recording_path(path, rank, world))
+    if world > 1 and mine.exists():
+        return mine
+    others = sorted(folder.glob("recording-*-of-*.h5")) if folder.exists() else []
+    if others and not mine.exists():
+        raise SystemExit(f"--resume: {folder} holds recordings of another number of ranks ({others[0].name}); "
+                         f"resume with as many ranks as the run started with (this is {world})")
+    return None
 
 
 def cmd_forget(args):
@@ -204,7 +241,7 @@ def build_parser():
     t.add_argument("--poison-seed", type=int, metavar="S", help="seed of the poison's draw (default: --seed)")
     t.add_argument("--poison-target", type=int, default=0, metavar="T", help="the poison's target label (default 0)")
     t.add_argument("--memory-budget", type=int, default=256, metavar="MIB", help="store write buffer (MiB)")
-    t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when present; under torchrun, cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",

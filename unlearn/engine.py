@@ -148,6 +148,7 @@ class Probe:
         self.slot = slot
         self.total = None
         self.warned = False
+        self.reduce = None  # under DDP: what .grad holds of the ranks' sums (unlearn.distributed)
 
     def add(self, dense_batch_sum):
         self.total = dense_batch_sum if self.total is None else self.total + dense_batch_sum
@@ -158,7 +159,7 @@ class Probe:
     def factor(self) -> float:
         if self.slot is None or self.total is None or self.slot.param.grad is None:
             return 1.0
-        seen = self.total.reshape(-1).double()
+        seen = (self.total if self.reduce is None else self.reduce(self.total)).reshape(-1).double()
         stepped = self.slot.param.grad.detach().reshape(-1).double()
         norm = float(seen @ seen)
         if norm == 0.0:

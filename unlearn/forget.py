@@ -94,7 +94,7 @@ def plan_removal(store: gradstore.Store, method: str, data, samples: Optional[Se
 
     A sample request also gets its control: as many retained samples of the same labels (at
     least CONTROL_MIN), drawn with ``seed``, and the sum of their live rows (choose_sample_step)."""
-    if not isinstance(store, gradstore.Store):
+    if not store.finished:
         raise gradstore.BadInputError(f"{store.path}: recording has not finished (finalize never ran): nothing to forget with yet")
     started = time.perf_counter()
     request = resolve_request(store, method, data, samples=samples, cls=cls, already=already, already_keys=already_keys)
@@ -427,7 +427,7 @@ def mark_applied(record: dict, erase: bool = False) -> int:
     Returns the number of rows marked (or erased).
     """
     with gradstore.open(Path(record["root_run"]) / "store.h5", "r+") as store:
-        if not isinstance(store, gradstore.Store):
+        if not store.finished:
             raise gradstore.BadInputError(f"{store.path}: recording has not finished (finalize never ran)")
         keys = np.asarray(record["forgotten_keys"], np.int64)
         live = keys[store.state[keys] == gradstore.RowState.LIVE]

@@ -15,6 +15,7 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
   ``layer`` (partial amnesiac) a random fraction p of it, masked by (seed, step).
 """
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import gradstore
+import gradstore.shards
 from gradstore import masks
 
 from .models import named_shapes
@@ -73,8 +75,15 @@ class Recorder(ABC):
         return (self.store.seed, self.store.k)
 
     def finish(self):
-        """Finalize the recording; ``store`` is then the finished store."""
-        if not self.store.finished:  # a resumed run may find it sealed already
+        """Finalize the recording; ``store`` is then the finished store (a sharded one when each rank
+        recorded its own: every rank must call this)."""
+        if self.store.finished:  # a resumed run may find it sealed already
+            return
+        if "writer" in self.store.config:
+            from .distributed import finish_sharded
+
+            self.store = finish_sharded(self.store)
+        else:
             self.store = self.store.finalize()
 
 
@@ -170,10 +179,23 @@ def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int,
     """Create the store of one recording method and the recorder that fills it: the one place
     every method's store is laid out (per-sample: a row per sample, masked to ``keep``;
     original: a dense row per step; layer: a row per step masked to ``keep``).
+
+    Under an initialized torch.distributed process group of several ranks, every rank calls
+    this with the same ``path``: each gets its own recording of the store
+    (``gradstore.shards.recording_path``), finished into shards behind ``path``.
     """
+    from . import distributed
+
     num_params = sum(p.numel() for p in model.parameters())
     options = dict(codec=codec, seed=seed, fingerprint=gradstore.model_fingerprint(named_shapes(model)),
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
+    if distributed.active():
+        if method != "per-sample":
+            raise ValueError(f"the {method} method records whole steps; under torch.distributed only the "
+                             "per-sample method records (each rank its own samples)")
+        options["writer"] = distributed.writer_options()
+        os.makedirs(gradstore.shards.shard_dir(path), exist_ok=True)
+        path = gradstore.shards.recording_path(path, options["writer"]["rank"], options["writer"]["ranks"])
     if method == "per-sample":
         store = gradstore.create(path, num_params, num_samples, keep, **options)
     elif method in ("original", "layer"):

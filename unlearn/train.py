@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from gradstore import masks
 
+from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
 from .ingest import Ingest
 from .per_sample import per_sample_grads
@@ -205,6 +206,12 @@ class RecordingSession:
         self.num_params = num_params
         self.mask_specs = sorted({r.mask for r in self.recorders if r.needs_per_sample})
         self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == "masked" and self.mask_specs else None
+        self.share = distributed.gradient_share(model)  # 1/W under DDP: a rank's backward is W times its share
+        if self.share != 1.0 and engine == "vmap" and self.mask_specs:
+            raise ValueError("engine='vmap' recomputes gradients outside DistributedDataParallel's backward: "
+                             "record with engine='masked' under torch.distributed")
+        if self.share != 1.0 and self.engine is not None:
+            self.engine.probe.reduce = lambda total: distributed.sum_over_ranks(total) * self.share
         self.ingest = Ingest(max_pending=2 * max(1, len(self.recorders)), background=background)
         self.step_index = 0
         self.record_seconds = 0.0
@@ -280,7 +287,7 @@ class RecordingSession:
         if self.needs_per_sample:
             if self.engine is not None:
                 found = self.engine.step_values()
-                factor = self.engine.probe.factor()
+                factor = self.engine.probe.factor() * self.share
                 if found is None:
                     raise RuntimeError("optimizer.step() with no recorded backward: iterate the wrapped loader "
                                        "or call optimizer.set_batch(keys) for each batch")
@@ -376,14 +383,23 @@ def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epoc
     ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
     when there is one (the stores rolled back to it) and saves one every ``every_steps``
     steps and before the stores are finalized.
+    Under torch.distributed (``unlearn.distributed``) every rank runs this: ``batch_size`` is
+    the global batch, each rank trains its share of it through DistributedDataParallel,
+    so the run trains the single-process model (to float rounding).
     Returns {"seconds", "record_seconds", "steps", "resumed_from_step"}. Stores are finalized at the end.
     """
     torch.manual_seed(seed)
     device = device or default_device()
     model.to(device)
+    rank, world = distributed.rank_and_world()
+    if world > 1:
+        distributed.check_batches(len(train_x), batch_size, world)
+    forward = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     opt = make_optimizer(optimizer, model.parameters(), lr)
-    loader = make_loader(train_x, train_y, batch_size, seed)
-    generator = loader.generator
+    generator = torch.Generator().manual_seed(seed)
+    batches = distributed.global_batches(len(train_x), batch_size, generator)
+    inputs, targets = torch.as_tensor(train_x), torch.as_tensor(train_y)
     stores = [recorder.store for recorder in recorders]
     start_epoch, start_batch, steps, seconds_before = 0, 0, 0, 0.0
     if checkpoint is not None:
@@ -395,23 +411,30 @@ def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epoc
     resumed_from = steps
     session = None
     if recorders:
-        opt, loader = attach(model, opt, loader, recorders, engine=engine)
+        opt, _ = attach(forward, opt, None, recorders, engine=engine)
         session = opt._session
         session.step_index = steps
     started = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, epochs):
         epoch_generator_state = generator.get_state()
-        batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for index, (x, y) in enumerate(batches):
+        shown = tqdm(batches, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not progress or rank > 0,
+                     leave=False)
+        for index, batch in enumerate(shown):
             if epoch == start_epoch and index < start_batch:
                 continue  # done before the checkpoint: drawn again only to keep the shuffle in step
-            x, y = x.to(device), y.to(device)
+            keys = distributed.share(batch, rank, world)
+            x, y = inputs[keys].to(device), targets[keys].to(device)
             opt.zero_grad()
+            if session is not None:
+                session.begin_batch(keys, y.cpu().numpy().astype(np.int64), (x, y))
             if session is not None and session.computes_gradients:
                 session.backward(x, y)  # one gradient computation serves the step and the recording
-            else:
-                torch.nn.functional.cross_entropy(model(x), y).backward()
+            elif world == 1:
+                torch.nn.functional.cross_entropy(forward(x), y).backward()
+            else:  # DDP averages over ranks: each rank's sum, over the global batch, times W
+                loss = torch.nn.functional.cross_entropy(forward(x), y, reduction="sum") * (world / len(batch))
+                loss.backward()
             opt.step()
             steps += 1
             if checkpoint is not None and checkpoint.due(steps):
