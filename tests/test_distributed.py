@@ -71,3 +71,39 @@ def test_forget_reads_the_sharded_run_unchanged(runs, tmp_path):
 def test_what_cannot_run_distributed_is_refused(tmp_path):
     refused = run(2, tmp_path / "vmap", "--engine", "vmap", "--overwrite", check=False)
     assert refused.returncode != 0 and "engine='masked'" in refused.stderr
+
+
+def _ranks_of(launcher):
+    """The rank processes torchrun started (its children)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_a_rank_killed_mid_run_resumes_at_the_last_common_commit(tmp_path):
+    """kill -9 of one rank after a checkpoint: torchrun stops the run; `--resume` with the same ranks finishes
+    it with the stores of an uninterrupted run; with another number of ranks it is refused."""
+    import os
+    import signal
+    import time
+
+    options = ["--epochs", "3", "--checkpoint-every", "10"]
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 *TRAIN, "--out", str(killed), *options],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run ended before its first checkpoint"
+    os.kill(_ranks_of(launcher)[-1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (killed / "store.h5").exists()
+    refused = run(1, killed, *options, "--resume", check=False)
+    assert refused.returncode != 0 and "another number of ranks" in refused.stderr
+    run(2, killed, *options, "--resume")
+    run(2, tmp_path / "whole", *options)
+    assert json.loads((killed / "train.json").read_text())["resumed_from_step"] > 0
+    with gradstore.open(killed / "store.h5") as resumed, gradstore.open(tmp_path / "whole" / "store.h5") as whole:
+        keys = np.nonzero(whole.state == RowState.LIVE)[0]
+        assert np.array_equal(resumed.state, whole.state)
+        assert np.array_equal(resumed.read(keys), whole.read(keys))  # no row lost, none counted twice
