@@ -98,6 +98,11 @@ def test_a_rank_killed_mid_run_resumes_at_the_last_common_commit(tmp_path):
     os.kill(_ranks_of(launcher)[-1], signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
     assert not (killed / "store.h5").exists()
+    for rank in range(2):  # rows were routed to the rank owning their key range as they were recorded
+        with gradstore.open(shards.recording_path(killed / "store.h5", rank, 2)) as recording:
+            lo, hi = shards.shard_ranges(recording.num_keys, recording.rows_per_chunk, 2)[rank]
+            live = np.nonzero(recording.state == RowState.LIVE)[0]
+            assert live.size and lo <= live.min() and live.max() < hi
     refused = run(1, killed, *options, "--resume", check=False)
     assert refused.returncode != 0 and "another number of ranks" in refused.stderr
     run(2, killed, *options, "--resume")

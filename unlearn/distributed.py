@@ -12,9 +12,11 @@ processes or moves data but torch.distributed (gloo on CPU, NCCL on CUDA).
 - DDP averages gradients over ranks, so what a rank's backward sees of a sample is W
   times its share of the step's gradient: the session scales its rows by 1/W
   (``gradient_share``), and compares the probe with ``.grad`` over all ranks.
+- Rows go to the rank that owns their key range as they are recorded (``KeyRouter``: one
+  all_to_all a step), so a rank's recording sums its own keys only.
 - ``finish_sharded`` (what a per-rank recorder's ``finish`` calls): every rank commits,
-  finalizes the shard of its key range from every rank's recording, and rank 0 writes the
-  entry point ``RUN/store.h5`` and removes the recordings.
+  finalizes the shard of its key range, and rank 0 writes the entry point ``RUN/store.h5``
+  and removes the recordings.
 """
 
 import os
@@ -106,6 +108,37 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+class KeyRouter:
+    """Sends each recorded row to the rank that owns its key: rank r holds shard r's key range
+    (``gradstore.shards.shard_ranges``), so its recording sums only its own keys, whichever rank
+    saw them, and its shard is finished from it alone (docs/SCALING.md says why: spilling every
+    row where it was seen would grow with the epochs; routing costs one all_to_all a step).
+    """
+
+    def __init__(self, store):
+        ranges = shards.shard_ranges(store.num_keys, store.rows_per_chunk, dist.get_world_size())
+        self.bounds = np.array([lo for lo, _ in ranges[1:]], np.int64)
+
+    def route(self, keys, values: torch.Tensor, labels):
+        """(keys, values, labels) of this step's rows that this rank owns, from every rank (a collective)."""
+        keys = np.asarray(keys, np.int64)
+        owner = np.searchsorted(self.bounds, keys, side="right")
+        order = np.argsort(owner, kind="stable")
+        sent = np.bincount(owner, minlength=dist.get_world_size())
+        device = values.device
+        received = torch.empty(sent.size, dtype=torch.int64, device=device)
+        dist.all_to_all_single(received, torch.as_tensor(sent, device=device))
+        sizes, sent = received.tolist(), sent.tolist()
+        labels = np.full(keys.size, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        index = torch.as_tensor(order, device=device)
+        out = []
+        for tensor in (torch.as_tensor(keys, device=device), values, torch.as_tensor(labels, device=device)):
+            part = torch.empty((sum(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            dist.all_to_all_single(part, tensor[index].contiguous(), output_split_sizes=sizes, input_split_sizes=sent)
+            out.append(part)
+        return out[0].cpu().numpy(), out[1], out[2].cpu().numpy()
 
 
 def finish_sharded(recording):

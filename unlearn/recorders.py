@@ -98,13 +98,21 @@ class PerSampleRecorder(Recorder):
         super().__init__(store)
         self.flavour = flavour
         self.needs_preconditioner = flavour == "update"
+        self.router = None  # one rank's recording of a sharded store: rows go to their key's owner
+        if "writer" in store.config and not store.finished:
+            from .distributed import KeyRouter
+
+            self.router = KeyRouter(store)
 
     def record(self, ctx):
         store = self.store
         positions, values = ctx.per_mask[(store.seed, store.k)]
         if self.flavour == "update":
             values = values * ctx.preconditioner[positions]
-        ctx.ingest.submit_accumulate(store, ctx.sample_ids, values, ctx.labels)
+        keys, labels = ctx.sample_ids, ctx.labels
+        if self.router is not None:
+            keys, values, labels = self.router.route(keys, values, labels)
+        ctx.ingest.submit_accumulate(store, keys, values, labels)
 
 
 class StepRecorder(Recorder):
