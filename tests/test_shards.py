@@ -180,3 +180,21 @@ def test_shard_ranges_cover_every_key_at_chunk_boundaries():
         assert len(ranges) == count and ranges[0][0] == 0 and ranges[-1][1] == num_keys
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert all(lo % rows == 0 for lo, _ in ranges)
+
+
+def test_format_docs_shard_check_recipe_runs_as_written(tmp_path):
+    """docs/FORMAT.md's h5py-only check of a sharded store, executed on one (and failing on a foreign shard)."""
+    text = open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "FORMAT.md")).read()
+    section = text[text.index("## A sharded store"):]
+    recipe = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 3)]
+    run_dir = tmp_path / "RUN"
+    run_dir.mkdir()
+    finish(record(run_dir, 2, codec="int8"), 2)
+    os.chdir(tmp_path)
+    exec(compile(recipe, "FORMAT.md", "exec"), {})
+    other = tmp_path / "other"
+    other.mkdir()
+    finish(record(other, 2, run_id="run-b", codec="int8"), 2)
+    shutil.copy(shards.shard_path(other / "store.h5", 0, 2), shards.shard_path(run_dir / "store.h5", 0, 2))
+    with pytest.raises(AssertionError):
+        exec(compile(recipe, "FORMAT.md", "exec"), {})
