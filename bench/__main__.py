@@ -1,4 +1,4 @@
-"""python -m bench {store,positions,codecs,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,7 +25,7 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import backdoor, codecs_study, corrupt, crash, footprint, positions, protocol, purge, store, study, throughput
+    from . import backdoor, codecs_study, corrupt, crash, footprint, positions, protocol, purge, scale, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +36,7 @@ def main():
         ("footprint", footprint, "analytic vs measured bytes of every method"),
         ("throughput", throughput, "recording overhead, ingest, forget latency vs retrain"),
         ("protocol", protocol, "the seed's MNIST protocol: every method vs retrain"),
+        ("scale", scale, "one recording with 1 and with N torchrun ranks: seconds per step, bytes, equal stores"),
         ("crash", crash, "SIGKILL recordings at random moments; verify, resume, compare with an uninterrupted run"),
         ("corrupt", corrupt, "flip random bytes in a store: every read right or an error naming rows; checksum cost"),
         ("purge", purge, "time to erase forgotten rows against the store's size"),
