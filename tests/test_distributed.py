@@ -112,3 +112,21 @@ def test_a_rank_killed_mid_run_resumes_at_the_last_common_commit(tmp_path):
         keys = np.nonzero(whole.state == RowState.LIVE)[0]
         assert np.array_equal(resumed.state, whole.state)
         assert np.array_equal(resumed.read(keys), whole.read(keys))  # no row lost, none counted twice
+
+
+def test_attach_inside_a_users_own_ddp_loop(tmp_path):
+    """DistributedSampler + DDP + the user's mean loss: the rows are those of one process stepping on the union
+    of the ranks' batches (each sample's share of the global batch)."""
+    script = Path(__file__).parent / "scripts" / "ddp_user_loop.py"
+    for out, command in ((tmp_path / "one", [sys.executable, str(script)]),
+                         (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc-per-node=2", str(script)])):
+        out.mkdir()
+        done = subprocess.run([*command, str(out), *(["--reference"] if out.name == "one" else [])],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    with gradstore.open(tmp_path / "one" / "store.h5") as single, gradstore.open(tmp_path / "two" / "store.h5") as joined:
+        keys = np.nonzero(single.state == RowState.LIVE)[0]
+        assert keys.size == 512 and np.array_equal(joined.state, single.state)
+        expected, got = single.read(keys), joined.read(keys)
+    assert (np.linalg.norm(got - expected, axis=1) / np.linalg.norm(expected, axis=1)).max() < 1e-5
