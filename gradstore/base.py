@@ -13,50 +13,9 @@ from .errors import BadInputError, FormatError, StoreError
 from .format import ATTR_FINISHED, LABELS, STATE, RowState, open_h5, read_header, read_membership
 
 
-class StoreFile(ABC):
-    """An open store file. ``gradstore.create`` and ``gradstore.open`` make its two kinds:
-    ``Recording`` (rows still arriving) and ``Store`` (finished: rows to read and forget)."""
-
-    finished: bool  # set by each kind
-
-    def __init__(self, path: str, h5file, config: dict, writable: bool):
-        self.path = path
-        self._h5 = h5file
-        self.config = config
-        self.writable = writable
-        self.codec = get_codec(config["codec"])
-        self.num_params: int = config["num_params"]
-        self.num_keys: int = config["num_keys"]
-        self.keep: float = config["keep"]
-        self.k: int = config["k"]
-        self.seed: int = config["seed"]
-        self.zstd_level: int = config["zstd_level"]
-        self.rows_per_chunk: int = config["rows_per_chunk"]
-        self.parts = self.codec.parts(self.k)
-        shard = config.get("shard")  # a shard of a sharded store (gradstore.shards) holds one key range
-        self.key_range = (0, self.num_keys) if shard is None else tuple(int(key) for key in shard["key_range"])
-        self.labels = h5file[LABELS][()]
-        self.state = h5file[STATE][()]
-        self.members = read_membership(h5file)
-
-    def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self):
-        kind = "store" if self.finished else "recording"
-        return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
-
-    def _require_open(self):
-        if self._h5 is None:
-            raise BadInputError(f"{self.path}: store is closed")
+class KeyedRows:
+    """What every store offers by key, from its ``num_keys``, ``key_range``, ``labels``, ``state``,
+    ``members``, ``seed``, ``num_params`` and ``k``: a single file, a shard, or a sharded store's joined view."""
 
     def _check_keys(self, keys, what="keys"):
         """Keys as a 1-D int64 array: integers, in range, not repeated."""
@@ -103,14 +62,61 @@ class StoreFile(ABC):
         covering = np.unique(owners[np.isin(flat, np.asarray(samples, np.int64))])
         return covering[np.isin(self.state[covering], states)]
 
-    def _own_chunks(self):
-        """The chunk indices of this file's key range (all of them, but for a shard)."""
-        lo, hi = self.key_range
-        return range(lo // self.rows_per_chunk, -(-hi // self.rows_per_chunk))
-
     def keys_with_label(self, label: int, states=(RowState.LIVE,)) -> np.ndarray:
         """Keys whose stored label is ``label`` (live rows by default)."""
         return np.nonzero((self.labels == label) & np.isin(self.state, states))[0]
+
+    def _require_states(self, keys, allowed, action):
+        bad = keys[~np.isin(self.state[keys], allowed)]
+        if bad.size:
+            described = {RowState.NAMES[int(s)]: bad[self.state[bad] == s][:10].tolist() for s in np.unique(self.state[bad])}
+            raise BadInputError(f"cannot {action} keys that are {described}")
+
+
+class StoreFile(KeyedRows, ABC):
+    """An open store file. ``gradstore.create`` and ``gradstore.open`` make its two kinds:
+    ``Recording`` (rows still arriving) and ``Store`` (finished: rows to read and forget)."""
+
+    finished: bool  # set by each kind
+
+    def __init__(self, path: str, h5file, config: dict, writable: bool):
+        self.path = path
+        self._h5 = h5file
+        self.config = config
+        self.writable = writable
+        self.codec = get_codec(config["codec"])
+        self.num_params: int = config["num_params"]
+        self.num_keys: int = config["num_keys"]
+        self.keep: float = config["keep"]
+        self.k: int = config["k"]
+        self.seed: int = config["seed"]
+        self.zstd_level: int = config["zstd_level"]
+        self.rows_per_chunk: int = config["rows_per_chunk"]
+        self.parts = self.codec.parts(self.k)
+        shard = config.get("shard")  # a shard of a sharded store (gradstore.shards) holds one key range
+        self.key_range = (0, self.num_keys) if shard is None else tuple(int(key) for key in shard["key_range"])
+        self.labels = h5file[LABELS][()]
+        self.state = h5file[STATE][()]
+        self.members = read_membership(h5file)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        kind = "store" if self.finished else "recording"
+        return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
+
+    def _require_open(self):
+        if self._h5 is None:
+            raise BadInputError(f"{self.path}: store is closed")
 
     def info(self) -> dict:
         """Every store-level field plus row counts and bytes on disk (what `gradstore info` prints)."""
@@ -133,6 +139,11 @@ class StoreFile(ABC):
             "bytes_per_value": None,  # a finished store's bytes on disk over its stored values
             "dense_fp32_bytes": stored_rows * self.num_params * 4,
         }
+
+    def _own_chunks(self):
+        """The chunk indices of this file's key range (all of them, but for a shard)."""
+        lo, hi = self.key_range
+        return range(lo // self.rows_per_chunk, -(-hi // self.rows_per_chunk))
 
     @abstractmethod
     def _lifecycle_info(self) -> dict:

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .base import load
+from .base import KeyedRows, load
 from .errors import BadInputError, FormatError, ReadOnlyError
 from .format import ATTR_CONFIG, RowState, get_json_attr
 from .shards import ATTR_MANIFEST_CRC, ATTR_SHARDS, header_crc, manifest_crc, shard_ranges, shared_config
@@ -28,7 +28,7 @@ from .store import Store
 PENDING_FORGET = "pending/forget"  # keys of a forget in progress across shards
 
 
-class ShardedStore:
+class ShardedStore(KeyedRows):
     """A finished store kept as key-range shards. Use ``gradstore.open`` on its entry point."""
 
     finished = True
@@ -138,23 +138,11 @@ class ShardedStore:
             if inside.size:
                 yield shard, inside
 
-    def _check_keys(self, keys, what="keys"):
-        return Store._check_keys(self, keys, what)
-
-    def positions(self, key):
-        return Store.positions(self, key)
-
-    def keys_with_label(self, label, states=(RowState.LIVE,)):
-        return Store.keys_with_label(self, label, states)
-
-    def keys_covering(self, samples, states=(RowState.LIVE,)):
-        return Store.keys_covering(self, samples, states)
-
     def read(self, keys):
         """Decoded rows of ``keys``: float32 [len(keys), k], in the order given."""
         self._require_open()
         keys = self._check_keys(keys)
-        Store._require_states(self, keys, [RowState.LIVE, RowState.FORGOTTEN], "read")
+        self._require_states(keys, [RowState.LIVE, RowState.FORGOTTEN], "read")
         out = np.empty((keys.size, self.k), np.float32)
         for shard, inside in self._by_shard(keys):
             out[inside] = shard.read(keys[inside])
@@ -164,7 +152,7 @@ class ShardedStore:
         """flat_params[positions(key)] += alpha * row(key) for every key (live rows only), shard by shard."""
         self._require_open()
         keys = self._check_keys(keys)
-        Store._require_states(self, keys, [RowState.LIVE], "scatter_add")
+        self._require_states(keys, [RowState.LIVE], "scatter_add")
         for shard, inside in self._by_shard(keys):
             shard.scatter_add(flat_params, keys[inside], alpha)
 
@@ -182,7 +170,7 @@ class ShardedStore:
         """Record that these live rows have been applied, in every shard, as one step a crash cannot split."""
         self._require_writable()
         keys = self._check_keys(keys)
-        Store._require_states(self, keys, [RowState.LIVE], "forget")
+        self._require_states(keys, [RowState.LIVE], "forget")
         self._h5.create_dataset(PENDING_FORGET, data=np.sort(keys))
         self._h5.flush()
         os.fsync(self._h5.id.get_vfd_handle())

@@ -90,12 +90,6 @@ class Store(StoreFile):
             yield slice(start, stop)
             start = stop
 
-    def _require_states(self, keys, allowed, action):
-        bad = keys[~np.isin(self.state[keys], allowed)]
-        if bad.size:
-            described = {RowState.NAMES[int(s)]: bad[self.state[bad] == s][:10].tolist() for s in np.unique(self.state[bad])}
-            raise BadInputError(f"cannot {action} keys that are {described}")
-
     def read(self, keys):
         """Decoded rows of ``keys``: float32 [len(keys), k], in the order given."""
         self._require_open()
