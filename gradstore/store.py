@@ -6,7 +6,6 @@ The layout is in docs/FORMAT.md.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import chunkio, kernels
