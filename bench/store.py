@@ -130,8 +130,10 @@ def warm_up(out_dir):
     os.remove(Path(out_dir) / "warmup.h5")
 
 
-def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, log=print, dataset="mnist"):
-    grid = QUICK_GRID if quick else FULL_GRID
+def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, log=print, dataset="mnist",
+        keeps=None, codecs=None):
+    grid = dict(QUICK_GRID if quick else FULL_GRID)
+    grid.update({name: value for name, value in (("keeps", keeps), ("codecs", codecs)) if value})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gradients = mnist_gradients(samples, log=log, dataset=dataset)
@@ -198,7 +200,7 @@ def main(args):
     if not args.json:
         print(HEADER)
     results = run(quick=args.quick, out_dir=args.out, samples=args.samples, epochs=args.epochs, log=log,
-                  dataset=args.dataset)
+                  keeps=args.keeps, codecs=args.codecs, dataset=args.dataset)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -217,4 +219,6 @@ def add_arguments(parser):
                         help="mnist (real IDX files from $MNIST_DIR, else ../shared/data/mnist relative to the working "
                              "directory) or digits (bundled with scikit-learn)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of accumulation per store (ingest volume)")
+    parser.add_argument("--keeps", type=float, nargs="+", help="p of the stores (default: the grid's)")
+    parser.add_argument("--codecs", nargs="+", choices=FULL_GRID["codecs"], help="codecs (default: the grid's)")
     parser.add_argument("--threads", type=int, help="numba and zstd threads (default: every CPU); 1 gives per-core figures")
