@@ -149,7 +149,7 @@ def finish_sharded(recording):
     writer = recording.config["writer"]
     rank, ranks = writer["rank"], writer["ranks"]
     path = shards.entry_path(recording.path)
-    recording.commit(note=recording.commit_note)  # what the last checkpoint's commit said, when nothing came after
+    recording.commit()
     recording.close()
     barrier()  # every recording at its last commit
     shards.finalize_shard(path, rank, ranks)
