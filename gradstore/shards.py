@@ -93,7 +93,8 @@ def _open_recordings(path, ranks):
             if finished or "writer" not in config:
                 h5file.close()
                 raise FormatError(f"{file} is not a writer's recording of a sharded store")
-            recordings.append(Recording(file, h5file, config, writable=False))
+            # read-only: its runs are read, nothing is buffered (a one-row budget, not 256 MB per writer)
+            recordings.append(Recording(file, h5file, config, writable=False, memory_budget=4 * config["k"]))
         first = recordings[0].config
         for rank, recording in enumerate(recordings):
             writer = recording.config["writer"]
