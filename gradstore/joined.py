@@ -237,6 +237,6 @@ def open_manifest(path, h5file, mode):
         return ShardedStore(path, h5file, writable=(mode == "r+"))
     except FormatError:
         raise
-    except (KeyError, ValueError, TypeError, OSError) as error:
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as error:
         h5file.close()
         raise FormatError(f"{path}: damaged sharded store ({type(error).__name__}: {error})") from None
