@@ -73,7 +73,26 @@ class KeyedRows:
             raise BadInputError(f"cannot {action} keys that are {described}")
 
 
-class StoreFile(KeyedRows, ABC):
+class OpenFile:
+    """An open HDF5 file (``_h5``, None once closed) at ``path``, usable in a ``with`` block."""
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _require_open(self):
+        if self._h5 is None:
+            raise BadInputError(f"{self.path}: store is closed")
+
+
+class StoreFile(KeyedRows, OpenFile, ABC):
     """An open store file. ``gradstore.create`` and ``gradstore.open`` make its two kinds:
     ``Recording`` (rows still arriving) and ``Store`` (finished: rows to read and forget)."""
 
@@ -99,24 +118,9 @@ class StoreFile(KeyedRows, ABC):
         self.state = h5file[STATE][()]
         self.members = read_membership(h5file)
 
-    def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         kind = "store" if self.finished else "recording"
         return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
-
-    def _require_open(self):
-        if self._h5 is None:
-            raise BadInputError(f"{self.path}: store is closed")
 
     def info(self) -> dict:
         """Every store-level field plus row counts and bytes on disk (what `gradstore info` prints)."""

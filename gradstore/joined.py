@@ -19,8 +19,8 @@ import os
 
 import numpy as np
 
-from .base import KeyedRows, load
-from .errors import BadInputError, FormatError, ReadOnlyError
+from .base import KeyedRows, OpenFile, load
+from .errors import FormatError, ReadOnlyError
 from .format import ATTR_CONFIG, RowState, get_json_attr
 from .shards import ATTR_MANIFEST_CRC, ATTR_SHARDS, header_crc, manifest_crc, shard_ranges, shared_config
 from .store import Store
@@ -28,7 +28,7 @@ from .store import Store
 PENDING_FORGET = "pending/forget"  # keys of a forget in progress across shards
 
 
-class ShardedStore(KeyedRows):
+class ShardedStore(KeyedRows, OpenFile):
     """A finished store kept as key-range shards. Use ``gradstore.open`` on its entry point."""
 
     finished = True
@@ -107,23 +107,11 @@ class ShardedStore(KeyedRows):
         for shard in self.shards:
             shard.close()
         self.shards = []
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 
     def __repr__(self):
         return (f"<gradstore sharded store {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} "
                 f"codec={self.codec.id} shards={len(self._entries)}>")
-
-    def _require_open(self):
-        if self._h5 is None:
-            raise BadInputError(f"{self.path}: store is closed")
 
     def _require_writable(self):
         self._require_open()
