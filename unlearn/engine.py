@@ -328,10 +328,10 @@ class MaskedEngine:
             labels = np.concatenate([e.labels for e in entries])
         result = {}
         for mask in self.mask_specs:
-            positions = torch.cat([e.ready()[mask].positions for e in entries])
-            values = torch.cat([e.values.get(mask, torch.zeros(e.keys.size * mask[1], device=positions.device))
-                                .view(e.keys.size, mask[1]) for e in entries])
-            result[mask] = (positions, values)
+            positions = [e.ready()[mask].positions for e in entries]
+            values = [self._values(e, mask, e.keys.size, positions[0].device).view(e.keys.size, mask[1])
+                      for e in entries]
+            result[mask] = (positions[0], values[0]) if len(entries) == 1 else (torch.cat(positions), torch.cat(values))
         return merge_repeated_keys(keys, labels, result)
 
     def close(self):

@@ -15,65 +15,101 @@ PARALLEL_MIN_PAIRS = 4096
 
 
 _OPTIONS = dict(cache=True, nogil=True)
+# Index type inside the kernels: numba checks every signed index for Python's negative wraparound,
+# a branch that cost as much as the multiply-adds of an entry; unsigned indices skip it.
+_U = np.uint64
 
 
-@njit(inline="always", **_OPTIONS)
-def _advance(j, o, base, width):
-    """(o, base) moved up to the output whose ``width`` entries hold entry j (base = o * width). Positions
-    ascend within a row, so each row walks its outputs once, without a division per entry."""
-    while j - base >= width:
-        o += 1
-        base += width
-    return o, base
+def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, taps_table, channel_of, tap_of, stride_h,
+                      stride_w, per_group_in, per_group_out):
+    """values[r, c] += the entry at positions[r, c] - offset, for c in lo[r]:hi[r] (no pair arrays).
 
-
-def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                      kernel_h, kernel_w, per_group_in, per_group_out):
-    """values[r, c] += the entry at positions[r, c] - offset, for c in lo[r]:hi[r] (no pair arrays)."""
-    height, width = x.shape[2], x.shape[3]
-    out_h, out_w = delta.shape[2], delta.shape[3]
-    taps = kernel_h * kernel_w
-    per_out = per_group_in * taps
+    ``taps_table`` (``conv_tables``) holds each kernel tap's input shift and the output rows
+    and columns whose input pixel lies inside the image; ``channel_of``/``tap_of`` split an
+    index within one output channel's weights. No division per entry and unsigned indices
+    (``_U``): at small p an entry is a few multiply-adds, and locating it cost more.
+    """
+    width, out_w = x.shape[3], delta.shape[3]
+    images = x.reshape(x.shape[0], x.shape[1], x.shape[2] * width)
+    grads = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2] * out_w)
+    per_out = _U(channel_of.shape[0])
+    start = _U(offset)
+    step_w = _U(stride_w)
     for sample in prange(positions.shape[0]):
-        row = positions[sample]
-        o, base = 0, 0
-        for c in range(lo[sample], hi[sample]):
-            j = row[c] - offset
-            o, base = _advance(j, o, base, per_out)
+        row, out = positions[sample], values[sample]
+        sample_images, sample_grads = images[sample], grads[sample]
+        o, base, channel_base = _U(0), _U(0), _U(0)
+        for c in range(_U(lo[sample]), _U(hi[sample])):
+            j = _U(row[c]) - start
+            if j - base >= per_out:  # positions ascend: each row walks its output channels once
+                while j - base >= per_out:
+                    o += _U(1)
+                    base += per_out
+                channel_base = (o // _U(per_group_out)) * _U(per_group_in)
             rest = j - base
-            ch = rest // taps
-            tap = rest - ch * taps
-            kh = tap // kernel_w
-            kw = tap - kh * kernel_w
-            image = x[sample, (o // per_group_out) * per_group_in + ch]
-            grad = delta[sample, o]
-            shift_h = kh * dil_h - pad_h
-            shift_w = kw * dil_w - pad_w
-            # output rows/columns whose input pixel lies inside the image
-            oh_lo = max(0, (-shift_h + stride_h - 1) // stride_h)
-            oh_hi = min(out_h, (height - 1 - shift_h) // stride_h + 1)
-            ow_lo = max(0, (-shift_w + stride_w - 1) // stride_w)
-            ow_hi = min(out_w, (width - 1 - shift_w) // stride_w + 1)
+            tap = _U(tap_of[rest])
+            oh_lo, oh_hi = taps_table[tap, _U(2)], taps_table[tap, _U(3)]
+            ow_lo, ow_hi = taps_table[tap, _U(4)], taps_table[tap, _U(5)]
+            if oh_lo >= oh_hi or ow_lo >= ow_hi:
+                continue  # the tap reads only padding: the entry is 0
+            shift_h, shift_w = taps_table[tap, _U(0)], taps_table[tap, _U(1)]
+            image = sample_images[channel_base + _U(channel_of[rest])]
+            grad = sample_grads[o]
             total = np.float32(0.0)
             for oh in range(oh_lo, oh_hi):
-                source = image[oh * stride_h + shift_h]
-                g = grad[oh]
-                for ow in range(ow_lo, ow_hi):
-                    total += g[ow] * source[ow * stride_w + shift_w]
-            values[sample, c] += total
+                source = _U((oh * stride_h + shift_h) * width + shift_w)
+                target = _U(oh * out_w)
+                for ow in range(_U(ow_lo), _U(ow_hi)):
+                    total += grad[target + ow] * image[source + ow * step_w]
+            out[c] += total
+
+
+@njit(**_OPTIONS)
+def conv_tables(height, width, out_h, out_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w,
+                per_group_in):
+    """(taps_table [taps, 6]: shift_h, shift_w, oh_lo, oh_hi, ow_lo, ow_hi; channel_of, tap_of [per_group_in * taps])."""
+    taps = kernel_h * kernel_w
+    table = np.empty((taps, 6), np.int64)
+    for tap in range(taps):
+        kh = tap // kernel_w
+        kw = tap - kh * kernel_w
+        shift_h = kh * dil_h - pad_h
+        shift_w = kw * dil_w - pad_w
+        table[tap, 0] = shift_h
+        table[tap, 1] = shift_w
+        # output rows/columns whose input pixel lies inside the image
+        table[tap, 2] = max(0, (-shift_h + stride_h - 1) // stride_h)
+        table[tap, 3] = min(out_h, (height - 1 - shift_h) // stride_h + 1)
+        table[tap, 4] = max(0, (-shift_w + stride_w - 1) // stride_w)
+        table[tap, 5] = min(out_w, (width - 1 - shift_w) // stride_w + 1)
+    channel_of = np.empty(per_group_in * taps, np.int32)
+    tap_of = np.empty(per_group_in * taps, np.int32)
+    for ch in range(per_group_in):
+        for tap in range(taps):
+            channel_of[ch * taps + tap] = ch
+            tap_of[ch * taps + tap] = tap
+    return table, channel_of, tap_of
 
 
 def _linear_rows_body(a, delta, positions, lo, hi, offset, values, width_in):
     """values[r, c] += sum_t delta[r, t, o] * a[r, t, i] for j = positions[r, c] - offset = o * width_in + i."""
+    tokens = _U(a.shape[1])
+    width = _U(width_in)
+    start = _U(offset)
     for sample in prange(positions.shape[0]):
-        o, base = 0, 0
-        for c in range(lo[sample], hi[sample]):
-            o, base = _advance(positions[sample, c] - offset, o, base, width_in)
-            i = positions[sample, c] - offset - base
+        row, out = positions[sample], values[sample]
+        inputs, grads = a[sample], delta[sample]
+        o, base = _U(0), _U(0)
+        for c in range(_U(lo[sample]), _U(hi[sample])):
+            j = _U(row[c]) - start
+            while j - base >= width:
+                o += _U(1)
+                base += width
+            i = j - base
             total = np.float32(0.0)
-            for t in range(a.shape[1]):
-                total += delta[sample, t, o] * a[sample, t, i]
-            values[sample, c] += total
+            for t in range(tokens):
+                total += grads[t, o] * inputs[t, i]
+            out[c] += total
 
 
 _conv2d_rows_parallel = njit(parallel=True, **_OPTIONS)(_conv2d_rows_body)
@@ -85,10 +121,11 @@ _linear_rows_serial = njit(**_OPTIONS)(_linear_rows_body)
 def conv2d_rows(x, delta, positions, lo, hi, offset, values, stride, padding, dilation, kernel, per_group_in,
                 per_group_out):
     """Add a conv weight's entries into values [B, k] in place (see ``_conv2d_rows_body``)."""
+    tables = conv_tables(x.shape[2], x.shape[3], delta.shape[2], delta.shape[3], stride[0], stride[1], padding[0],
+                         padding[1], dilation[0], dilation[1], kernel[0], kernel[1], per_group_in)
     parallel = int((hi - lo).sum()) >= PARALLEL_MIN_PAIRS
     (_conv2d_rows_parallel if parallel else _conv2d_rows_serial)(
-        x, delta, positions, lo, hi, offset, values, stride[0], stride[1], padding[0], padding[1], dilation[0],
-        dilation[1], kernel[0], kernel[1], per_group_in, per_group_out)
+        x, delta, positions, lo, hi, offset, values, *tables, stride[0], stride[1], per_group_in, per_group_out)
 
 
 def linear_rows(a, delta, positions, lo, hi, offset, values):

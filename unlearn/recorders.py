@@ -28,6 +28,7 @@ import gradstore.shards
 from gradstore import masks
 
 from .models import named_shapes
+from .preconditioner import Preconditioner
 
 if TYPE_CHECKING:
     from .ingest import Ingest
@@ -44,7 +45,7 @@ class StepContext:
     params_after: Optional[torch.Tensor]
     ingest: "Ingest"  # where rows go (a background thread)
     per_mask: dict = field(default_factory=dict)  # {(seed, k): (positions [B, k], gradient values [B, k])}
-    preconditioner: torch.Tensor = None  # [M] multiplier turning g_i into the sample's update
+    preconditioner: Optional[Preconditioner] = None  # the multiplier turning g_i into the sample's update
 
     def positions(self, seed, keys, num_params, k):
         """Mask positions [len(keys), k] on the parameters' device (a step-keyed row's mask)."""
@@ -108,7 +109,7 @@ class PerSampleRecorder(Recorder):
         store = self.store
         positions, values = ctx.per_mask[(store.seed, store.k)]
         if self.flavour == "update":
-            values = values * ctx.preconditioner[positions]
+            values = ctx.preconditioner.times(positions, values)
         keys, labels = ctx.sample_ids, ctx.labels
         if self.router is not None:
             keys, values, labels = self.router.route(keys, values, labels)
@@ -132,41 +133,6 @@ class StepRecorder(Recorder):
             delta = delta[ctx.positions(store.seed, key, store.num_params, store.k)[0]]
         ctx.ingest.submit_accumulate(store, [ctx.step], delta[None])
         ctx.ingest.submit_members(store, ctx.step, ctx.sample_ids)
-
-
-def update_preconditioner(optimizer, params):
-    """Flat [M] multiplier m with (sample's effect on the weights) = m * g_i, read after optimizer.step().
-
-    SGD: lr, times (1 - dampening) / (1 - momentum) with momentum (nesterov:
-    1 + momentum * (1 - dampening) / (1 - momentum)). Adam/AdamW: lr / (sqrt(v_hat) + eps),
-    v_hat = exp_avg_sq / (1 - beta2**t). Weight decay is not attributed to samples.
-    """
-    pieces = []
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    for p in params:
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError("a model parameter is not in the optimizer's param_groups")
-        lr = group["lr"]
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            state = optimizer.state[p]
-            if "exp_avg_sq" not in state:
-                raise ValueError("Adam state missing: call the preconditioner after optimizer.step()")
-            if group.get("amsgrad"):
-                raise ValueError("the update flavour does not support amsgrad")
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
-            pieces.append((lr / (v_hat.sqrt() + group["eps"])).reshape(-1))
-        elif isinstance(optimizer, torch.optim.SGD):
-            momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
-            if momentum and group.get("nesterov"):
-                lr = lr * (1 + momentum * (1 - dampening) / (1 - momentum))
-            elif momentum:
-                lr = lr * (1 - dampening) / (1 - momentum)
-            pieces.append(torch.full((p.numel(),), lr, dtype=p.dtype, device=p.device))
-        else:
-            raise ValueError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
-    return torch.cat(pieces)
 
 
 METHODS = ("per-sample", "original", "layer")

@@ -36,7 +36,8 @@ from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
 from .ingest import Ingest
 from .per_sample import per_sample_grads
-from .recorders import Recorder, StepContext, update_preconditioner
+from .preconditioner import Preconditioner
+from .recorders import Recorder, StepContext
 
 ENGINES = ("masked", "vmap")
 
@@ -309,7 +310,7 @@ class RecordingSession:
                               params_after=flat_view(self.params) if before is not None else None,
                               ingest=self.ingest, per_mask=per_mask)
         if any(r.needs_preconditioner for r in self.recorders):
-            context.preconditioner = update_preconditioner(self.optimizer, self.params)
+            context.preconditioner = Preconditioner(self.optimizer, self.params)
         for recorder in self.recorders:
             recorder.record(context)
         self.step_index += 1
