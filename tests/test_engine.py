@@ -375,3 +375,40 @@ def test_dict_batches_through_the_wrapped_loader_keep_keys_and_labels(tmp_path):
     np.testing.assert_allclose(_rows(recorder.store)[:12], expected.numpy(), rtol=1e-4, atol=1e-7)
     with gradstore.open(recorder.store.path) as store:
         np.testing.assert_array_equal(store.labels[:12], y.numpy())
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1),
+    "nesterov": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_preconditioner_at_kept_positions_equals_the_whole_one_gathered(monkeypatch, name, use_numba):
+    """Update rows read the optimizer's state at their kept positions only; the whole multiplier,
+    gathered, is the reference. Two parameter groups with their own lr; every parameter's range."""
+    from unlearn import preconditioner
+
+    monkeypatch.setattr(preconditioner, "USE_NUMBA", use_numba)
+    monkeypatch.setattr(preconditioner, "PARALLEL_MIN_ENTRIES", 64)  # the parallel kernel too
+    torch.manual_seed(0)
+    model = build_model("simple", 1, 10)
+    params = list(model.parameters())
+    optimizer = OPTIMIZERS[name]([{"params": params[:2]}, {"params": params[2:], "lr": 0.03}])
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    num_params = sum(p.numel() for p in params)
+    positions = torch.from_numpy(gradstore.masks.positions_many(SEED, np.arange(6), num_params, 2_000))
+    values = torch.randn(positions.shape)
+    multiplier = preconditioner.Preconditioner(optimizer, params)
+    whole = multiplier.flat()
+    torch.testing.assert_close(multiplier.at(positions), whole[positions], rtol=1e-6, atol=0)
+    torch.testing.assert_close(multiplier.times(positions, values), values * whole[positions], rtol=1e-6, atol=0)
+    assert len(set(np.searchsorted(np.cumsum([p.numel() for p in params]), positions.numpy().ravel(),
+                                   side="right"))) == len(params)  # every parameter had kept positions

@@ -29,7 +29,7 @@ from torch import nn
 
 from gradstore import masks
 
-from . import pair_kernels
+from . import layers, pair_kernels
 from .layers import Capture, handler_for
 
 # The gradient the optimizer stepped with must be this close to a multiple of the
@@ -107,6 +107,7 @@ class MaskBatch:
         self.k = positions.shape[1]
         self.offsets = offsets
         self.bounds = pair_kernels.row_bounds(positions, offsets)  # [B, P + 1]
+        self.counts = (self.bounds[:, 1:] - self.bounds[:, :-1]).sum(0)  # [P]: entries in each parameter
         self.positions = torch.from_numpy(positions).to(device, non_blocking=True)
         self.device = device
         self._pieces = {}
@@ -116,8 +117,7 @@ class MaskBatch:
         return self.bounds[:, index], self.bounds[:, index + 1]
 
     def count(self, index):
-        first, stop = self.rows(index)
-        return int((stop - first).sum())
+        return int(self.counts[index])
 
     def pieces(self, index):
         """(b, j, out) int64 tensors: sample, index within the parameter, slot in the flat [B * k] values."""
@@ -280,6 +280,7 @@ class MaskedEngine:
 
         output.register_hook(on_output_grad)
 
+    @torch.no_grad()  # the inputs require grad: nothing here belongs in a graph
     def _compute(self, entry: BatchEntry, capture: Capture, slots):
         started = time.perf_counter()
         prepared = entry.ready()
@@ -288,13 +289,24 @@ class MaskedEngine:
             raise ValueError(f"{type(capture.module).__name__} saw a batch of {batch} samples, but the batch has "
                              f"{entry.keys.size} keys: keys must follow the batch's first dimension")
         handler = handler_for(capture.module)
+        on_cpu = layers.USE_NUMBA and capture.delta.device.type == "cpu"
         for slot in slots:
-            if slot is self.probe.slot:
-                self.probe.add(handler.dense(capture, slot.name).sum(0))
             here = [(mask, found) for mask, found in prepared.items() if found.count(slot.index)]
+            dense = None
+            if slot is self.probe.slot or (on_cpu and here and handler.formed_whole(slot.name)):
+                dense = handler.dense(capture, slot.name)
+            if slot is self.probe.slot:
+                self.probe.add(dense.sum(0))
             if not here:
                 continue
             values_of = {mask: self._values(entry, mask, batch, capture.delta.device) for mask, _ in here}
+            if on_cpu and dense is not None:  # formed whole anyway: gathered straight into the values
+                dense_rows = dense.detach().float().contiguous().numpy()
+                for mask, found in here:
+                    first, stop = found.rows(slot.index)
+                    pair_kernels.dense_rows(dense_rows, found.numpy, first, stop, slot.offset,
+                                            values_of[mask].view(batch, mask[1]).numpy())
+                continue
             pairs = sum(found.count(slot.index) for _, found in here)
             if handler.adds_rows(capture, slot.name, pairs):  # CPU kernels: straight into the values
                 for mask, found in here:

@@ -157,7 +157,7 @@ class LinearHandler(Handler):
 
     def adds_rows(self, capture, name, pairs):
         a3, d3 = self._rows(capture)
-        return (name != "bias" and a3.shape[1] > 1 and _on_cpu(a3, d3)
+        return (name != "bias" and _on_cpu(a3, d3)
                 and pairs < DENSE_SHARE * a3.shape[0] * a3.shape[2] * d3.shape[2])
 
     def add_rows(self, capture, name, positions, first, stop, offset, values):

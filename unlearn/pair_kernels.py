@@ -134,6 +134,17 @@ def linear_rows(a, delta, positions, lo, hi, offset, values):
     (_linear_rows_parallel if parallel else _linear_rows_serial)(a, delta, positions, lo, hi, offset, values, a.shape[2])
 
 
+@njit(**_OPTIONS)
+def dense_rows(dense, positions, lo, hi, offset, values):
+    """values[r, c] += dense[r, positions[r, c] - offset] for c in lo[r]:hi[r]: a parameter whose
+    per-sample gradients [B, numel] are formed whole (biases, norm affines, the probe)."""
+    start = _U(offset)
+    for sample in range(positions.shape[0]):
+        row, out, grads = positions[sample], values[sample], dense[sample]
+        for c in range(_U(lo[sample]), _U(hi[sample])):
+            out[c] += grads[_U(row[c]) - start]
+
+
 @njit(cache=True, nogil=True)
 def row_bounds(positions, offsets):
     """bounds[r, q]: the first column of row r whose position is >= offsets[q] (rows sorted)."""

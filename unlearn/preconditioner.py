@@ -15,6 +15,8 @@ from numba import njit, prange, typed
 
 _OPTIONS = dict(cache=True, nogil=True)
 _U = np.uint64  # unsigned indices: numba skips its negative-index check (see pair_kernels)
+# CPU tensors go through the numba kernels; False forces the torch path (a GPU's) everywhere.
+USE_NUMBA = True
 # Below this many entries a step's rows are scaled on one thread.
 PARALLEL_MIN_ENTRIES = 1 << 16
 # Positions the rows walk together (floats of optimizer state: 256 KB, within a core's L2).
@@ -89,13 +91,13 @@ class Preconditioner:
 
     def times(self, positions: torch.Tensor, values) -> torch.Tensor:
         """values * m[positions] ([n, k], rows sorted) in one pass; m[positions] when values is None."""
-        if positions.device.type == "cpu" and all(s.device.type == "cpu" and s.dtype == torch.float32
-                                                  for s in self.states):
+        if USE_NUMBA and positions.device.type == "cpu" and all(s.device.type == "cpu" and s.dtype == torch.float32
+                                                                for s in self.states):
             rows = positions.numpy()
             factors = np.ones((1, 1), np.float32) if values is None else values.detach().float().numpy()
             out = np.empty(rows.shape, np.float32)
             if self.adam:
-                states = typed.List([s.detach().reshape(-1).numpy() for s in self.states])
+                states = _state_list(self.states)
                 kernel = _adam_times_parallel if rows.size >= PARALLEL_MIN_ENTRIES else _adam_times_serial
                 kernel(rows, self.offsets, states, np.array(self.rates), np.array(self.corrections),
                        np.array(self.epsilons), factors, values is not None, out)
@@ -110,6 +112,18 @@ class Preconditioner:
             out[where] = self.piece(q, flat_positions[where] - int(self.offsets[q]))
         out = out.reshape(positions.shape)
         return out if values is None else values * out
+
+
+_STATE_LISTS = {}  # the last optimizer's state as a numba list: Adam updates its tensors in place
+
+
+def _state_list(states):
+    """The state tensors as a numba typed list (building one costs more than the kernel on small models)."""
+    key = tuple((id(s), s.data_ptr(), s.numel()) for s in states)
+    cached = _STATE_LISTS.get("last")
+    if cached is None or cached[0] != key:
+        cached = _STATE_LISTS["last"] = (key, typed.List([s.detach().reshape(-1).numpy() for s in states]))
+    return cached[1]
 
 
 def update_preconditioner(optimizer, params) -> torch.Tensor:
