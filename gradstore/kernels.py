@@ -10,6 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .jit import parallel_and_serial
 from .masks import PARALLEL_MIN_VALUES, ROUNDING_SALT, fill_rows, stream_base, stream_draw, unroll_for
 
 # ---------------------------------------------------------------- int8, absmax per block
@@ -55,8 +56,7 @@ def _dequantize_int8_body(q, scales, block_size, out):
                 out[r, j] = np.float32(q[r, j]) * scale
 
 
-_dequantize_int8_parallel = njit(cache=True, parallel=True)(_dequantize_int8_body)
-_dequantize_int8_serial = njit(cache=True)(_dequantize_int8_body)
+_dequantize_int8_parallel, _dequantize_int8_serial = parallel_and_serial(_dequantize_int8_body, cache=True)
 
 
 def dequantize_int8(q, scales, block_size, out):
@@ -145,8 +145,7 @@ def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, 
                 j = block_end
 
 
-_scatter_add_parallel = njit(cache=True, parallel=True)(_scatter_add_body)
-_scatter_add_serial = njit(cache=True)(_scatter_add_body)
+_scatter_add_parallel, _scatter_add_serial = parallel_and_serial(_scatter_add_body, cache=True)
 
 
 def scatter_add(flat, values, scales, block_size, keys, seed, num_params, alpha):

@@ -120,3 +120,20 @@ def test_num_params_limit_is_enforced():
     for n in (2**32 - 1, 2**31 + 7, 1_000_003, 3, 1):
         for draw in draws:
             assert masks.below(np.uint64(draw), n) == (draw * n) >> 64, (draw, n)
+
+
+def test_parallel_and_serial_kernels_have_their_own_cache_entries():
+    """numba's disk cache keys entries by function name and line, not by the parallel flag: a
+    parallel and a serial dispatcher of one body would load each other's machine code."""
+    from gradstore import kernels
+    from unlearn import pair_kernels, preconditioner
+
+    pairs = [(kernels._scatter_add_parallel, kernels._scatter_add_serial),
+             (kernels._dequantize_int8_parallel, kernels._dequantize_int8_serial),
+             (pair_kernels._conv2d_rows_parallel, pair_kernels._conv2d_rows_serial),
+             (pair_kernels._linear_rows_parallel, pair_kernels._linear_rows_serial),
+             (preconditioner._adam_times_parallel, preconditioner._adam_times_serial)]
+    names = [dispatcher._cache._cache_file._index_name for pair in pairs for dispatcher in pair]
+    assert len(set(names)) == len(names)
+    assert all(parallel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
+               for parallel, serial in pairs)

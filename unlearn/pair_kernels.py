@@ -11,6 +11,8 @@ them for CPU tensors and falls back to torch gathers elsewhere (a GPU).
 import numpy as np
 from numba import njit, prange
 
+from gradstore.jit import parallel_and_serial
+
 PARALLEL_MIN_PAIRS = 4096
 
 
@@ -112,10 +114,8 @@ def _linear_rows_body(a, delta, positions, lo, hi, offset, values, width_in):
             out[c] += total
 
 
-_conv2d_rows_parallel = njit(parallel=True, **_OPTIONS)(_conv2d_rows_body)
-_conv2d_rows_serial = njit(**_OPTIONS)(_conv2d_rows_body)
-_linear_rows_parallel = njit(parallel=True, **_OPTIONS)(_linear_rows_body)
-_linear_rows_serial = njit(**_OPTIONS)(_linear_rows_body)
+_conv2d_rows_parallel, _conv2d_rows_serial = parallel_and_serial(_conv2d_rows_body, **_OPTIONS)
+_linear_rows_parallel, _linear_rows_serial = parallel_and_serial(_linear_rows_body, **_OPTIONS)
 
 
 def conv2d_rows(x, delta, positions, lo, hi, offset, values, stride, padding, dilation, kernel, per_group_in,

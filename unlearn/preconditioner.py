@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from numba import njit, prange, typed
 
+from gradstore.jit import parallel_and_serial
+
 _OPTIONS = dict(cache=True, nogil=True)
 _U = np.uint64  # unsigned indices: numba skips its negative-index check (see pair_kernels)
 # CPU tensors go through the numba kernels; False forces the torch path (a GPU's) everywhere.
@@ -160,8 +162,7 @@ def _adam_times_body(rows, offsets, states, rates, corrections, epsilons, factor
                 cursor[r] = c
 
 
-_adam_times_parallel = njit(parallel=True, **_OPTIONS)(_adam_times_body)
-_adam_times_serial = njit(**_OPTIONS)(_adam_times_body)
+_adam_times_parallel, _adam_times_serial = parallel_and_serial(_adam_times_body, **_OPTIONS)
 
 
 @njit(**_OPTIONS)
