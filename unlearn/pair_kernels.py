@@ -2,8 +2,8 @@
 
 They walk each sample's sorted mask positions within one parameter and add the
 entries straight into the batch's [B, k] values, reading the layer's input and output
-gradient in place: no im2col, no pair arrays, no temporaries, so an entry costs its L
-multiply-adds and nothing else. The right tool when few entries per sample are kept;
+gradient in place: no im2col, no pair arrays, no temporaries, no division and no signed
+index per entry, so an entry costs little more than its L multiply-adds. The right tool when few entries per sample are kept;
 ``layers`` switches to a dense per-sample product when the kept share is large. ``layers`` uses
 them for CPU tensors and falls back to torch gathers elsewhere (a GPU).
 """
