@@ -2,8 +2,8 @@
 
 An ``update`` row is g_i times the multiplier m of the step (``update_preconditioner``
 says which). The rows need m only at their kept positions: a few percent of M. Forming
-m whole costs several passes over every parameter and a gather of B·k entries out of it
-each step (on ResNet-18 at p = 0.01 more than the step's whole backward);
+m whole costs several passes over every parameter and a random gather of B·k entries
+out of it each step (ResNet-18 at p = 0.01: 11.2 M parameters, 7.2 M entries);
 ``Preconditioner.at`` reads the optimizer's state at the kept positions only, in one
 pass over the rows (a numba kernel on the CPU; torch gathers parameter by parameter
 elsewhere).
