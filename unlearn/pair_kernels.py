@@ -59,6 +59,7 @@ def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, taps_table, c
             grad = sample_grads[o]
             total = np.float32(0.0)
             for oh in range(oh_lo, oh_hi):
+                # may wrap below 0 when shift_w < 0; uint64 arithmetic wraps back for ow >= ow_lo
                 source = _U((oh * stride_h + shift_h) * width + shift_w)
                 target = _U(oh * out_w)
                 for ow in range(_U(ow_lo), _U(ow_hi)):
