@@ -7,6 +7,7 @@ the friendly level; ``masks``, ``codecs``, ``kernels``, ``chunkio``, ``format``,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Optional, Union
@@ -16,8 +17,9 @@ import numpy as np
 from . import __version__, chunkio
 from .base import load
 from .codecs import get_codec
-from .errors import BadInputError
-from .format import ROWS, open_h5, seal_metadata, write_header
+from .checks import ZSTD_LEVELS, check_integer, check_labels, check_number
+from .errors import BadInputError, FormatError, StoreError, write_failed
+from .format import ROWS, Claim, open_h5, seal_metadata, temp_path, write_header
 from .joined import ShardedStore, open_manifest
 from .recording import DEFAULT_MEMORY_BUDGET, Recording
 from .shards import is_manifest
@@ -29,6 +31,7 @@ PathLike = Union[str, os.PathLike]
 
 def keep_to_k(keep: float, num_params: int) -> int:
     """Number of values a row keeps: round(keep * num_params), refused when it would be 0."""
+    keep = check_number("keep", keep)
     if not (0 < keep <= 1):
         raise BadInputError(f"keep must be in (0, 1], got {keep!r}")
     k = int(round(keep * num_params))
@@ -66,14 +69,11 @@ def create(
     store (``gradstore.shards``); finalize then goes through ``shards.finalize_shard``.
     """
     path = os.fspath(path)
-    if int(num_params) != num_params or num_params < 1:
-        raise BadInputError(f"num_params must be a positive integer, got {num_params!r}")
-    if num_params >= 2**32:
-        raise BadInputError(f"num_params must be below 2**32 (the mask kernel's limit), got {num_params}")
-    if int(num_keys) != num_keys or num_keys < 1:
-        raise BadInputError(f"num_keys must be a positive integer, got {num_keys!r}")
-    if int(seed) != seed or not (0 <= seed < 2**63):
-        raise BadInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    num_params = check_integer("num_params", num_params, 1, 2**32 - 1)  # below 2**32: the mask kernel's limit
+    num_keys = check_integer("num_keys", num_keys, 1, 2**63 - 1)
+    seed = check_integer("seed", seed, 0, 2**63 - 1)
+    zstd_level = check_integer("zstd_level", zstd_level, *ZSTD_LEVELS)
+    memory_budget = check_integer("memory_budget", memory_budget, 0, 2**63 - 1)
     if key_kind not in ("sample", "step"):
         raise BadInputError(f"key_kind must be 'sample' or 'step', got {key_kind!r}")
     if fingerprint is not None and fingerprint.get("num_params") != num_params:
@@ -82,7 +82,6 @@ def create(
         )
     if writer is not None:
         writer = _check_writer(writer)
-    num_params, num_keys, seed = int(num_params), int(num_keys), int(seed)
     k = keep_to_k(keep, num_params)
     codec = get_codec(codec)
     config = {
@@ -100,18 +99,32 @@ def create(
         "package_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    label_array = _check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
+    label_array = check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
     if buffer_dir is not None and not os.path.isdir(buffer_dir):
         raise BadInputError(f"buffer_dir {os.fspath(buffer_dir)!r} is not a directory")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    h5file = open_h5(path, "w")
-    write_header(h5file, config, finished=False)
-    rows = h5file.create_group(ROWS)
-    rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
-    rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True, **chunkio.dataset_filters(False, 1))
-    seal_metadata(h5file)
-    h5file.flush()
+    with Claim(path, overwrite) as claim:  # nothing at ``path`` changes until the new file is whole
+        tmp_path = temp_path(path, "create")
+        h5file = None
+        try:
+            h5file = open_h5(tmp_path, "w")  # our own fresh file: truncating it harms no one
+            write_header(h5file, config, finished=False)
+            rows = h5file.create_group(ROWS)
+            rows.create_dataset("labels", data=label_array, chunks=True, **chunkio.dataset_filters(False, 1))
+            rows.create_dataset("state", data=np.zeros(num_keys, np.uint8), chunks=True,
+                                **chunkio.dataset_filters(False, 1))
+            seal_metadata(h5file)
+            h5file.flush()
+            os.fsync(h5file.id.get_vfd_handle())
+            claim.publish(tmp_path)  # the open file (and HDF5's lock on it) is now the one at ``path``
+        except BaseException as error:
+            if h5file is not None:
+                with contextlib.suppress(Exception):
+                    h5file.close()
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+            if isinstance(error, OSError) and not isinstance(error, StoreError):
+                raise write_failed(path, error, "nothing was changed") from error
+            raise
     return Recording(path, h5file, config, writable=True, memory_budget=memory_budget, buffer_dir=buffer_dir)
 
 
@@ -124,7 +137,13 @@ def open(path: PathLike, mode: str = "r") -> Union[Store, Recording, ShardedStor
     path = os.fspath(path)
 
     h5file = open_h5(path, mode)
-    if is_manifest(h5file):  # the entry point of a sharded store
+    try:
+        manifest = is_manifest(h5file)
+    except Exception as error:  # h5py on a damaged root group: KeyError, OSError, RuntimeError, ...
+        h5file.close()
+        raise FormatError(f"{path}: damaged store: its root attributes cannot be read ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())})") from None
+    if manifest:  # the entry point of a sharded store
         return open_manifest(path, h5file, mode)
     h5file.close()
 
@@ -143,10 +162,3 @@ def _check_writer(writer):
     if not run_id or not 0 <= rank < ranks:
         raise BadInputError(f"writer needs a run_id and 0 <= rank < ranks, got {writer!r}")
     return {"run_id": run_id, "rank": rank, "ranks": ranks}
-
-
-def _check_labels(labels, count):
-    labels = np.asarray(labels)
-    if labels.shape != (count,) or labels.dtype.kind not in "iu":
-        raise BadInputError(f"labels must be {count} integers, got dtype {labels.dtype} shape {labels.shape}")
-    return labels.astype(np.int64)

@@ -82,6 +82,13 @@ def dataset_filters(shuffle, level):
     return dict(shuffle=shuffle, **hdf5plugin.Zstd(clevel=level))
 
 
+def filter_pipeline(dset) -> list:
+    """[[filter id, [client values]], ...] of a dataset, as its creation property list stores them."""
+    plist = dset.id.get_create_plist()
+    return [[int(code), [int(v) for v in values]] for code, _, values, _ in
+            (plist.get_filter(i) for i in range(plist.get_nfilters()))]
+
+
 def encode_chunk(block, rows_per_chunk, shuffle, level):
     """One full chunk (zero-padded to rows_per_chunk rows) as a zstd frame."""
     if block.shape[0] < rows_per_chunk:

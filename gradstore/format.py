@@ -4,17 +4,20 @@ docs/FORMAT.md describes the same layout for readers who only have h5py.
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import stat
+import tempfile
 import zlib
 
 import h5py
 import numpy as np
 
 from . import chunkio
-from .errors import FormatError, ReadOnlyError, StoreLockedError, WriteFailedError
+from .errors import FormatError, ReadOnlyError, StoreError, StoreLockedError, write_failed
 
 FILE_VERSION = 2  # a store file; 2: CRC-32 checksums of every chunk and of the metadata (version 1 files still read)
 MANIFEST_VERSION = 3  # the entry point of a sharded store (gradstore.shards); its shards are version 2 files
@@ -102,9 +105,10 @@ def open_h5(path, mode):
         text = str(error)
         if "signature" in text or "not an HDF5" in text.lower() or "file signature not found" in text:
             raise FormatError(f"{path} is not an HDF5 file") from None
-        if "lock" in text.lower():
+        if "unable to lock file" in text.lower():  # HDF5's own words for a refused flock (not "sblock" of a truncated file)
             raise StoreLockedError(
-                f"{path} is open in another process that is writing it (HDF5 file lock); close it there first"
+                f"{path} is open in another process ({'writing' if mode == 'r' else 'reading or writing'} it: HDF5 "
+                "file lock); close it there first. Nothing was changed"
             ) from None
         if "permission denied" in text.lower() or "read-only" in text.lower():
             raise ReadOnlyError(f"{path} cannot be opened for writing ({text}): open it with mode='r'") from None
@@ -131,8 +135,7 @@ def seal_metadata(h5file):
 
 
 def check_metadata(h5file, path, version, finished):
-    """FormatError when the metadata differs from its checksums (a recording store: its config only,
-    its labels and state are rebuilt from the runs)."""
+    """FormatError when the metadata differs from its checksums (a recording's commit record too)."""
     if ATTR_CHECKSUMS not in h5file.attrs:
         if version >= 2:
             raise FormatError(f"{path}: the '{ATTR_CHECKSUMS}' attribute is missing (damaged file)")
@@ -142,17 +145,21 @@ def check_metadata(h5file, path, version, finished):
         actual = _metadata_checksums(h5file)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise FormatError(f"{path}: metadata cannot be checked ({error}); the file is damaged") from None
-    names = ("config", "labels", "state", "membership") if finished else ("config", "committed")
+    # a recording's labels, state and membership are the cache of its last commit, sealed with it:
+    # checked too, since the labels of keys no committed run holds are read from there
+    names = ("config", "labels", "state", "membership") if finished else ("config", "committed", "labels", "state",
+                                                                          "membership")
     bad = [name for name in names if not isinstance(expected, dict) or expected.get(name) != actual[name]]
     if bad:
         raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")
 
 
-def write_membership(h5file, members):
-    """members {key: int64 samples} as CSR: membership/keys, membership/indptr, membership/samples."""
-    if MEMBERSHIP in h5file:
-        del h5file[MEMBERSHIP]
-    group = h5file.create_group(MEMBERSHIP)
+def write_membership(h5file, members, name=MEMBERSHIP):
+    """members {key: int64 samples} as CSR: membership/keys, membership/indptr, membership/samples
+    (in the group ``name``: a fresh one to be moved over membership/ once written)."""
+    if name in h5file:
+        del h5file[name]
+    group = h5file.create_group(name)
     keys = np.array(sorted(members), np.int64)
     lengths = np.array([members[key].size for key in keys.tolist()], np.int64)
     samples = np.concatenate([members[key] for key in keys.tolist()]) if keys.size else np.empty(0, np.int64)
@@ -172,17 +179,28 @@ def read_membership(h5file):
 
 
 def temp_path(path, purpose):
-    """Where a new file for ``path`` is written before it is renamed over ``path``."""
-    return f"{path}.{purpose}.tmp"
+    """A new, unique file beside ``path`` for a new version of it (``PATH.PURPOSE.XXXXXXXX.tmp``).
+
+    Unique, so that two writers never share one: opening a shared name with h5py's mode "w"
+    truncates it before HDF5 takes its lock, wiping the other writer's file.
+    """
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    descriptor, tmp = tempfile.mkstemp(prefix=f"{name}.{purpose}.", suffix=".tmp", dir=folder)
+    os.close(descriptor)
+    return tmp
 
 
 @contextlib.contextmanager
 def new_file_beside(path, purpose):
-    """An HDF5 file at ``temp_path(path, purpose)`` to fill; on success it is flushed, fsynced and
-    closed (the caller renames it over ``path``). On any failure it is removed, ``path`` untouched;
-    an OSError (disk full, file size limit) becomes WriteFailedError naming the file.
+    """An HDF5 file at a fresh ``temp_path(path, purpose)`` to fill; on success it is flushed, fsynced and
+    closed (the caller renames ``out.filename``, read inside the block, over ``path``). On any
+    failure it is removed, ``path`` untouched; an OSError (disk full, file size limit) becomes
+    WriteFailedError naming the reason and the file.
     """
-    tmp_path = temp_path(path, purpose)
+    try:
+        tmp_path = temp_path(path, purpose)
+    except OSError as error:
+        raise write_failed(path, error, f"{path} is unchanged") from error
     out = open_h5(tmp_path, "w")
     try:
         yield out
@@ -194,9 +212,74 @@ def new_file_beside(path, purpose):
             out.close()
         with contextlib.suppress(OSError):
             os.remove(tmp_path)
-        if isinstance(error, OSError) and not isinstance(error, FormatError):
-            raise WriteFailedError(f"{path}: writing the new file failed ({error}); {path} is unchanged") from error
+        if isinstance(error, OSError) and not isinstance(error, StoreError):
+            raise write_failed(path, error, f"nothing was changed ({path} is unchanged)") from error
         raise
+
+
+class Claim:
+    """``path`` held for one writer that will put a new file there: the one way a store file is created or
+    replaced from outside its own lock (``gradstore.create``, ``transcode``'s destination).
+
+    An existing file is locked as HDF5 locks it (flock, exclusive): a file another process has
+    open, reading or writing, is refused with StoreLockedError before a byte changes, and two
+    claims of one file cannot both succeed. A new path is taken with a hard link, which fails
+    when another writer took it first. ``publish(tmp)`` puts the finished temporary file in place.
+    """
+
+    def __init__(self, path, overwrite: bool):
+        self.path = os.fspath(path)
+        self._held = None
+        if not os.path.lexists(self.path):
+            return
+        if not overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path} is a directory, not a store file")
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreLockedError(f"{self.path} is open in another process (HDF5 file lock): it cannot be "
+                                       "replaced while it is read or written; close it there first. Nothing was changed") from None
+            raise
+        self._held = descriptor
+
+    def publish(self, tmp_path) -> None:
+        """Rename ``tmp_path`` to the claimed path (it must still be the file claimed, or still absent)."""
+        if self._held is None:
+            try:
+                os.link(tmp_path, self.path)
+            except FileExistsError:
+                raise StoreLockedError(f"{self.path} was created by another process meanwhile; "
+                                       "nothing of it was changed") from None
+            os.remove(tmp_path)
+            return
+        held, now = os.fstat(self._held), _stat_or_none(self.path)
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise StoreLockedError(f"{self.path} was replaced or removed by another process meanwhile; "
+                                   "nothing of it was changed")
+        os.replace(tmp_path, self.path)
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _stat_or_none(path):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
 
 
 def read_header(h5file, path):
@@ -218,6 +301,10 @@ def read_header(h5file, path):
         raise FormatError(f"{path}: store config lacks {missing}")
     if LABELS not in h5file or STATE not in h5file:
         raise FormatError(f"{path}: store lacks its '{LABELS}' or '{STATE}' dataset")
+    # the metadata checksums cover decoded values, not the datatypes they are decoded with
+    for name, dtype in ((LABELS, "<i8"), (STATE, "|u1")):
+        if h5file[name].dtype.str != dtype:
+            raise FormatError(f"{path}: '{name}' has datatype {h5file[name].dtype.str}, not {dtype}: the file is damaged")
     finished = bool(h5file.attrs.get(ATTR_FINISHED, False))
     check_metadata(h5file, path, version, finished)
     return config, finished

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from .base import KeyedRows, OpenFile, load
-from .errors import FormatError, ReadOnlyError
+from .errors import FormatError, ReadOnlyError, StoreError
 from .format import ATTR_CONFIG, RowState, get_json_attr
 from .shards import ATTR_MANIFEST_CRC, ATTR_SHARDS, header_crc, manifest_crc, shard_ranges, shared_config
 from .store import Store
@@ -223,8 +223,9 @@ def open_manifest(path, h5file, mode):
     """The ShardedStore of the manifest open as ``h5file`` (mode 'r' or 'r+'); the file is closed on failure."""
     try:
         return ShardedStore(path, h5file, writable=(mode == "r+"))
-    except FormatError:
+    except StoreError:
+        h5file.close()
         raise
-    except (KeyError, IndexError, ValueError, TypeError, OSError) as error:
+    except Exception as error:  # h5py on damaged structures: KeyError, OSError, RuntimeError, ...
         h5file.close()
         raise FormatError(f"{path}: damaged sharded store ({type(error).__name__}: {error})") from None

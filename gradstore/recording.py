@@ -17,14 +17,16 @@ import os
 
 import numpy as np
 
-from . import kernels, staging
+from . import chunkio, kernels, staging
 from .base import StoreFile, load
-from .errors import BadInputError, FormatError, ReadOnlyError, StoreError, WriteFailedError
-from .format import ATTR_COMMITTED, LABELS, STAGING, STATE, RowState, get_json_attr, read_membership, seal_metadata, set_json_attr, write_membership
+from .checks import check_labels
+from .errors import BadInputError, FormatError, ReadOnlyError, StoreError, write_failed
+from .format import ATTR_COMMITTED, LABELS, MEMBERSHIP, ROWS, STAGING, STATE, RowState, get_json_attr, read_membership, seal_metadata, set_json_attr, write_membership
 from .store import Store
 from .writer import finished_file
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
+COMMIT_RUNS = "runs"  # in the commit record: the runs that count, as ranges of their numbers
 
 
 class Recording(StoreFile):
@@ -50,7 +52,14 @@ class Recording(StoreFile):
         self.committed_generation = None if committed is None else int(committed["generation"])
         self.commit_note = None if committed is None else committed.get("note")
         self.generation = 0 if committed is None else self.committed_generation + 1
-        self._runs, self._stale_runs = staging.run_names(h5file, self.committed_generation)
+        if committed is not None and COMMIT_RUNS in committed:  # the commit names its runs: each must be whole
+            self._runs = staging.decode_run_names(committed[COMMIT_RUNS])
+            for name in self._runs:
+                staging.check_run(h5file, name, self.path, self.committed_generation)
+            present = list(h5file[STAGING]) if STAGING in h5file else []
+            self._stale_runs = sorted(set(present) - set(self._runs))
+        else:  # written before commits named their runs: each run's own attributes decide
+            self._runs, self._stale_runs = staging.run_names(h5file, self.committed_generation)
         if self.writable and self._stale_runs:
             for name in self._stale_runs:
                 del h5file[STAGING][name]
@@ -116,9 +125,7 @@ class Recording(StoreFile):
         if bad_rows.size:
             raise BadInputError(f"values hold NaN or Inf for keys {keys[bad_rows][:20].tolist()}")
         if labels is not None:
-            labels = np.asarray(labels)
-            if labels.shape != keys.shape or labels.dtype.kind not in "iu":
-                raise BadInputError(f"labels must be {keys.shape[0]} integers, got {labels.dtype} {labels.shape}")
+            labels = check_labels(labels, keys.shape[0])
         if labels is not None:  # before any spill below: a run carries its rows' labels
             self.labels[keys] = labels
         step = self._buffer.capacity_rows  # a batch bigger than the buffer goes in slices
@@ -156,7 +163,7 @@ class Recording(StoreFile):
             return self.committed_generation  # nothing new: the file stays byte for byte as it is
         with self._failing_writes_close():
             self._spill()
-            set_json_attr(self._h5, ATTR_COMMITTED, {"generation": self.generation, "note": note})
+            self._write_commit_record(self.generation, note, self._runs)
             self._write_row_metadata()  # seals the checksums, the commit record's included
             self._h5.flush()
             os.fsync(self._h5.id.get_vfd_handle())  # a commit survives power loss, not only a killed process
@@ -186,7 +193,9 @@ class Recording(StoreFile):
             if ATTR_COMMITTED in self._h5.attrs:
                 del self._h5.attrs[ATTR_COMMITTED]
         else:
-            set_json_attr(self._h5, ATTR_COMMITTED, {"generation": limit, "note": note})
+            present = set(self._h5[STAGING]) if STAGING in self._h5 else set()
+            kept = [name for name in self._runs if name in present]
+            self._write_commit_record(limit, note, kept)
         seal_metadata(self._h5)
         self._h5.flush()
         self.members = read_membership(self._h5)  # as the last commit wrote them
@@ -196,11 +205,34 @@ class Recording(StoreFile):
         self._h5.flush()
         os.fsync(self._h5.id.get_vfd_handle())
 
+    def _write_commit_record(self, generation, note, runs):
+        """The commit record: its generation, note and the runs that count from it (sealed by the caller)."""
+        set_json_attr(self._h5, ATTR_COMMITTED, {"generation": generation, "note": note,
+                                                 COMMIT_RUNS: staging.encode_run_names(runs)})
+
     def _write_row_metadata(self):
-        self._h5[LABELS][...] = self.labels
-        self._h5[STATE][...] = self.state
+        """rows/labels, rows/state and membership as fresh datasets, then the seal over them.
+
+        Until the next flush the file on disk still holds the old ones, untouched (the new
+        ones are all written before any old one is freed, so none lands in an old one's
+        space): a crash leaves the metadata and its checksums agreeing.
+        """
+        rows = self._h5[ROWS]
+        for name, values in ((LABELS, self.labels), (STATE, self.state)):
+            fresh = f"{name.split('/')[1]}.new"
+            if fresh in rows:
+                del rows[fresh]
+            rows.create_dataset(fresh, data=values, chunks=True, **chunkio.dataset_filters(False, 1))
         if self.members:
-            write_membership(self._h5, self.members)
+            write_membership(self._h5, self.members, name=f"{MEMBERSHIP}.new")
+        for name in (LABELS, STATE):
+            leaf = name.split("/")[1]
+            del rows[leaf]
+            rows.move(f"{leaf}.new", leaf)
+        if self.members:
+            if MEMBERSHIP in self._h5:
+                del self._h5[MEMBERSHIP]
+            self._h5.move(f"{MEMBERSHIP}.new", MEMBERSHIP)
         seal_metadata(self._h5)
 
     @contextlib.contextmanager
@@ -212,10 +244,9 @@ class Recording(StoreFile):
             if isinstance(error, StoreError):
                 raise
             self._abandon_file()
-            raise WriteFailedError(
-                f"{self.path}: a write failed ({error}); the store is closed and reopens at its last commit "
-                f"({self.committed_generation}, note {self.commit_note})"
-            ) from error
+            raise write_failed(self.path, error, "the store is closed and reopens at its last commit "
+                               f"({self.committed_generation}, note {json.dumps(self.commit_note)}): nothing "
+                               "committed was changed") from error
 
     def _abandon_file(self):
         """Close the HDF5 file without writing another byte: as a crash would leave it, at its last commit.
@@ -251,7 +282,9 @@ class Recording(StoreFile):
             self._buffer.clear()
 
     def _next_run_name(self):
-        return f"run_{int(self._runs[-1].split('_')[1]) + 1 if self._runs else 0:06d}"
+        present = list(self._h5[STAGING]) if STAGING in self._h5 else []
+        numbers = [staging.run_number(name) for name in [*self._runs, *present]]
+        return staging.run_name(max(numbers) + 1 if numbers else 0)
 
     def _compact_runs(self, fanin):
         """Merge runs in groups until at most ``fanin`` remain (lossless float32 sums).
@@ -275,10 +308,15 @@ class Recording(StoreFile):
                 writer.append(keys, sums[present], self.labels[keys])
 
             staging.merge(cursors, self.num_keys, self.k, self.rows_per_chunk, emit)
-            merged = writer.close(replaces=group)  # committed first: a crash now leaves it standing for them
+            merged = writer.close(replaces=group)
+            self._runs = rest + [merged]
+            if generation <= limit:  # the commit now counts the merged run instead of its group
+                self._write_commit_record(self.committed_generation, self.commit_note,
+                                          [name for name in self._runs if name not in pending])
+                seal_metadata(self._h5)
+                self._h5.flush()  # a crash before this flush leaves the group counting, the merged run stale
             for old in group:
                 del self._h5[STAGING][old]
-            self._runs = rest + [merged]
 
     # ------------------------------------------------------------------ finishing
 

@@ -32,7 +32,7 @@ from .base import load
 from .errors import BadInputError, FormatError
 from .format import (
     ATTR_CONFIG, ATTR_FINISHED, ATTR_VERSION, MANIFEST_VERSION, ROWS, RowState, get_json_attr, new_file_beside,
-    set_json_attr, temp_path,
+    set_json_attr,
 )
 from .recording import Recording
 from .writer import finished_file
@@ -173,6 +173,7 @@ def write_manifest(path, count: int) -> str:
     config = {**shared_config(shard_configs[0]), "package_version": shard_configs[0].get("package_version"),
               "created_at": shard_configs[0].get("created_at")}
     with new_file_beside(path, "manifest") as out:
+        tmp_path = out.filename
         out.attrs[ATTR_VERSION] = MANIFEST_VERSION
         set_json_attr(out, ATTR_CONFIG, config)
         out.attrs[ATTR_FINISHED] = True
@@ -187,7 +188,7 @@ def write_manifest(path, count: int) -> str:
                     source = h5py.VirtualSource(entry["file"], f"{ROWS}/{name}", shape=shape)
                     layout[lo:hi] = source[lo:hi]
             rows.create_virtual_dataset(name, layout, fillvalue=-1 if name == "labels" else 0)
-    os.replace(temp_path(path, "manifest"), path)
+    os.replace(tmp_path, path)
     return path
 
 

@@ -9,6 +9,7 @@ quantization however many epochs there were, and memory is the buffer plus one
 chunk per run, whatever the number of samples.
 """
 
+import json
 import tempfile
 import zlib
 
@@ -150,6 +151,74 @@ class RunCursor:
         return self.keys[i0:i1], out
 
 
+RUN_CRC = "run_crc32"  # CRC-32 of everything that decides what the run counts for (``run_signature``)
+
+
+def run_signature(group) -> int:
+    """CRC-32 of what decides a run's part in the store: its generation, ``committed``, ``replaces``,
+    ``index_crc32``, its chunk checksums and the shape and chunking of its ``values``.
+
+    Written as the run's ``run_crc32`` when it is closed and checked whenever a commit
+    counts it: a flipped byte in any of these is an error naming the run, never a run
+    that silently stops counting.
+    """
+    attrs = group.attrs
+    decided = [
+        int(attrs[RUN_GENERATION]),
+        bool(attrs[RUN_COMMITTED]),
+        get_json_attr(group, RUN_REPLACES),
+        int(attrs[RUN_INDEX_CRC]),
+        zlib.crc32(np.ascontiguousarray(group["checksums"][()], "<u4").tobytes()),
+        [int(n) for n in group["values"].shape],
+        [int(n) for n in group["values"].chunks],
+        group["values"].dtype.str,  # byte order included: the chunks are decoded with it
+        chunkio.filter_pipeline(group["values"]),
+    ]
+    return zlib.crc32(json.dumps(decided).encode())
+
+
+def check_run(h5file, name, path, generation):
+    """FormatError naming run ``name`` unless it is in the file, whole, and counts for commit ``generation``."""
+    where = f"{path}: run {name} of the last commit ({generation})"
+    if STAGING not in h5file or name not in h5file[STAGING]:
+        raise FormatError(f"{where} is missing: the file is damaged (no committed row is dropped silently)")
+    try:
+        group = h5file[STAGING][name]
+        expected = int(group.attrs[RUN_CRC])
+        actual = run_signature(group)
+    except Exception as error:  # noqa: BLE001 - h5py on a damaged object header: KeyError, OSError, ...
+        raise FormatError(f"{where} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}): "
+                          "the file is damaged") from None
+    if actual != expected:
+        raise FormatError(f"{where} fails its checksum (its generation, commit flag, index or chunk checksums "
+                          "are damaged): the file is damaged")
+    if int(group.attrs[RUN_GENERATION]) > generation:
+        raise FormatError(f"{where} is of a later generation ({int(group.attrs[RUN_GENERATION])}): the file is damaged")
+
+
+def run_number(name: str) -> int:
+    return int(name.split("_")[1])
+
+
+def run_name(number: int) -> str:
+    return f"run_{number:06d}"
+
+
+def encode_run_names(names) -> list:
+    """Run names as ranges of their numbers, [[first, last], ...]: a commit record stays small."""
+    ranges = []
+    for number in sorted(run_number(name) for name in names):
+        if ranges and number == ranges[-1][1] + 1:
+            ranges[-1][1] = number
+        else:
+            ranges.append([number, number])
+    return ranges
+
+
+def decode_run_names(ranges) -> list:
+    return [run_name(number) for first, last in ranges for number in range(int(first), int(last) + 1)]
+
+
 def run_generation(h5file, name):
     return int(h5file[STAGING][name].attrs.get(RUN_GENERATION, 0))
 
@@ -233,6 +302,7 @@ class RunWriter:
         self.group.attrs[RUN_INDEX_CRC] = zlib.crc32(self.labels[()].tobytes(), zlib.crc32(self.keys[()].tobytes()))
         set_json_attr(self.group, RUN_REPLACES, list(replaces))
         self.group.attrs[RUN_COMMITTED] = True
+        self.group.attrs[RUN_CRC] = run_signature(self.group)
         self.h5file.flush()
         return self.name
 

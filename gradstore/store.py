@@ -10,6 +10,7 @@ import numpy as np
 
 from . import chunkio, kernels
 from .base import StoreFile
+from .checks import check_number
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError
 from .format import CHECKSUMS, ROWS, STATE, RowState, open_h5, seal_metadata
 from .writer import finished_file
@@ -110,8 +111,9 @@ class Store(StoreFile):
             raise BadInputError("flat_params must be a float32 numpy array")
         if flat_params.shape != (self.num_params,) or not flat_params.flags.c_contiguous:
             raise BadInputError(f"flat_params must be C-contiguous of shape ({self.num_params},), got {flat_params.shape}")
-        if not np.isfinite(alpha):
-            raise BadInputError(f"alpha must be finite, got {alpha!r}")
+        alpha = check_number("alpha", alpha)
+        if abs(alpha) > float(np.finfo(np.float32).max):
+            raise BadInputError(f"alpha must fit float32 (|alpha| <= 3.4e38), got {alpha!r}")
         keys = np.sort(self._check_keys(keys))
         self._require_states(keys, [RowState.LIVE], "scatter_add")
         for batch in self._batches(keys):

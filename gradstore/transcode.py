@@ -14,8 +14,10 @@ from typing import Optional, Union
 import numpy as np
 
 from .api import open as open_store
+from .checks import ZSTD_LEVELS, check_integer
 from .codecs import get_codec
 from .errors import BadInputError
+from .format import Claim
 from .writer import finished_file, rows_per_chunk
 
 
@@ -32,18 +34,18 @@ def transcode(source: Union[str, os.PathLike], destination: Union[str, os.PathLi
     if os.path.exists(destination) and not overwrite:
         raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it")
     codec = get_codec(codec)
-    with open_store(source) as src:
+    with open_store(source) as src, Claim(destination, overwrite) as claim:  # a destination in use is refused
         if not src.finished:
             raise BadInputError(f"{source}: cannot transcode before finalize(): recording has not finished")
         config = dict(src.config)
         config.update(
             codec=codec.get_config(),
-            zstd_level=src.zstd_level if zstd_level is None else int(zstd_level),
+            zstd_level=src.zstd_level if zstd_level is None else check_integer("zstd_level", zstd_level, *ZSTD_LEVELS),
             rows_per_chunk=rows_per_chunk(src.num_keys, src.k, codec),
             transcoded_from=src.config["codec"],
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        with finished_file(destination, "transcode", config, src.labels, src.state, src.members) as out:
+        with finished_file(destination, "transcode", config, src.labels, src.state, src.members, claim=claim) as out:
             for lo, sums in src.blocks(out.block_rows):
                 keys = np.arange(lo, lo + sums.shape[0], dtype=np.int64)
                 out.write_rows(lo, codec.encode(np.ascontiguousarray(sums, np.float32), keys, src.seed))

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import chunkio
 from .codecs import get_codec
-from .format import CHECKSUMS, ROWS, new_file_beside, seal_metadata, temp_path, write_header, write_membership
+from .format import CHECKSUMS, ROWS, new_file_beside, seal_metadata, write_header, write_membership
 
 FINAL_CHUNK_BYTES = 64 * 1024  # one row read decodes one chunk: ~40 us at this size
 BLOCK_BYTES = 16 << 20  # float32 sums handed to the writer at once
@@ -75,15 +75,20 @@ class FinishedFileWriter:
 
 
 @contextlib.contextmanager
-def finished_file(path, purpose: str, config: dict, labels, state, members=None, before_replace=None):
+def finished_file(path, purpose: str, config: dict, labels, state, members=None, before_replace=None, claim=None):
     """Write a finished store for ``path``: yields a FinishedFileWriter; on success the new file
-    replaces ``path`` (``before_replace`` runs just before: close the old file there). A failure
+    replaces ``path`` (``before_replace`` runs just before: close the old file there; ``claim``: the
+    ``format.Claim`` of ``path`` when the caller does not hold the file open itself). A failure
     leaves ``path`` as it was and no temporary file behind.
     """
     with new_file_beside(path, purpose) as out:
+        tmp_path = out.filename
         writer = FinishedFileWriter(out, config, labels, state, members)
         yield writer
         writer.seal()
     if before_replace is not None:
         before_replace()
-    os.replace(temp_path(path, purpose), path)
+    if claim is not None:
+        claim.publish(tmp_path)
+    else:
+        os.replace(tmp_path, path)

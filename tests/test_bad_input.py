@@ -249,8 +249,9 @@ def test_scatter_add_bad_alpha_and_keys(small_store):
     path, _ = small_store
     with gradstore.open(path, "r") as store:
         flat = np.zeros(store.num_params, np.float32)
-        with pytest.raises(BadInputError, match="alpha"):
-            store.scatter_add(flat, [0], alpha=float("nan"))
+        for alpha in (float("nan"), float("inf"), 1e40, "x", None, [1.0]):  # strings used to raise a raw TypeError
+            with pytest.raises(BadInputError, match="alpha"):
+                store.scatter_add(flat, [0], alpha=alpha)
         with pytest.raises(BadInputError, match="out of range"):
             store.scatter_add(flat, [0, 300])
         with pytest.raises(BadInputError, match="repeated"):
@@ -299,7 +300,17 @@ def test_keep_that_keeps_nothing(tmp_path):
         (dict(num_keys=2.5), "num_keys"),
         (dict(seed=-1), "seed"),
         (dict(labels=np.zeros(3, np.int64)), "labels"),
+        (dict(labels=np.full(NUM_KEYS, -5)), "labels must be class labels"),  # -1 is unknown; -5 is nothing
+        (dict(labels=np.full(NUM_KEYS, 2**40)), "labels must be class labels"),
         (dict(key_kind="epoch"), "key_kind"),
+        (dict(keep="0.5"), "keep must be a number"),  # used to raise a raw TypeError
+        (dict(keep=None), "keep must be a number"),
+        (dict(num_params=float("nan")), "num_params must be an integer"),  # used not to name the parameter
+        (dict(num_keys="30"), "num_keys must be an integer"),
+        (dict(seed=float("inf")), "seed must be an integer"),
+        (dict(zstd_level=99), "zstd_level must be in"),  # used to be accepted
+        (dict(zstd_level=0), "zstd_level must be in"),
+        (dict(memory_budget=-1), "memory_budget"),
     ],
 )
 def test_bad_create_arguments(tmp_path, kwargs, match):
@@ -373,7 +384,7 @@ store.close()
 """, path)
     assert "refused:" in result.stdout and "unchanged" in result.stdout, result.stdout + result.stderr
     assert sha256(path) == before
-    assert not (tmp_path / "s.h5.finalize.tmp").exists()
+    assert sorted(tmp_path.glob("*.tmp")) == []  # no temporary file left behind
     with gradstore.open(path, "r+") as store:  # and it finalizes once there is room
         store = store.finalize()
         assert np.array_equal(store.read(np.arange(NUM_KEYS)), rows)
@@ -435,3 +446,125 @@ def test_a_read_only_file_opens_for_reading_only(small_store):
     finally:
         os.chmod(path, 0o644)
     assert sha256(path) == before
+
+
+def test_accumulate_refuses_labels_that_are_no_class(recording):
+    store, path, _ = recording
+    for labels in (np.full(2, -5), np.full(2, 2**40)):
+        refused_without_change(store, path, BadInputError, "labels must be class labels",
+                               lambda: store.accumulate([20, 21], np.ones((2, K), np.float32), labels=labels))
+
+
+def test_transcode_refuses_a_zstd_level_out_of_range(small_store, tmp_path):
+    with pytest.raises(BadInputError, match="zstd_level"):
+        gradstore.transcode(small_store[0], tmp_path / "t.h5", "fp16", zstd_level=99)
+    assert not (tmp_path / "t.h5").exists()
+
+
+# ---------------------------------------------------------------------------- damaged files: the right error (issue 21)
+
+
+def open_file_ids():
+    return h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
+
+
+@pytest.mark.parametrize("keep_bytes", [0.5, 0.9, 0.99])
+def test_a_truncated_store_is_damaged_not_locked(small_store, keep_bytes):
+    """HDF5 says "truncated file: ... sblock->base_addr": "sblock" holds "lock", once read as a file lock."""
+    path, _ = small_store
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_bytes)])
+    for mode in ("r", "r+"):
+        with pytest.raises(FormatError) as info:
+            gradstore.open(path, mode)
+        assert not isinstance(info.value, gradstore.StoreLockedError) and "another process" not in str(info.value)
+
+
+def test_the_file_a_truncating_writer_left_is_a_format_error_and_no_handle_leaks(tmp_path):
+    """What the old create(overwrite=True) left: h5py mode "w" truncated a live recording, whose writer went on."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.h5"
+    store = gradstore.create(path, NUM_PARAMS, NUM_KEYS, KEEP, codec="fp32")
+    store.accumulate(np.arange(5), np.ones((5, K), np.float32))
+    store.commit()
+    truncate = "import sys, h5py\ntry:\n    h5py.File(sys.argv[1], 'w')\nexcept OSError:\n    pass"
+    subprocess.run([sys.executable, "-c", truncate, str(path)], check=True, timeout=60)
+    with __import__("contextlib").suppress(Exception):
+        store.accumulate(np.arange(5, 10), np.ones((5, K), np.float32))
+        store.commit()
+    with __import__("contextlib").suppress(Exception):
+        store.close()
+    before = open_file_ids()
+    for mode in ("r", "r+"):
+        with pytest.raises(FormatError):  # was a bare KeyError
+            gradstore.open(path, mode)
+    assert open_file_ids() == before  # and the HDF5 file is closed again
+
+
+# ---------------------------------------------------------------------------- the operating system's reason, in one line
+
+
+def test_a_failed_write_names_the_reason_first_on_one_line(tmp_path):
+    path, _ = committed_store(tmp_path)
+    result = run_child("""
+store = gradstore.open(sys.argv[1], "r+")
+limit_file_size(2_000)
+store.accumulate(np.arange(50), np.ones((50, store.k), np.float32))
+try:
+    store.commit(note={"step": 2})
+except gradstore.WriteFailedError as error:
+    print(repr(str(error)), error.errno)
+os._exit(0)
+""", path)
+    line = eval(result.stdout.split(" ")[0] if False else result.stdout.rsplit(" ", 1)[0])
+    assert line.startswith("File too large: writing ") and "\n" not in line, line
+    assert "nothing committed was changed" in line and "time =" not in line
+    assert result.stdout.split()[-1] == "27"  # errno EFBIG, kept on the error
+
+
+UNSHARE = __import__("shutil").which("unshare")
+
+
+@pytest.mark.skipif(UNSHARE is None, reason="needs util-linux unshare to mount a small tmpfs")
+def test_a_full_disk_says_no_space_left_and_that_nothing_changed(tmp_path):
+    """A real ENOSPC: the store's folder is a 1 MiB tmpfs in a private mount namespace."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, sys
+        import numpy as np
+        import gradstore
+        from gradstore.cli import main
+        folder = sys.argv[1]
+        store = gradstore.create(os.path.join(folder, "s.h5"), 20000, 400, 0.5, codec="fp32")
+        store.accumulate(np.arange(10), np.ones((10, store.k), np.float32))
+        store.commit(note="kept")
+        try:
+            for step in range(100):
+                store.accumulate(np.arange(400), np.random.default_rng(step).random((400, store.k), np.float32))
+                store.commit(note=step)
+        except gradstore.WriteFailedError as error:
+            print("ERROR", str(error))
+        with open(os.path.join(folder, "s.h5"), "rb") as f:
+            pass
+        recording = gradstore.open(os.path.join(folder, "s.h5"))
+        print("REOPENED", recording.commit_note)
+    """)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    try:
+        result = subprocess.run([UNSHARE, "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "$1" && '
+                                 f'"$2" -c "$3" "$1"', "sh", str(mount), sys.executable, script],
+                                capture_output=True, text=True, timeout=120)
+    except OSError as error:
+        pytest.skip(f"cannot run unshare here: {error}")
+    if "mount:" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"no private tmpfs here: {result.stderr.strip()}")
+    error_line = next(line for line in result.stdout.splitlines() if line.startswith("ERROR"))
+    assert error_line.startswith("ERROR No space left on device: writing ") and "nothing committed was changed" in error_line
+    assert "REOPENED" in result.stdout
+

@@ -230,7 +230,10 @@ def test_metadata_and_run_checksums_while_recording(tmp_path):
         assert stored["config"] == zlib.crc32(b"2|False|" + bytes(f.attrs["gradstore_config"]))
         assert stored["committed"] == zlib.crc32(bytes(f.attrs["gradstore_committed"])) != 0
         assert_json_attr(f, "gradstore_committed")
-        assert json.loads(f.attrs["gradstore_committed"]) == {"generation": 1, "note": "second"}
+        record = json.loads(f.attrs["gradstore_committed"])
+        assert {key: record[key] for key in ("generation", "note")} == {"generation": 1, "note": "second"}
+        named = [f"run_{n:06d}" for first, last in record["runs"] for n in range(first, last + 1)]
+        assert named == sorted(f["staging"])  # at rest after a commit, every run counts
         functions["check_metadata"](f)
         runs = f["staging"]
         assert len(runs) >= 2
@@ -244,6 +247,13 @@ def test_metadata_and_run_checksums_while_recording(tmp_path):
             for i in range(sums.size):
                 _, frame = values.id.read_direct_chunk((i * r, 0))
                 assert functions["frame_checksum"](i, frame) == sums[i]
+            plist = values.id.get_create_plist()
+            filters = [[int(code), [int(v) for v in client]] for code, _, client, _ in
+                       (plist.get_filter(i) for i in range(plist.get_nfilters()))]
+            decided = [int(run.attrs["generation"]), bool(run.attrs["committed"]), json.loads(run.attrs["replaces"]),
+                       int(run.attrs["index_crc32"]), zlib.crc32(sums.astype("<u4").tobytes()), list(values.shape),
+                       list(values.chunks), values.dtype.str, filters]
+            assert run.attrs["run_crc32"] == zlib.crc32(json.dumps(decided).encode())  # as FORMAT.md gives it
 
 
 # ---------------------------------------------------------------- the codecs' formulas

@@ -235,3 +235,90 @@ def test_leaving_the_block_normally_still_commits(tmp_path):
         store.accumulate(np.arange(3), np.ones((3, 8), np.float32))
     with gradstore.open(path) as store:
         assert store.info()["rows_live"] == 3 and store.committed_generation == 0
+
+
+# ---------------------------------------------------------------------------- damaged staging runs (issue 21, defect 3)
+
+CRASHING = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import gradstore
+    store = gradstore.create(sys.argv[1], 200, 12, 0.5, codec="fp32", memory_budget=4 * 100 * 4)  # four rows a run
+    for epoch in range(3):
+        store.accumulate(np.arange(4 * epoch, 4 * epoch + 4), np.full((4, store.k), epoch + 1.0, np.float32))
+        store.commit(note={"epoch": epoch})
+    store.accumulate(np.arange(4), np.ones((4, store.k), np.float32))
+    store.accumulate(np.arange(4, 8), np.ones((4, store.k), np.float32))  # spills the first four: uncommitted
+    os._exit(0)
+""")
+
+
+def crashed_recording(path):
+    """A recording as a crash leaves it: three committed runs and one spilled after the last commit."""
+    subprocess.run([sys.executable, "-c", CRASHING, str(path)], check=True, timeout=120)
+    return path
+
+
+def damage_run(path, name, how):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        group = f["staging"][name]
+        if how == "uncommitted":
+            group.attrs["committed"] = False
+        elif how == "generation":
+            group.attrs["generation"] = 7
+        elif how == "no attributes":  # what a damaged attribute header reads as
+            for attribute in list(group.attrs):
+                del group.attrs[attribute]
+        elif how == "byte order":
+            values = group["values"][()]
+            del group["values"]
+            group.create_dataset("values", data=values.astype(">f4"), chunks=True)
+        elif how == "missing":
+            del f["staging"][name]
+
+
+@pytest.mark.parametrize("how", ["uncommitted", "generation", "no attributes", "byte order", "missing"])
+def test_a_damaged_committed_run_is_an_error_naming_it_never_dropped(tmp_path, how):
+    import hashlib
+
+    path = crashed_recording(tmp_path / "s.h5")
+    with gradstore.open(path) as store:
+        assert store.info()["staging_runs"] == 3 and store.verify() == []
+    damage_run(path, "run_000001", how)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for mode in ("r", "r+"):  # reading, verify, and a writer that would drop stale runs: all refuse
+        with pytest.raises(gradstore.FormatError, match="run_000001 of the last commit"):
+            gradstore.open(path, mode)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # nothing deleted as stale
+    result = subprocess.run([sys.executable, "-m", "gradstore", "verify", str(path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "run_000001" in result.stderr
+
+
+def test_an_uncommitted_run_is_still_dropped_and_the_committed_ones_finalize(tmp_path):
+    path = crashed_recording(tmp_path / "s.h5")
+    with gradstore.open(path) as store:
+        assert store.info()["uncommitted_runs_ignored"] == 1
+    with gradstore.open(path, "r+") as store:
+        store = store.finalize()
+        rows = store.read(np.arange(12))
+    assert (rows == np.repeat([1.0, 2.0, 3.0], 4)[:, None]).all()
+
+
+def test_compacted_runs_are_named_by_the_commit_that_counts_them(tmp_path):
+    """finalize merges runs when there are many; the commit record follows, so a reopen checks the merged run."""
+    path = tmp_path / "s.h5"
+    store = gradstore.create(path, 100, 70, 1.0, codec="fp32", memory_budget=4 * 100)  # one row a run
+    for key in range(70):
+        store.accumulate([key], np.full((1, 100), float(key), np.float32))
+    store.commit()
+    store._compact_runs(8)  # what finalize does first, stopped here as a crash would stop it
+    store._h5.flush()
+    store._h5.close()
+    store._h5 = None
+    with gradstore.open(path, "r+") as reopened:
+        assert reopened.info()["staging_runs"] <= 8
+        finished = reopened.finalize()
+        assert np.array_equal(finished.read(np.arange(70))[:, 0], np.arange(70, dtype=np.float32))
+        finished.close()

@@ -450,14 +450,28 @@ def test_reopened_unfinished_store_takes_state_and_labels_from_its_runs(tmp_path
     store = gradstore.create(tmp_path / "r.h5", 100, 10, 0.5, codec="fp32")
     store.accumulate([1, 4], np.ones((2, 50), np.float32), labels=[7, 8])
     store.commit()
-    store._h5["rows/state"][...] = 0  # as if a crash hit between the run's commit and the metadata write
-    store._h5["rows/labels"][...] = -1
-    store._h5.close()
-    store._h5 = None
+    store.close()
     reopened = gradstore.open(tmp_path / "r.h5", "r+")  # an unfinished store reopened for recording
     assert reopened.state[[1, 4]].tolist() == [1, 1] and reopened.labels[[1, 4]].tolist() == [7, 8]
     reopened = reopened.finalize()
     np.testing.assert_array_equal(reopened.read([1, 4]), np.ones((2, 50), np.float32))
+
+
+def test_a_recording_whose_labels_or_state_were_overwritten_is_refused(tmp_path):
+    """A commit writes them as fresh datasets, sealed in the same flush: changed bytes are damage, not a crash
+    (the labels of keys that no committed run holds are read from rows/labels, so they are checked too)."""
+    import h5py
+
+    for name, value in (("rows/labels", 3), ("rows/state", 0)):
+        path = tmp_path / f"{name.split('/')[1]}.h5"
+        store = gradstore.create(path, 100, 10, 0.5, codec="fp32", labels=np.arange(10))
+        store.accumulate([1, 4], np.ones((2, 50), np.float32), labels=[7, 8])
+        store.commit()
+        store.close()
+        with h5py.File(path, "r+") as f:
+            f[name][...] = value
+        with pytest.raises(gradstore.FormatError, match=name.split("/")[1]):
+            gradstore.open(path)
 
 
 # ---------------------------------------------------------------------------- scratch buffer, transcode
@@ -518,7 +532,7 @@ def test_transcode_refuses_an_unfinished_source_and_an_existing_destination(tmp_
     store.close()
     with pytest.raises(BadInputError, match="before finalize"):
         gradstore.transcode(tmp_path / "open.h5", tmp_path / "out.h5", "int8")
-    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.transcode.tmp").exists()
+    assert not (tmp_path / "out.h5").exists() and sorted(tmp_path.glob("*.tmp")) == []
     (tmp_path / "taken.h5").write_bytes(b"keep me")
     with pytest.raises(FileExistsError):
         gradstore.transcode(tmp_path / "open.h5", tmp_path / "taken.h5", "int8")
