@@ -9,6 +9,7 @@ RUN_DIR/poisoned.txt  only with --poison: the poisoned training keys, one per li
 RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.forget)
 """
 
+import io
 import json
 import os
 from pathlib import Path
@@ -171,4 +172,40 @@ def _first_line(error):
 
 
 def save_model(run_dir, model):
-    torch.save(model.state_dict(), Path(run_dir) / "model.pt")
+    """RUN_DIR/model.pt, written beside and renamed (as save_json): a failed or interrupted save
+    leaves the old file (or none), and its OSError (a full disk) is one line naming the file."""
+    buffer = io.BytesIO()  # serialized first: torch's own writer reports a full disk without the OS's reason
+    torch.save(model.state_dict(), buffer)
+    write_file(Path(run_dir) / "model.pt", buffer.getvalue())
+
+
+def write_file(path, data: bytes):
+    """``data`` into ``path``, written beside, flushed to disk and renamed over it: ``path`` holds
+    its old contents or the new ones, never part of them. An OSError (no space, a file-size
+    limit, no permission) is raised again as one line: the OS's reason, the file, and that it
+    is unchanged; its errno is kept."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_failed(error, path) from None
+
+
+def write_failed(error: OSError, path) -> OSError:
+    """An OSError saying that writing ``path`` failed, why (the OS's reason first), and that the file
+    is unchanged: for a write that goes beside and renames, so that a failure leaves the old file."""
+    path = Path(path)
+    reason = os.strerror(error.errno) if error.errno else _first_line(error)
+    state = "the file there is unchanged" if path.exists() else "nothing was written there"
+    failed = OSError(f"{reason}: writing {path} failed; {state}")
+    failed.errno = error.errno
+    return failed
