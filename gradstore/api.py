@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 from typing import Optional, Union
 
@@ -51,6 +52,7 @@ def create(
     zstd_level: int = 1,
     key_kind: str = "sample",
     fingerprint: Optional[dict] = None,
+    identity: Optional[dict] = None,
     labels=None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     buffer_dir: Optional[PathLike] = None,
@@ -65,6 +67,9 @@ def create(
     buffer_dir: keep those sums in a memory-mapped scratch file in this folder (a budget
     larger than RAM then pages to disk instead of exhausting memory).
     fingerprint: from ``format.model_fingerprint`` (checked at forget time by callers).
+    identity: a JSON object naming the run that records this store (unlearn's run id, data
+    fingerprint, mask seed, model fingerprint); kept in the checksummed config, so that a
+    store copied into another run's place can be told apart (checked by callers).
     writer: {"run_id", "rank", "ranks"} when this is one rank's recording of a sharded
     store (``gradstore.shards``); finalize then goes through ``shards.finalize_shard``.
     """
@@ -82,6 +87,13 @@ def create(
         )
     if writer is not None:
         writer = _check_writer(writer)
+    if identity is not None:
+        if not isinstance(identity, dict):
+            raise BadInputError(f"identity must be a JSON object (dict), got {type(identity).__name__}")
+        try:
+            identity = json.loads(json.dumps(identity, allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise BadInputError(f"identity must be JSON (strings, numbers, lists, dicts): {error}") from None
     k = keep_to_k(keep, num_params)
     codec = get_codec(codec)
     config = {
@@ -95,6 +107,7 @@ def create(
         "rows_per_chunk": rows_per_chunk(num_keys, k, codec),
         "key_kind": key_kind,
         "fingerprint": fingerprint,
+        **({"identity": identity} if identity is not None else {}),
         **({"writer": writer} if writer is not None else {}),
         "package_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from . import masks
 from .codecs import get_codec
-from .errors import BadInputError, FormatError, StoreError
+from .errors import BadInputError, FormatError, StoreError, write_failed
 from .format import ATTR_FINISHED, LABELS, STATE, RowState, open_h5, read_header, read_membership
 
 
@@ -90,6 +91,38 @@ class OpenFile:
     def _require_open(self):
         if self._h5 is None:
             raise BadInputError(f"{self.path}: store is closed")
+
+    @contextlib.contextmanager
+    def _failing_writes_close(self, outcome: str):
+        """A refused write (disk full, size limit) leaves the file as its last flush left it: close it and
+        raise WriteFailedError with the OS's reason and ``outcome`` (what the caller's files are now)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if isinstance(error, StoreError) or (isinstance(error, RuntimeError) and "errno = " not in str(error)):
+                raise  # h5py reports some refused writes (extending the file) as RuntimeError with HDF5's errno
+            self._abandon_file()
+            raise write_failed(self.path, error, outcome) from error
+
+    def _abandon_file(self):
+        """Close the HDF5 file without writing another byte: as a crash would leave it, at its last flush.
+
+        (Closing normally flushes HDF5's metadata cache; after a refused write that flush
+        half-succeeds and leaves a file HDF5 cannot open. So the descriptor is first pointed
+        at /dev/null, read-only: every later write fails and nothing reaches the store.)
+        """
+        try:
+            descriptor = self._h5.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(null, descriptor)
+            finally:
+                os.close(null)
+        except Exception:  # noqa: BLE001 - closing below is all that is left to try
+            pass
+        with contextlib.suppress(Exception):
+            self._h5.close()
+        self._h5 = None
 
 
 class StoreFile(KeyedRows, OpenFile, ABC):

@@ -3,10 +3,11 @@
 import argparse
 import json
 import os
+import re
 import sys
 
 from . import open as open_store
-from .errors import StoreError
+from .errors import StoreError, os_reason
 
 
 def _print_info(info):
@@ -74,9 +75,17 @@ def build_parser():
 
 
 def report_failure(prog, command, message, code=2):
-    """`PROG COMMAND: error: MESSAGE` on one line of stderr; returns the exit status."""
+    """`PROG COMMAND: error: MESSAGE` on one line of stderr; returns the exit status.
+
+    HDF5's messages run over several lines and give the operating system's reason on a
+    later one ("errno = 28, error message = 'No space left on device'"): that reason then
+    leads the line, so it is never cut off.
+    """
     text = str(message).strip()
-    print(f"{prog} {command}: error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
+    first = text.splitlines()[0] if text else "failed"
+    if "\n" in text and re.search(r"errno = \d+", text):
+        first = f"{os_reason(message)}: {first}"
+    print(f"{prog} {command}: error: {first}", file=sys.stderr)
     return code
 
 

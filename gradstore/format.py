@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import stat
 import tempfile
 import zlib
@@ -167,6 +168,55 @@ def write_membership(h5file, members, name=MEMBERSHIP):
     group.create_dataset("keys", data=keys, chunks=True if keys.size else None, **(filters if keys.size else {}))
     group.create_dataset("indptr", data=np.concatenate([[0], np.cumsum(lengths)]), chunks=True, **filters)
     group.create_dataset("samples", data=samples, chunks=True if samples.size else None, **(filters if samples.size else {}))
+
+
+METADATA_MARGIN = 1 << 20  # room kept for HDF5's own metadata (object headers, B-trees) beyond a write's data
+
+
+def require_room(path, handle, data_bytes: int, outcome: str) -> None:
+    """WriteFailedError, before a byte is written, when the file system or the file size limit has no room
+    for ``data_bytes`` more (plus METADATA_MARGIN).
+
+    HDF5 has no journal: a write refused halfway through a flush leaves some metadata
+    updated in place and some not, a file it cannot open. Where the room can be known up
+    front, a write that cannot fit is refused before it starts.
+    """
+    needed = int(data_bytes) + METADATA_MARGIN
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    vfs = os.statvfs(folder)
+    if vfs.f_bavail * vfs.f_frsize < needed:
+        raise write_failed(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), outcome)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.fstat(handle).st_size + needed > limit:
+        raise write_failed(path, OSError(errno.EFBIG, os.strerror(errno.EFBIG)), outcome)
+
+
+def rewrite_row_metadata(h5file, labels=None, state=None, members=None):
+    """rows/labels, rows/state and membership (those given) as fresh datasets, then the seal over them.
+
+    Until the next flush the file on disk still holds the old ones, untouched: every new
+    one is written before any old one is freed, so none lands in an old one's space, and
+    a crash (or a refused write, abandoned unflushed) leaves the metadata and its checksums
+    agreeing. Rewriting in place would put new bytes under the old seal.
+    """
+    rows = h5file[ROWS]
+    fresh = {name: values for name, values in ((LABELS, labels), (STATE, state)) if values is not None}
+    for name, values in fresh.items():
+        leaf = name.split("/")[1] + ".new"
+        if leaf in rows:
+            del rows[leaf]
+        rows.create_dataset(leaf, data=values, chunks=True, **chunkio.dataset_filters(False, 1))
+    if members is not None:
+        write_membership(h5file, members, name=f"{MEMBERSHIP}.new")
+    for name in fresh:
+        leaf = name.split("/")[1]
+        del rows[leaf]
+        rows.move(leaf + ".new", leaf)
+    if members is not None:
+        if MEMBERSHIP in h5file:
+            del h5file[MEMBERSHIP]
+        h5file.move(f"{MEMBERSHIP}.new", MEMBERSHIP)
+    seal_metadata(h5file)
 
 
 def read_membership(h5file):

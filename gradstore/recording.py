@@ -11,17 +11,16 @@ step never counts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 import numpy as np
 
-from . import chunkio, kernels, staging
+from . import kernels, staging
 from .base import StoreFile, load
 from .checks import check_labels
-from .errors import BadInputError, FormatError, ReadOnlyError, StoreError, write_failed
-from .format import ATTR_COMMITTED, LABELS, MEMBERSHIP, ROWS, STAGING, STATE, RowState, get_json_attr, read_membership, seal_metadata, set_json_attr, write_membership
+from .errors import BadInputError, FormatError, ReadOnlyError, StoreError
+from .format import ATTR_COMMITTED, LABELS, STAGING, RowState, get_json_attr, read_membership, rewrite_row_metadata, seal_metadata, set_json_attr
 from .store import Store
 from .writer import finished_file
 
@@ -211,62 +210,15 @@ class Recording(StoreFile):
                                                  COMMIT_RUNS: staging.encode_run_names(runs)})
 
     def _write_row_metadata(self):
-        """rows/labels, rows/state and membership as fresh datasets, then the seal over them.
+        rewrite_row_metadata(self._h5, labels=self.labels, state=self.state, members=self.members or None)
 
-        Until the next flush the file on disk still holds the old ones, untouched (the new
-        ones are all written before any old one is freed, so none lands in an old one's
-        space): a crash leaves the metadata and its checksums agreeing.
-        """
-        rows = self._h5[ROWS]
-        for name, values in ((LABELS, self.labels), (STATE, self.state)):
-            fresh = f"{name.split('/')[1]}.new"
-            if fresh in rows:
-                del rows[fresh]
-            rows.create_dataset(fresh, data=values, chunks=True, **chunkio.dataset_filters(False, 1))
-        if self.members:
-            write_membership(self._h5, self.members, name=f"{MEMBERSHIP}.new")
-        for name in (LABELS, STATE):
-            leaf = name.split("/")[1]
-            del rows[leaf]
-            rows.move(f"{leaf}.new", leaf)
-        if self.members:
-            if MEMBERSHIP in self._h5:
-                del self._h5[MEMBERSHIP]
-            self._h5.move(f"{MEMBERSHIP}.new", MEMBERSHIP)
-        seal_metadata(self._h5)
-
-    @contextlib.contextmanager
     def _failing_writes_close(self):
-        """A refused write (disk full, size limit) leaves the file at its last commit: close it and say so."""
-        try:
-            yield
-        except OSError as error:
-            if isinstance(error, StoreError):
-                raise
-            self._abandon_file()
-            raise write_failed(self.path, error, "the store is closed and reopens at its last commit "
-                               f"({self.committed_generation}, note {json.dumps(self.commit_note)}): nothing "
-                               "committed was changed") from error
+        return super()._failing_writes_close(
+            f"the store is closed and reopens at its last commit ({self.committed_generation}, note "
+            f"{json.dumps(self.commit_note)}): nothing committed was changed")
 
     def _abandon_file(self):
-        """Close the HDF5 file without writing another byte: as a crash would leave it, at its last commit.
-
-        (Closing normally flushes HDF5's metadata cache; after a refused write that flush
-        half-succeeds and leaves a file HDF5 cannot open. So the descriptor is first pointed
-        at /dev/null, read-only: every later write fails and nothing reaches the store.)
-        """
-        try:
-            descriptor = self._h5.id.get_vfd_handle()
-            null = os.open(os.devnull, os.O_RDONLY)
-            try:
-                os.dup2(null, descriptor)
-            finally:
-                os.close(null)
-        except Exception:  # noqa: BLE001 - closing below is all that is left to try
-            pass
-        with contextlib.suppress(Exception):
-            self._h5.close()
-        self._h5 = None
+        super()._abandon_file()
         self._release()
 
     def _spill(self):

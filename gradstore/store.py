@@ -12,7 +12,7 @@ from . import chunkio, kernels
 from .base import StoreFile
 from .checks import check_number
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError
-from .format import CHECKSUMS, ROWS, STATE, RowState, open_h5, seal_metadata
+from .format import CHECKSUMS, ROWS, RowState, open_h5, require_room, rewrite_row_metadata
 from .writer import finished_file
 
 SCATTER_BATCH_VALUES = 8 << 20  # values decoded at once (rows, and whole chunks) by read / scatter_add
@@ -136,10 +136,14 @@ class Store(StoreFile):
         self._require_writable()
         keys = self._check_keys(keys)
         self._require_states(keys, [RowState.LIVE], "forget")
-        self.state[keys] = RowState.FORGOTTEN
-        self._h5[STATE][...] = self.state
-        seal_metadata(self._h5)
-        self._h5.flush()
+        state = self.state.copy()
+        state[keys] = RowState.FORGOTTEN
+        rows = f"rows {keys[:10].tolist()}{' ...' if keys.size > 10 else ''} are not marked forgotten"
+        require_room(self.path, self._h5.id.get_vfd_handle(), state.nbytes, f"nothing was changed: {rows}")
+        with self._failing_writes_close(f"the store is closed and unchanged: {rows}"):
+            rewrite_row_metadata(self._h5, state=state)
+            self._h5.flush()
+        self.state = state
 
     def purge(self) -> int:
         """Erase forgotten rows from the file: their chunks are rewritten without them.
@@ -198,7 +202,6 @@ class Store(StoreFile):
         """Decode every chunk and check it. Returns a list of problems, each naming its rows."""
         self._require_open()
         problems = self._invalid_states()
-        rows = self.rows_per_chunk
         for part in self.parts:
             dset = self._row_datasets[part.name]
             for chunk in self._own_chunks():

@@ -568,3 +568,35 @@ def test_a_full_disk_says_no_space_left_and_that_nothing_changed(tmp_path):
     assert error_line.startswith("ERROR No space left on device: writing ") and "nothing committed was changed" in error_line
     assert "REOPENED" in result.stdout
 
+
+def test_a_full_disk_while_marking_rows_forgotten_leaves_the_store_as_it_was(small_store):
+    """mark_forgotten used to rewrite rows/state in place and flush: on a full disk that left a file HDF5 could
+    not open ("truncated file") and a segfault at exit."""
+    path, _ = small_store
+    before = sha256(path)
+    result = run_child("""
+store = gradstore.open(sys.argv[1], "r+")
+limit_file_size(0)
+try:
+    store.mark_forgotten([0, 1, 2])
+except gradstore.WriteFailedError as error:
+    print("refused:", error)
+""", path)
+    assert result.returncode == 0, result.stderr
+    assert "refused: File too large: writing" in result.stdout and "nothing was changed" in result.stdout, result.stdout
+    assert sha256(path) == before
+    with gradstore.open(path, "r+") as store:  # and it marks once there is room
+        store.mark_forgotten([0, 1, 2])
+    with gradstore.open(path) as store:
+        assert store.state[:4].tolist() == [RowState.FORGOTTEN] * 3 + [RowState.LIVE]
+
+
+def test_a_multi_line_hdf5_error_keeps_its_reason_on_the_cli_line(capsys):
+    from gradstore.cli import report_failure
+
+    error = RuntimeError("Can't decrement id ref count (file write failed: time = Mon Dec  7 2026\n, filename = "
+                         "'x.h5', errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert report_failure("gradstore", "verify", error) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and line.startswith("gradstore verify: error: No space left on device: Can't")
+

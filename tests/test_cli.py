@@ -217,3 +217,161 @@ def test_bench_bad_input(tmp_path):
 def test_gradstore_cli_on_a_directory(tmp_path):
     result = run_cli("info", tmp_path)
     assert_one_line_error(result, "gradstore info: error: ", str(tmp_path), "directory")
+
+
+# Issue 21: options refused before any work, and nothing written by a refused or failed command.
+
+def run_unlearn(capsys, *args):
+    """`python -m unlearn ARGS` in this process (no torch import per call): exit status and output."""
+    from types import SimpleNamespace
+
+    from unlearn.cli import main as unlearn_main
+
+    capsys.readouterr()
+    code = unlearn_main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
+def tree(folder):
+    """{relative path: sha256} of every file under folder."""
+    return {str(path.relative_to(folder)): sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("option", [["--scale", "nan"], ["--scale", "inf"], ["--scale", "1e40"], ["--scale", "-1"],
+                                    ["--scale", "70000"], ["--retrain-epochs", "-1"]])
+def test_unlearn_forget_refuses_a_bad_step_by_name_before_any_work(tiny_runs, tmp_path, capsys, option):
+    result = run_unlearn(capsys, "forget", tiny_runs["a"], "--class", "1", *option, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 2
+    assert_one_line_error(result, "unlearn forget: error: ", option[0], option[1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unlearn_forget_scale_zero_is_no_step(tiny_runs, tmp_path, capsys):
+    """0 is a valid step: the model is left as it was (as --scale auto leaves it for typical samples)."""
+    import torch
+
+    result = run_unlearn(capsys, "forget", tiny_runs["a"], "--class", "1", "--scale", "0", "--out", tmp_path / "out",
+                         "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["scale"] == 0
+    before = torch.load(tiny_runs["a"] / "model.pt", weights_only=True)
+    after = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_unlearn_forget_refuses_a_step_that_overflows_the_weights(tiny_runs, tmp_path, capsys, monkeypatch):
+    """What the bound on --scale lets through is still refused, by name, if the weights overflow."""
+    from unlearn import cli as unlearn_cli
+
+    monkeypatch.setattr(unlearn_cli, "MAX_SCALE", 1e38, raising=False)
+    result = run_unlearn(capsys, "forget", tiny_runs["a"], "--class", "1", "--scale", "1e37", "--out", tmp_path / "out",
+                         "--quiet")
+    assert_one_line_error(result, "unlearn forget: error: ", "--scale 1e37", "overflow", "nothing was written")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--keep", "nan"], ["--keep", "nan"]),
+    (["--keep", "0"], ["--keep", "(0, 1]"]),
+    (["--keep", "1e-9"], ["--keep", "keeps no value"]),
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--method", "original", "--epochs", "0"], ["--epochs 0", "original"]),
+    (["--exclude-class", "10"], ["--exclude-class 10", "0 to 9"]),
+    (["--poison", "3", "--poison-seed", "-3"], ["--poison-seed"]),
+])
+def test_unlearn_train_refuses_an_option_before_writing_anything(tiny_runs, tmp_path, capsys, option, words):
+    args = ["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1", "--quiet"]
+    old = tmp_path / "old"  # an existing run, about to be replaced: the refused command leaves it as it was
+    shutil.copytree(tiny_runs["b"], old)
+    before = tree(old)
+    result = run_unlearn(capsys, *args, *option, "--out", old, "--overwrite")
+    assert_one_line_error(result, "unlearn train: error: ", *words)
+    assert tree(old) == before
+    result = run_unlearn(capsys, *args, *option, "--out", tmp_path / "new")
+    assert_one_line_error(result, "unlearn train: error: ", *words)
+    assert not (tmp_path / "new").exists()
+
+
+def test_unlearn_train_corrected_after_a_refusal_is_not_an_interrupted_run(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "exclude.npy", np.arange(60, 1437))
+    args = ["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1",
+            "--exclude-samples", tmp_path / "exclude.npy", "--quiet", "--out", tmp_path / "run"]
+    assert run_unlearn(capsys, *args, "--keep", "nan").returncode == 2
+    result = run_unlearn(capsys, *args, "--keep", "0.02")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "train.json").exists()
+
+
+def test_unlearn_forget_mark_on_a_read_only_store_writes_nothing(tiny_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["a"], run)
+    os.chmod(run / "store.h5", 0o444)
+    before = sha256(run / "store.h5")
+    try:
+        for option in ("--mark", "--purge"):
+            result = run_unlearn(capsys, "forget", run, "--class", "1", option, "--out", tmp_path / "out", "--quiet")
+            assert_one_line_error(result, "unlearn forget: error: ", "store.h5 is read-only", "make it writable",
+                                  "drop --mark/--purge")
+            assert "mode=" not in result.stderr
+            assert not (tmp_path / "out").exists()
+    finally:
+        os.chmod(run / "store.h5", 0o644)
+    assert sha256(run / "store.h5") == before
+
+
+def test_unlearn_forget_an_empty_samples_file_is_refused(tiny_runs, tmp_path, capsys):
+    (tmp_path / "none.txt").write_text("# nobody\n")
+    result = run_unlearn(capsys, "forget", tiny_runs["a"], "--samples", tmp_path / "none.txt", "--out", tmp_path / "out")
+    assert_one_line_error(result, "unlearn forget: error: ", "--samples", "none.txt", "nothing to forget")
+    assert not (tmp_path / "out").exists()
+
+
+FULL_DISK_CHILD = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
+from unlearn import runs
+from unlearn.cli import main
+from unlearn.models import build_model
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # model.pt (~380 kB) cannot be written
+codes = [main(argv) for argv in json.loads(sys.argv[1])]
+try:
+    runs.save_model(sys.argv[2], build_model("simple", 1, 10))
+except OSError as error:
+    print("save_model:", error, file=sys.stderr)
+print(json.dumps(codes))
+"""
+
+
+def test_unlearn_write_failures_say_why_and_leave_the_files_as_they_were(tiny_runs, tmp_path, capsys):
+    """A full disk (here a file-size limit: EFBIG) while writing model.pt is one line with the OS's reason,
+    and what was there is unchanged: forget writes nothing to --out, nor marks the store."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["a"], run)
+    assert run_unlearn(capsys, "forget", run, "--class", "2", "--out", tmp_path / "old", "--quiet").returncode == 0
+    old, store = tree(tmp_path / "old"), sha256(run / "store.h5")
+    commands = [
+        ["forget", str(run), "--class", "1", "--out", str(tmp_path / "new" / "out"), "--quiet"],
+        ["forget", str(run), "--class", "1", "--mark", "--out", str(tmp_path / "old"), "--quiet"],
+        ["train", "--dataset", "digits", "--model", "simple", "--method", "none", "--epochs", "1", "--keep-first", "1:5",
+         "--exclude-class", "2", "--out", str(tmp_path / "train"), "--quiet"],
+    ]
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, json.dumps(commands), tmp_path / "old"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() and json.loads(result.stdout.splitlines()[-1]) == [2, 2, 2], result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4, result.stderr
+    assert lines[0].startswith("unlearn forget: error: File too large: ") and "nothing was written" in lines[0], lines[0]
+    assert not (tmp_path / "new").exists()
+    assert lines[1].startswith("unlearn forget: error: File too large: ") and "unchanged" in lines[1], lines[1]
+    assert tree(tmp_path / "old") == old and sha256(run / "store.h5") == store
+    assert lines[2].startswith("unlearn train: error: File too large: ") and "model.pt" in lines[2], lines[2]
+    assert "unfinished" in lines[2] and "--overwrite" in lines[2], lines[2]
+    assert sorted(path.name for path in (tmp_path / "train").iterdir()) == ["started.json"]
+    assert lines[3].startswith("save_model: File too large: ") and "model.pt" in lines[3] and "unchanged" in lines[3]
+    assert tree(tmp_path / "old") == old  # no model.pt.tmp left either

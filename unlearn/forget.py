@@ -24,6 +24,7 @@ import gradstore
 
 from . import runs
 from .evaluate import accuracy, per_sample_stats
+from .identity import check_identity, run_identity
 from .models import flat_params, load_flat_params, named_shapes
 from .train import default_device, train
 
@@ -373,8 +374,14 @@ def root_run(run_dir):
 
 
 def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, cls: Optional[int] = None,
-           scale: Union[float, str] = 1.0, retrain_epochs: int = 0, device=None, progress: bool = True) -> "ForgetResult":
-    """Forget from a run (or a forget output) without touching the store. See the module doc."""
+           scale: Union[float, str] = 1.0, retrain_epochs: int = 0, device=None, progress: bool = True,
+           allow_unverified_store: bool = False) -> "ForgetResult":
+    """Forget from a run (or a forget output) without touching the store. See the module doc.
+
+    The store must carry the run's identity (``unlearn.identity``): a store of another run is
+    refused naming what differs; one recorded before stores carried an identity is refused
+    unless ``allow_unverified_store`` (the report then says ``"store_identity": "unverified"``).
+    """
     run_dir = Path(run_dir)
     chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
     root = root_run(run_dir)
@@ -387,6 +394,8 @@ def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, c
     started = time.perf_counter()
     with gradstore.open(root / "store.h5") as store:
         check_fingerprint(store, model)
+        verified = check_identity(store, run_identity(config, data, gradstore.model_fingerprint(named_shapes(model))),
+                                  allow_unverified_store)
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
         removal = plan_removal(store, config["method"], data, samples=samples, cls=cls, already=already,
@@ -402,6 +411,7 @@ def forget(run_dir: Union[str, Path], samples: Optional[Sequence[int]] = None, c
         "scale_search": {"rule": choice.rule, "reached": choice.reached, "evaluations": choice.evaluations,
                          "seconds": choice.seconds, **({"evidence": choice.evidence} if choice.evidence else {})},
         "removal_norm": float(np.linalg.norm(removal.vector)),
+        "store_identity": verified,
         "seconds_no_retrain": removal_seconds,
     }
     no_retrain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}

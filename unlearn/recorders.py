@@ -27,6 +27,7 @@ import gradstore
 import gradstore.shards
 from gradstore import masks
 
+from .identity import store_identity
 from .models import named_shapes
 from .preconditioner import Preconditioner
 
@@ -149,7 +150,8 @@ def recorder_for(store, method: str, flavour: str = "update") -> Recorder:
 
 def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
                     codec: str = "int8", flavour: str = "update", seed: int = 0, memory_budget: int = 256 << 20,
-                    buffer_dir=None, overwrite: bool = False) -> Recorder:
+                    buffer_dir=None, overwrite: bool = False, run_id: Optional[str] = None,
+                    data_sha256: Optional[str] = None) -> Recorder:
     """Create the store of one recording method and the recorder that fills it: the one place
     every method's store is laid out (per-sample: a row per sample, masked to ``keep``;
     original: a dense row per step; layer: a row per step masked to ``keep``).
@@ -157,11 +159,16 @@ def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int,
     Under an initialized torch.distributed process group of several ranks, every rank calls
     this with the same ``path``: each gets its own recording of the store
     (``gradstore.shards.recording_path``), finished into shards behind ``path``.
+
+    ``run_id`` and ``data_sha256`` name the run and its data in the store's identity
+    (``unlearn.identity``); the mask seed and the model's fingerprint are always there.
     """
     from . import distributed
 
     num_params = sum(p.numel() for p in model.parameters())
-    options = dict(codec=codec, seed=seed, fingerprint=gradstore.model_fingerprint(named_shapes(model)),
+    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    options = dict(codec=codec, seed=seed, fingerprint=fingerprint,
+                   identity=store_identity(fingerprint, seed, run_id, data_sha256),
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
     if distributed.active():
         if method != "per-sample":
