@@ -2,7 +2,9 @@
 
 ``Checkpointer.save`` first commits every store, then writes (atomically) the model, the
 optimizer, the position in the loop (epoch, batch, step), the loader's shuffle generator
-as it was when that epoch began, torch's RNG, and the generation each store committed.
+as it was when that epoch began, torch's RNG, torch's CPU thread count (it sets the float
+summation order of the CPU kernels: a resumed run steps with the count the interrupted one
+had, whatever its environment says), and the generation each store committed.
 ``restore`` rolls every store back to that generation, dropping whatever was recorded
 after the checkpoint (a store that committed before the process died, its checkpoint not
 yet written), so the resumed loop records every step exactly once.
@@ -52,6 +54,7 @@ class Checkpointer:
             "step": step,
             "epoch_generator_state": epoch_generator_state,
             "torch_rng_state": torch.get_rng_state(),
+            "torch_threads": torch.get_num_threads(),
             "generations": generations,
             "seconds": float(seconds),  # training time so far, over every process that took part
         }
@@ -83,6 +86,9 @@ class Checkpointer:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng_state"])
+        threads = int(state.get("torch_threads", 0))  # absent from checkpoints of older versions
+        if threads and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         for store in stores:
             name = _key(store)
             if store.finished:
