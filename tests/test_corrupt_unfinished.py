@@ -30,7 +30,6 @@ def test_the_recording_has_committed_runs_runs_after_the_commit_and_located_attr
     assert all((run, name) in located for run in regions["runs"] for name in ("committed", "generation"))
 
 
-
 def test_flipped_bytes_in_an_unfinished_recording_are_refused_or_harmless(unfinished):
     work, source, expected, regions = unfinished
     flips = corrupt.targeted_flips(regions, "key bytes")
