@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,33 +40,65 @@ PROBE_TOLERANCE = 1e-2
 # Prepare a batch's positions in a thread while its forward runs (False: at begin_batch, inline).
 PREPARE_IN_BACKGROUND = True
 
-UNSUPPORTED_HELP = ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), freeze the module's "
-                    "parameters, or record with engine='vmap' (slower, any module torch.func supports)")
+# Relative size below which a change (or a gradient) in another sample's slice counts as none (the check
+# compares two runs of the same kernels on the same shapes: kept-apart slices are equal to the bit).
+SEPARATION_TOLERANCE = 1e-5
+
+VMAP_HELP = "or record with engine='vmap' (slower, any module torch.func supports)"
+SEQUENCE_FIRST_HELP = ("run it on batch-first tensors: the samples must be the first dimension of its input "
+                       "(batch_first=True for nn.Transformer*/nn.MultiheadAttention, or transpose before calling it)")
+SHARED_HELP = ("give it its input per sample: expand the shared input to the batch before the call, e.g. "
+               "pos(position_ids.expand(B, -1)) or pos(torch.arange(T).expand(B, -1))")
 
 
 class UnsupportedModelError(ValueError):
     """The model holds modules the masked engine cannot attribute per sample."""
 
 
+def advice_for(module: nn.Module) -> str:
+    """What to do about a module the masked engine refuses: advice that fits the module."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), or use it in eval mode with its "
+                f"affine parameters frozen, {VMAP_HELP}")
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return f"construct it with scale_grad_by_freq=False, freeze it, {VMAP_HELP}"
+    if isinstance(module, nn.MultiheadAttention):
+        return ("build the attention from nn.Linear projections and F.scaled_dot_product_attention (batch-first), "
+                f"freeze its parameters, {VMAP_HELP}")
+    if isinstance(module, nn.RNNBase):
+        return f"write the recurrence with nn.Linear layers called at each step, freeze its parameters, {VMAP_HELP}"
+    return (f"hold its parameters in supported submodules ({_supported()}), freeze them (requires_grad_(False)), "
+            f"{VMAP_HELP}")
+
+
+def _supported() -> str:
+    return ", ".join(cls.__name__ for cls in layers.HANDLERS) + " and their subclasses"
+
+
 def check_model(model: nn.Module):
-    """Refuse, naming them, the modules whose per-sample gradients the engine cannot form."""
+    """Refuse, naming them by path with advice that fits each, the modules whose per-sample
+    gradients the engine cannot form."""
     problems = []
     for name, module in model.named_modules():
+        path = name or "model"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.training or any(p.requires_grad for p in module.parameters(recurse=False)):
-                problems.append(f"{name or 'model'} ({type(module).__name__}: mixes the samples of a batch in training mode)")
+                problems.append(f"{path} ({type(module).__name__}: mixes the samples of a batch in training mode): "
+                                f"fix: {advice_for(module)}")
             continue
         trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not trainable:
             continue
         if handler_for(module) is None:
-            problems.append(f"{name or 'model'} ({type(module).__name__}, parameters {', '.join(trainable)})")
+            problems.append(f"{path} ({type(module).__name__}, parameters {', '.join(trainable)}): "
+                            f"fix: {advice_for(module)}")
         elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-            problems.append(f"{name} (Embedding with scale_grad_by_freq: its gradient depends on the whole batch)")
+            problems.append(f"{path} (Embedding with scale_grad_by_freq: its gradient depends on the whole batch): "
+                            f"fix: {advice_for(module)}")
     if problems:
         raise UnsupportedModelError(
             "the masked engine cannot record per-sample gradients of: " + "; ".join(problems)
-            + ". Supported: Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm. Fix: " + UNSUPPORTED_HELP
+            + f". Supported: {_supported()}."
         )
 
 
@@ -190,6 +223,9 @@ class MaskedEngine:
         offset_of = {id(p): offsets[i] for i, p in enumerate(model.parameters())}
         index_of = {id(p): i for i, p in enumerate(model.parameters())}
         self.offsets = np.array(offsets, np.int64)
+        paths = {}
+        for path, module in model.named_modules():
+            paths.setdefault(module, path or "model")
         self._handles = []
         dense_candidates = []
         for module in model.modules():
@@ -205,8 +241,20 @@ class MaskedEngine:
                 slots_of[module] = slots
                 self._handles.append(module.register_forward_hook(self._forward_hook))
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(module.register_forward_pre_hook(_refuse_training_batchnorm))
+                self._handles.append(module.register_forward_pre_hook(_RefuseTrainingBatchNorm(paths[module])))
         self._slots_of = slots_of
+        self.paths = paths
+        # The one-time check that every recorded module keeps the samples apart (verify_separation):
+        # at the first recorded forward of two or more samples, before it runs.
+        self.root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.verified = False
+        self.verify_seconds = 0.0
+        self._verifying = None  # {module: [(input, output)]} while the check reruns the forward
+        self._verify_grads = {}  # (module, call) -> gradient at its output, in the check's backward
+        self._expanding = False  # the check's last rerun: shared inputs expanded
+        self.expand = {}  # module -> "prepend" | "replace": its input is shared by the batch (see verify_separation)
+        self._forward_batch = None  # samples of the forward in progress
+        self._handles.append(self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         probe_slot = min(dense_candidates, key=lambda s: s.param.numel(), default=None)
         if probe_slot is not None:
             probe_slot.qualified = names[id(probe_slot.param)]
@@ -264,11 +312,45 @@ class MaskedEngine:
 
     # ------------------------------------------------------------------ hooks
 
+    def _root_pre_hook(self, root, args, kwargs):
+        if not torch.is_grad_enabled() or self._verifying is not None:
+            return
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return
+        batch = self.current.keys.size if self.current is not None else None
+        if batch is None:
+            first = next((t for t in _tensors((args, kwargs)) if t.dim() >= 1), None)
+            batch = None if first is None else first.shape[0]
+        self._forward_batch = batch
+        if not self.verified and batch is not None and batch >= 2:
+            started = time.perf_counter()
+            try:
+                verify_separation(self, args, kwargs, batch)
+            finally:
+                self.verify_seconds += time.perf_counter() - started
+            self.verified = True
+
     def _forward_hook(self, module, inputs, output):
+        mode = self.expand.get(module)
+        if self._verifying is not None and isinstance(output, torch.Tensor) and inputs \
+                and isinstance(inputs[0], torch.Tensor):  # the one-time check's rerun: keep what it compares
+            if mode is not None and self._expanding:
+                inputs, output = (_expanded(inputs[0], mode, self._forward_batch), *inputs[1:]), \
+                    _expanded(output, mode, self._forward_batch)
+            calls = self._verifying.setdefault(module, [])
+            if output.requires_grad:  # a hook, not autograd.grad on the tensor: an in-place op may follow (ReLU)
+                key = (module, len(calls))
+                output.register_hook(lambda grad: self._verify_grads.__setitem__(key, grad))
+            calls.append((inputs[0], output))
+            return output
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return  # inside a torch.func transform (e.g. the vmap reference): not the user's backward
+        if mode is not None and self._forward_batch is not None:
+            # an input shared by the batch: its output, expanded to the batch, carries each sample's gradient
+            inputs = (_expanded(inputs[0], mode, self._forward_batch), *inputs[1:])
+            output = _expanded(output, mode, self._forward_batch)
         entry, slots = self.current, self._slots_of[module]
 
         def on_output_grad(grad):
@@ -279,6 +361,7 @@ class MaskedEngine:
                 self._compute(entry, capture, slots)
 
         output.register_hook(on_output_grad)
+        return output if mode is not None else None
 
     @torch.no_grad()  # the inputs require grad: nothing here belongs in a graph
     def _compute(self, entry: BatchEntry, capture: Capture, slots):
@@ -286,8 +369,11 @@ class MaskedEngine:
         prepared = entry.ready()
         batch = capture.delta.shape[0]
         if batch != entry.keys.size:
-            raise ValueError(f"{type(capture.module).__name__} saw a batch of {batch} samples, but the batch has "
-                             f"{entry.keys.size} keys: keys must follow the batch's first dimension")
+            module = capture.module
+            raise ValueError(f"module {self.paths.get(module, '?')} ({type(module).__name__}) saw a batch of {batch} "
+                             f"samples, but the batch has {entry.keys.size} keys: keys must follow the batch's first "
+                             f"dimension. Fix: name each batch's samples in order (set_batch) and "
+                             f"{SEQUENCE_FIRST_HELP}")
         handler = handler_for(capture.module)
         on_cpu = layers.USE_NUMBA and capture.delta.device.type == "cpu"
         for slot in slots:
@@ -366,7 +452,288 @@ def merge_repeated_keys(keys, labels, per_mask):
     return unique, None if labels is None else labels[first], merged
 
 
-def _refuse_training_batchnorm(module, inputs):
-    if module.training and torch.is_grad_enabled():
-        raise UnsupportedModelError(f"{type(module).__name__} ran in training mode while recording: it mixes the "
-                                    f"samples of a batch. Fix: {UNSUPPORTED_HELP}")
+class _RefuseTrainingBatchNorm:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, module, inputs):
+        if module.training and torch.is_grad_enabled():
+            raise UnsupportedModelError(f"{self.path} ({type(module).__name__}) ran in training mode while recording: "
+                                        f"it mixes the samples of a batch. Fix: {advice_for(module)}")
+
+
+# ---------------------------------------------------------------------- the one-time separation check
+
+
+def _tensors(tree):
+    """The tensors in nested tuples, lists and mappings (a batch, a model's output)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):  # dicts, Hugging Face's BatchEncoding and ModelOutput
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (tuple, list)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _map_tensors(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, Mapping):
+        mapped = {key: _map_tensors(value, fn) for key, value in tree.items()}
+        try:
+            return type(tree)(mapped)
+        except Exception:
+            return mapped
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map_tensors(value, fn) for value in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_tensors(value, fn) for value in tree)
+    return tree
+
+
+def _expanded(tensor, mode, batch):
+    """A tensor shared by the batch, as one slice per sample (a view: no copy)."""
+    if mode == "replace":  # a leading dimension of 1 that broadcasts
+        return tensor.expand(batch, *tensor.shape[1:])
+    return tensor.unsqueeze(0).expand(batch, *tensor.shape)  # no batch dimension at all
+
+
+def _changed(before, after):
+    """Bool [rows] (or [] for a 0-d tensor): which slices along the first dimension differ."""
+    if before.shape != after.shape:
+        return None
+    if before.is_floating_point() or before.is_complex():
+        scale = max(float(before.abs().max()) if before.numel() else 0.0,
+                    float(after.abs().max()) if after.numel() else 0.0, 1e-30)
+        differs = (after - before).abs() > SEPARATION_TOLERANCE * scale
+    else:
+        differs = after != before
+    return differs.reshape(differs.shape[0], -1).any(1) if differs.dim() else differs
+
+
+def _leaks(grad, batch, sample):
+    """Whether the gradient of sample ``sample``'s outputs alone reaches another sample's slice."""
+    if grad.dim() == 0 or grad.shape[0] != batch:
+        return True
+    rows = grad.detach().abs().reshape(batch, -1).amax(1)
+    others = torch.cat([rows[:sample], rows[sample + 1:]])
+    return bool(others.numel()) and float(others.max()) > SEPARATION_TOLERANCE * max(float(rows.max()), 1e-30)
+
+
+def verify_separation(engine, args, kwargs, batch, sample=0):
+    """Refuse, once per model, the recorded modules that do not keep a batch's samples apart along
+    the first dimension of their input; find the inputs shared by the batch and expand them.
+
+    Runs before the first recorded forward of >= 2 samples, on that forward's own inputs. The
+    forward is rerun (A, B and, when some input is shared, C), the RNG state restored before each
+    rerun and after them (dropout draws the same masks in every rerun, and the user's forward
+    then runs as it would have), the model's buffers restored, its train/eval mode and parameters
+    untouched (torch.autograd.grad: nothing reaches ``.grad``):
+
+    A. as called: each recorded call's input and output; then the gradient of a random projection
+       of sample ``sample``'s outputs alone: at each module's output it must vanish in every other
+       sample's slice (else the module's rows would take in other samples' losses);
+    B. with sample ``sample``'s slice of every input perturbed (no grad): each recorded module's
+       input may change in that sample's slice only. Sequence-first [T, B, D] inputs fail A or B,
+       T == B included.
+    An input unchanged by B whose output fails A (``pos(torch.arange(T))``, a [1, T]
+    ``position_ids`` buffer) is shared by the batch: C reruns with its input and output expanded
+    to the batch (a view); the model's outputs must be A's, and the gradient at the expanded
+    output then per sample: each sample's row holds its own share of the shared module's gradient.
+    Last, on A's (or C's) gradients: a trainable parameter that received a gradient while no hook
+    saw its module run is refused, and each module's gradient for that sample, as its handler
+    forms it, must equal autograd's (a subclass whose forward is not its base's is refused).
+    """
+    root = engine.root
+    inputs = [t for t in _tensors((args, kwargs)) if t.dim() >= 1 and t.shape[0] == batch]
+    if not inputs:
+        shapes = ", ".join(str(list(t.shape)) for t in _tensors((args, kwargs)))
+        raise ValueError(f"the batch has {batch} keys, but no input of the model ({shapes}) has {batch} samples along "
+                         f"its first dimension: keys must follow the batch's first dimension (batch-first inputs)")
+    generator = torch.Generator().manual_seed(0)
+
+    def perturb(t):
+        if t.dim() == 0 or t.shape[0] != batch:
+            return t
+        t = t.detach().clone()
+        if t.is_floating_point():
+            noise = torch.randn(t[sample].shape, generator=generator).to(t.device, t.dtype)
+            t[sample] += noise * (float(t.abs().max()) + 1.0)
+        elif t.dtype == torch.bool:
+            t[sample] = ~t[sample]
+        elif not t.is_complex():
+            t[sample] = torch.remainder(t[sample] + 1, int(t.max()) + 1)
+        return t
+
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    buffers = [(b, b.detach().clone()) for b in root.buffers()]
+
+    def rerun(call_args, call_kwargs, grad, expanding=False):
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        engine._verifying, engine._expanding, engine._forward_batch = {}, expanding, batch
+        try:
+            with torch.set_grad_enabled(grad):
+                out = root(*call_args, **call_kwargs)
+            return out, engine._verifying
+        finally:
+            engine._verifying, engine._expanding = None, False
+            _restore(buffers)
+
+    try:
+        out_a, calls_a = rerun(args, kwargs, True)
+        grads_a, params_a = _sample_gradients(engine, out_a, calls_a, batch, sample)
+        _, calls_b = rerun(*_map_tensors((args, kwargs), perturb), False)
+        mixed, shared = [], {}
+        for module, calls in calls_a.items():
+            after = calls_b.get(module, [])
+            kinds = set()
+            for index, (a, out) in enumerate(calls):
+                changed = _changed(a.detach(), after[index][0].detach()) if index < len(after) else None
+                leaks = grads_a is not None and grads_a.get((module, index)) is not None \
+                    and _leaks(grads_a[(module, index)], batch, sample)
+                batch_first = a.dim() >= 1 and a.shape[0] == batch
+                if changed is None:
+                    kinds.add("mixed")
+                elif not bool(changed.any()) and (leaks or not batch_first):
+                    kinds.add("replace" if a.dim() >= 1 and a.shape[0] == 1 and out.dim() >= 1
+                              and out.shape[0] == 1 else "prepend")
+                elif not batch_first or bool(torch.cat([changed[:sample], changed[sample + 1:]]).any()) or leaks:
+                    kinds.add("mixed")
+            if "mixed" in kinds:
+                mixed.append(module)
+            elif len(kinds) > 1:  # shared in some calls, per sample in others
+                mixed.append(module)
+            elif kinds:
+                shared[module] = kinds.pop()
+        if mixed:
+            raise UnsupportedModelError(
+                "the masked engine would record wrong rows: these modules do not keep the samples of a batch apart "
+                "along the first dimension of their input (checked by perturbing one sample): "
+                + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {list(calls_a[m][0][0].shape)})"
+                            for m in mixed)
+                + f", for a batch of {batch}. Fix: {SEQUENCE_FIRST_HELP}")
+        grads, params = grads_a, params_a
+        if shared:
+            engine.expand = dict(shared)
+            try:
+                out_c, calls_c = rerun(args, kwargs, True, expanding=True)
+                same = _same_outputs(out_a, out_c)
+                grads, params = _sample_gradients(engine, out_c, calls_c, batch, sample) if same else (None, None)
+            except Exception:
+                same = False
+            if same and grads is not None:
+                same = not any(_leaks(g, batch, sample) for (m, _), g in grads.items() if m in shared and g is not None)
+            if not same:
+                engine.expand = {}
+                raise UnsupportedModelError(
+                    "the masked engine cannot attribute per sample the modules whose input is shared by the batch "
+                    "and whose output is not combined with each sample's own: "
+                    + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {list(calls_a[m][0][0].shape)})"
+                                for m in shared) + f". Fix: {SHARED_HELP}")
+            calls_a = calls_c
+        if params is not None:
+            _check_parameters(engine, calls_a, grads, params, sample)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        engine._forward_batch = batch
+
+
+def _restore(buffers):
+    """Buffers back as they were (only those a forward changed: an untouched one keeps its version)."""
+    with torch.no_grad():
+        for b, saved in buffers:
+            if not torch.equal(b, saved):
+                b.copy_(saved)
+
+
+def _same_outputs(first, second):
+    first, second = list(_tensors(first)), list(_tensors(second))
+    if len(first) != len(second):
+        return False
+    for a, b in zip(first, second):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point() and not torch.allclose(a.detach(), b.detach(), rtol=1e-5,
+                                                        atol=1e-6 * max(float(a.detach().abs().max()), 1e-30)):
+            return False
+        if not a.is_floating_point() and not torch.equal(a, b):
+            return False
+    return True
+
+
+def _sample_gradients(engine, out, calls, batch, sample):
+    """Autograd's gradients of a random projection of one sample's outputs: at each recorded call's
+    output {(module, call): grad}, and at each recorded parameter {id: grad}; (None, None) when the
+    model's outputs have no per-sample slices that require grad."""
+    outs = [t for t in _tensors(out) if t.dim() >= 1 and t.shape[0] == batch and t.requires_grad
+            and t.is_floating_point()]
+    if not outs:
+        return None, None
+    generator = torch.Generator().manual_seed(1)
+    target = sum((t[sample].float() * torch.randn(t[sample].shape, generator=generator).to(t.device)).sum()
+                 for t in outs)
+    params = {id(slot.param): slot.param for slots in engine._slots_of.values() for slot in slots}
+    engine._verify_grads = {}
+    try:
+        grads = torch.autograd.grad(target, list(params.values()), allow_unused=True)
+        at_outputs = engine._verify_grads
+    finally:
+        engine._verify_grads = {}
+    return at_outputs, dict(zip(params, grads))
+
+
+def _check_parameters(engine, calls, grads, params, sample):
+    """Every parameter with a gradient was seen by its module's hook, and each handler's gradient of
+    the sample equals autograd's (tied parameters: summed over the modules that hold them)."""
+    formed, skip, unseen = {}, set(), []
+    for module, slots in engine._slots_of.items():
+        found = calls.get(module, [])
+        for slot in slots:
+            theirs = params.get(id(slot.param))
+            if not found:
+                if theirs is not None and bool(theirs.ne(0).any()):
+                    unseen.append(f"{engine.paths[module]}.{slot.name}")
+                continue
+            if isinstance(module, nn.Embedding):
+                skip.add(id(slot.param))  # entry by entry only; its forward is F.embedding's
+                continue
+            handler = handler_for(module)
+            for index, (a, out) in enumerate(found):
+                grad = grads.get((module, index))
+                if grad is None or a.dim() == 0:
+                    continue
+                capture = Capture(module, (a.detach()[sample:sample + 1],), grad[sample:sample + 1])
+                try:
+                    mine = handler.dense(capture, slot.name)[0]
+                except Exception:
+                    skip.add(id(slot.param))
+                    continue
+                formed[id(slot.param)] = formed.get(id(slot.param), 0) + mine
+    if unseen:
+        raise UnsupportedModelError(
+            "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
+            f"would stay empty: {', '.join(unseen)} (nn.MultiheadAttention uses out_proj's weight without calling "
+            "out_proj). Fix: build the computation from modules that are called (nn.Linear projections and "
+            f"F.scaled_dot_product_attention for attention), freeze these parameters, {VMAP_HELP}")
+    wrong = []
+    names = {id(slot.param): f"{engine.paths[m]}.{slot.name}" for m, slots in engine._slots_of.items() for slot in slots}
+    for key, mine in formed.items():
+        theirs = params.get(key)
+        if key in skip or theirs is None:
+            continue
+        theirs = theirs.detach().reshape(-1).float()
+        error = float((mine.reshape(-1) - theirs).norm()) / max(float(theirs.norm()), 1e-30)
+        if error > 1e-3:
+            wrong.append(f"{names[key]} (relative error {error:.2g})")
+    if wrong:
+        raise UnsupportedModelError(
+            "the masked engine's per-sample gradient differs from autograd's for: " + ", ".join(wrong)
+            + ": a subclass whose forward is not its base's, or a parameter also used outside its module. "
+            f"Fix: record these modules' parameters through supported modules, freeze them, {VMAP_HELP}")

@@ -356,5 +356,12 @@ HANDLERS = {
 
 
 def handler_for(module):
-    """The handler of this exact module type, or None (subclasses may change the forward)."""
-    return HANDLERS.get(type(module))
+    """The handler of the module's type, or of its nearest supported base class (most specific
+    first along the MRO: ``nn.MultiheadAttention.out_proj`` is a ``NonDynamicallyQuantizableLinear``,
+    recorded as a Linear), or None. A subclass that changes the forward is caught by the engine's
+    one-time check (``engine.verify_separation``), which compares the handler's gradient with autograd's."""
+    for cls in type(module).__mro__:
+        handler = HANDLERS.get(cls)
+        if handler is not None:
+            return handler
+    return None

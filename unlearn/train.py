@@ -23,6 +23,7 @@ integer targets) batches and a per-sample loss).
 
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
 import numba
@@ -135,6 +136,49 @@ class RecordingLoader:
         for batch, indices in self._loader:
             self.session.begin_batch(indices.numpy(), labels_of(batch, indices.numel()), batch)
             yield batch
+
+
+LABEL_KEYS = ("labels", "label", "targets", "target")
+
+
+def vmap_inputs(batch):
+    """(inputs, targets) of a batch the vmap engine recomputes: an (inputs, targets) pair, or a dict
+    whose label entry ('labels', 'label', 'targets' or 'target') holds the targets and whose other
+    tensor entries are the model's input: one is passed positionally, several as keyword arguments."""
+    if isinstance(batch, Mapping):
+        name = next((n for n in LABEL_KEYS if n in batch), None)
+        if name is None:
+            raise ValueError(f"engine='vmap' needs each dict batch to hold its targets under one of {LABEL_KEYS}; "
+                             f"this one has {sorted(batch)}")
+        targets = batch[name]
+        rest = {key: value for key, value in batch.items() if key != name and isinstance(value, torch.Tensor)
+                and value.dim() >= 1 and value.shape[0] == len(targets)}
+        if not rest:
+            raise ValueError(f"engine='vmap': the dict batch {sorted(batch)} has no input tensor of {len(targets)} samples")
+        return (next(iter(rest.values())) if len(rest) == 1 else rest), targets
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(f"engine='vmap' needs (inputs, targets) batches or dicts with a label entry, got {type(batch).__name__}")
+
+
+def _per_sample_grads_kwargs(model, inputs, targets, loss_scale, chunk_size, loss_fn):
+    """``per_sample_grads`` for a model called with keyword inputs: flat [B, M] per-sample gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+
+    def sample_loss(p, x, y):
+        logits = functional_call(model, p, (), {name: value.unsqueeze(0) for name, value in x.items()})
+        return loss_fn(logits, y.unsqueeze(0)) * loss_scale
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    outputs = []
+    for start in range(0, len(targets), chunk_size):
+        chunk = {name: value[start:start + chunk_size] for name, value in inputs.items()}
+        grads = per_sample(params, chunk, targets[start:start + chunk_size])
+        outputs.append(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1))
+    return torch.cat(outputs)
 
 
 def _delegated(name):
@@ -289,6 +333,9 @@ class RecordingSession:
 
     def _vmap(self, x, y):
         device = self.params[0].device
+        if isinstance(x, Mapping):  # keyword inputs of a dict batch
+            return _per_sample_grads_kwargs(self.model, {name: v.to(device) for name, v in x.items()}, y.to(device),
+                                            1.0 / len(y), self.chunk_size, self.loss_fn)
         return per_sample_grads(self.model, x.to(device), y.to(device), loss_scale=1.0 / len(y),
                                 chunk_size=self.chunk_size, loss_fn=self.loss_fn)
 
@@ -302,7 +349,7 @@ class RecordingSession:
         if self._per_sample is not None:
             per_sample = self._per_sample
         else:
-            per_sample = torch.cat([self._vmap(*b[2]) for b in batches])
+            per_sample = torch.cat([self._vmap(*vmap_inputs(b[2])) for b in batches])
         result = {}
         for seed, k in self.mask_specs:
             positions = torch.from_numpy(masks.positions_many(seed, keys, self.num_params, k)).to(per_sample.device)
