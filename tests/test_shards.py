@@ -76,13 +76,13 @@ def test_joined_store_equals_one_writers_store(tmp_path, ranks):
     assert not any(name.startswith("recording-") for name in os.listdir(shards.shard_dir(path)))
 
 
-def test_plain_h5py_reads_the_joined_rows(tmp_path):
+def test_plain_h5py_reads_the_joined_rows(tmp_path, monkeypatch):
     """FORMAT.md's recipe: the entry point's rows/<part> are virtual datasets over the shards."""
     path = record(tmp_path, 2, codec="int8")
     finish(path, 2)
     with gradstore.open(path) as joined:
         expected = joined.read([3, N - UNSEEN - 1])
-    os.chdir(tmp_path.parent)  # the shards are found beside the entry point, not from the working directory
+    monkeypatch.chdir(tmp_path.parent)  # the shards are found beside the entry point, not from the working directory
     with h5py.File(path, "r") as f:
         scales, values = f["rows/scales"][[3, N - UNSEEN - 1]], f["rows/values"][[3, N - UNSEEN - 1]]
         assert f["rows/state"][N - 1] == RowState.EMPTY and f["rows/state"][0] == RowState.LIVE
@@ -182,7 +182,7 @@ def test_shard_ranges_cover_every_key_at_chunk_boundaries():
         assert all(lo % rows == 0 for lo, _ in ranges)
 
 
-def test_format_docs_shard_check_recipe_runs_as_written(tmp_path):
+def test_format_docs_shard_check_recipe_runs_as_written(tmp_path, monkeypatch):
     """docs/FORMAT.md's h5py-only check of a sharded store, executed on one (and failing on a foreign shard)."""
     text = open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "FORMAT.md")).read()
     section = text[text.index("## A sharded store"):]
@@ -190,7 +190,7 @@ def test_format_docs_shard_check_recipe_runs_as_written(tmp_path):
     run_dir = tmp_path / "RUN"
     run_dir.mkdir()
     finish(record(run_dir, 2, codec="int8"), 2)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # restored afterwards: later tests find ../shared/data from the checkout
     exec(compile(recipe, "FORMAT.md", "exec"), {})
     other = tmp_path / "other"
     other.mkdir()
