@@ -116,9 +116,9 @@ def create(
     if buffer_dir is not None and not os.path.isdir(buffer_dir):
         raise BadInputError(f"buffer_dir {os.fspath(buffer_dir)!r} is not a directory")
     with Claim(path, overwrite) as claim:  # nothing at ``path`` changes until the new file is whole
-        tmp_path = temp_path(path, "create")
-        h5file = None
+        tmp_path, h5file = None, None
         try:
+            tmp_path = temp_path(path, "create")
             h5file = open_h5(tmp_path, "w")  # our own fresh file: truncating it harms no one
             write_header(h5file, config, finished=False)
             rows = h5file.create_group(ROWS)
@@ -133,8 +133,9 @@ def create(
             if h5file is not None:
                 with contextlib.suppress(Exception):
                     h5file.close()
-            with contextlib.suppress(OSError):
-                os.remove(tmp_path)
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp_path)
             if isinstance(error, OSError) and not isinstance(error, StoreError):
                 raise write_failed(path, error, "nothing was changed") from error
             raise
