@@ -305,6 +305,12 @@ class Claim:
             except FileExistsError:
                 raise StoreLockedError(f"{self.path} was created by another process meanwhile; "
                                        "nothing of it was changed") from None
+            except OSError:  # a file system without hard links: a rename, guarded only by the check before it
+                if os.path.lexists(self.path):
+                    raise StoreLockedError(f"{self.path} was created by another process meanwhile; "
+                                           "nothing of it was changed") from None
+                os.replace(tmp_path, self.path)
+                return
             os.remove(tmp_path)
             return
         held, now = os.fstat(self._held), _stat_or_none(self.path)
