@@ -205,7 +205,15 @@ class Recording(StoreFile):
         os.fsync(self._h5.id.get_vfd_handle())
 
     def _write_commit_record(self, generation, note, runs):
-        """The commit record: its generation, note and the runs that count from it (sealed by the caller)."""
+        """The commit record: its generation, note and the runs that count from it (sealed by the caller).
+
+        A run written before runs carried ``run_crc32`` (a recording begun by an older
+        gradstore, resumed here) gets it now, from the attributes that made it count.
+        """
+        for name in runs:
+            group = self._h5[STAGING][name]
+            if staging.RUN_CRC not in group.attrs:
+                group.attrs[staging.RUN_CRC] = staging.run_signature(group)
         set_json_attr(self._h5, ATTR_COMMITTED, {"generation": generation, "note": note,
                                                  COMMIT_RUNS: staging.encode_run_names(runs)})
 

@@ -163,12 +163,12 @@ def run_signature(group) -> int:
     that silently stops counting.
     """
     attrs = group.attrs
-    decided = [
-        int(attrs[RUN_GENERATION]),
-        bool(attrs[RUN_COMMITTED]),
-        get_json_attr(group, RUN_REPLACES),
-        int(attrs[RUN_INDEX_CRC]),
-        zlib.crc32(np.ascontiguousarray(group["checksums"][()], "<u4").tobytes()),
+    decided = [  # runs written before 2026-12-07 may lack replaces, index_crc32 or checksums: null then
+        int(attrs.get(RUN_GENERATION, 0)),
+        bool(attrs.get(RUN_COMMITTED, False)),
+        get_json_attr(group, RUN_REPLACES) if RUN_REPLACES in attrs else None,
+        int(attrs[RUN_INDEX_CRC]) if RUN_INDEX_CRC in attrs else None,
+        zlib.crc32(np.ascontiguousarray(group["checksums"][()], "<u4").tobytes()) if "checksums" in group else None,
         [int(n) for n in group["values"].shape],
         [int(n) for n in group["values"].chunks],
         group["values"].dtype.str,  # byte order included: the chunks are decoded with it

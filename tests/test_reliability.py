@@ -322,3 +322,33 @@ def test_compacted_runs_are_named_by_the_commit_that_counts_them(tmp_path):
         finished = reopened.finalize()
         assert np.array_equal(finished.read(np.arange(70))[:, 0], np.arange(70, dtype=np.float32))
         finished.close()
+
+
+def test_a_recording_begun_before_commits_named_their_runs_resumes_and_commits(tmp_path):
+    """A recording written by an older gradstore (no "runs" in its commit record, no run_crc32) opens, resumes,
+    commits and reopens: its old runs are given their run_crc32 at that commit."""
+    import h5py
+
+    from gradstore.format import get_json_attr, seal_metadata, set_json_attr
+
+    path = tmp_path / "old.h5"
+    store = gradstore.create(path, 100, 10, 0.5, codec="fp32")
+    store.accumulate(np.arange(3), np.ones((3, 50), np.float32))
+    store.commit(note=1)
+    store.close()
+    with h5py.File(path, "r+") as f:  # as gradstore wrote it before 2026-12-07
+        record = get_json_attr(f, "gradstore_committed")
+        set_json_attr(f, "gradstore_committed", {"generation": record["generation"], "note": record["note"]})
+        for run in f["staging"].values():
+            del run.attrs["run_crc32"]
+        seal_metadata(f)
+    with gradstore.open(path, "r+") as store:
+        assert store.state[:4].tolist() == [1, 1, 1, 0]
+        store.accumulate(np.arange(2, 5), np.full((3, 50), 2.0, np.float32))
+        store.commit(note=2)
+    with gradstore.open(path, "r+") as store:  # used to be refused as damaged here
+        assert store.commit_note == 2
+        finished = store.finalize()
+        assert finished.read(np.arange(5))[:, 0].tolist() == [1.0, 1.0, 3.0, 2.0, 2.0]
+        finished.close()
+
