@@ -8,7 +8,7 @@ the poison) and sweeps removal variants of each per-sample store over a grid of 
   moves the model less);
 - projected once: the rows projected off the retained data's mean-output gradients at w;
 - projected path: the path the sample rule walks (unlearn.projection), segment by segment;
-- auto: the sample rule's own choice (unlearn.forget.choose_sample_step), then the fine-tune.
+- auto: the sample rule's own choice (unlearn.forgetting.workflow.choose_sample_step), then the fine-tune.
 Each point: ASR, target-class test accuracy, TA (and the poisoned samples' accuracy on their
 label). Writes backdoor.json, backdoor.md and backdoor-frontier.png (ASR against the target
 class and against TA, one line per variant) under --out.
@@ -21,18 +21,19 @@ from pathlib import Path
 import numpy as np
 
 import gradstore
-from unlearn import poison
-from unlearn.evaluate import MIA_METHOD, accuracy
-from unlearn.forget import apply_removal, plan_removal
-from unlearn.models import flat_params, load_flat_params
-from unlearn.projection import ProjectedWalk, project_off, retained_output_basis
+from unlearn.evaluation import backdoor_metrics
+from unlearn.runs import poison
+from unlearn.evaluation import MIA_METHOD, accuracy
+from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.params import flat_params, load_flat_params
+from unlearn.forgetting.projection import ProjectedWalk, project_off, retained_output_basis
 
 from . import study_cells, study_record
 
 
 def figures(model, weights, data):
     load_flat_params(model, weights)
-    result = poison.metrics(model, data)
+    result = backdoor_metrics(model, data)
     result["ta"] = accuracy(model, data.test_x, data.test_y)
     return result
 

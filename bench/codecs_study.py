@@ -13,9 +13,9 @@ import torch
 
 import gradstore
 from gradstore.codecs import Int8Block
-from unlearn.data import load_mnist
-from unlearn.models import build_model
-from unlearn.per_sample import per_sample_grads
+from unlearn.runs.data import load_mnist
+from unlearn.runs.models import build_model
+from unlearn.recording.per_sample import per_sample_grads
 
 from .gradients import BATCH, mnist_gradients
 from .store import entropy_bytes_per_value, masked_rows

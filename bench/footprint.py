@@ -16,10 +16,10 @@ import torch
 
 import gradstore
 from gradstore.codecs import get_codec
-from unlearn import data as datasets
-from unlearn.models import build_model
-from unlearn.recorders import create_recorder
-from unlearn.train import train
+from unlearn.runs import data as datasets
+from unlearn.runs.models import build_model
+from unlearn.recording.recorders import create_recorder
+from unlearn.runs.loop import train
 
 RAW_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 

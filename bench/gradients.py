@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from unlearn.data import load_dataset
-from unlearn.models import build_model
-from unlearn.per_sample import per_sample_grads
+from unlearn.runs.data import load_dataset
+from unlearn.runs.models import build_model
+from unlearn.recording.per_sample import per_sample_grads
 
 BATCH = 64
 

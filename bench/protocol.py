@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 import gradstore
-from unlearn import data as datasets
-from unlearn.evaluate import accuracy
-from unlearn.forget import apply_removal, plan_removal
-from unlearn.models import build_model, flat_params, load_flat_params
-from unlearn.recorders import create_recorder
-from unlearn.train import train
+from unlearn.runs import data as datasets
+from unlearn.evaluation import accuracy
+from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.runs.models import build_model
+from unlearn.params import flat_params, load_flat_params
+from unlearn.recording.recorders import create_recorder
+from unlearn.runs.loop import train
 
 
 def class_cells(model, data, cls):
@@ -144,7 +145,7 @@ def summary_markdown(results, target_method="per-sample update p=0.01 int8"):
 def poisoned_request(args, out):
     """The poisoned request under the protocol's settings: the study's poisoned run (bench/study.py), on MNIST with
     class 3 kept at its first 100 samples, int8 stores at the protocol's p, every method side by side."""
-    from unlearn.evaluate import MIA_METHOD
+    from unlearn.evaluation import MIA_METHOD
 
     from . import study
 

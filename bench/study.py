@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unlearn.evaluate import MIA_METHOD
+from unlearn.evaluation import MIA_METHOD
 
 from . import study_cells, study_record, study_report
 

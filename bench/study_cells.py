@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 import gradstore
-from unlearn.evaluate import accuracy, evaluate
-from unlearn.forget import apply_removal, plan_removal
-from unlearn.models import build_model, load_flat_params
-from unlearn.train import train
+from unlearn.evaluation import accuracy, evaluate
+from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.runs.models import build_model
+from unlearn.params import load_flat_params
+from unlearn.runs.loop import train
 
 RETAINED_EVAL = 10_000  # retained samples behind RA and the MIA's members
 
@@ -73,7 +74,7 @@ AFTER_FINETUNE = ("asr", "poisoned_label_acc", "target_class_acc", "ta")  # the 
 
 
 def poisoned_metrics(model, data, seed):
-    """The backdoor's figures (unlearn.poison.metrics) beside UA/RA/TA/MIA, on ``data``, the poisoned split."""
+    """The backdoor's figures (unlearn.evaluation.backdoor_metrics) beside UA/RA/TA/MIA, on ``data``, the poisoned split."""
     metrics = evaluate(model, data, data.poison.keys, retained_limit=RETAINED_EVAL, seed=seed)
     return {key: metrics[key] for key in POISON_FIELDS}
 

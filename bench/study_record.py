@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 import gradstore
-from unlearn import data as datasets
-from unlearn import poison
-from unlearn.models import build_model, flat_params
-from unlearn.recorders import create_recorder
-from unlearn.train import train
+from unlearn.runs import data as datasets
+from unlearn.runs import poison
+from unlearn.runs.models import build_model
+from unlearn.params import flat_params
+from unlearn.recording.recorders import create_recorder
+from unlearn.runs.loop import train
 
 RECORDED = "recorded.json"
 # The per-sample engine of the study's one recording run (12 stores, 6 masks whose p sum to 0.455):

@@ -49,7 +49,7 @@ def configurations(args):
 
 
 def load_batches(samples, batch_size):
-    from unlearn import data as datasets
+    from unlearn.runs import data as datasets
 
     try:
         split, source = datasets.load_dataset("mnist"), "mnist"
@@ -62,7 +62,7 @@ def load_batches(samples, batch_size):
 def run_child(spec):
     """One cell: time ``steps`` training steps after ``warmup``; returns the row's measurements."""
     from unlearn import attach, create_recorder
-    from unlearn.models import build_model
+    from unlearn.runs.models import build_model
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])

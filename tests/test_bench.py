@@ -5,7 +5,7 @@ import csv
 import numpy as np
 
 from bench import footprint
-from unlearn import data as datasets
+from unlearn.runs import data as datasets
 
 
 def test_footprint_measures_every_method_of_one_run(tmp_path):

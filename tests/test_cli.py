@@ -165,7 +165,7 @@ def test_unlearn_forget_refuses_the_store_of_another_run(tiny_runs, tmp_path):
 def test_unlearn_forget_refuses_weights_of_another_architecture(tiny_runs, tmp_path):
     import torch
 
-    from unlearn.models import build_model
+    from unlearn.runs.models import build_model
 
     run = tmp_path / "run"
     shutil.copytree(tiny_runs["a"], run)
@@ -334,9 +334,9 @@ def test_unlearn_forget_an_empty_samples_file_is_refused(tiny_runs, tmp_path, ca
 FULL_DISK_CHILD = """
 import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
-from unlearn import runs
+from unlearn.runs import folders as runs
 from unlearn.cli import main
-from unlearn.models import build_model
+from unlearn.runs.models import build_model
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # model.pt (~380 kB) cannot be written
 codes = [main(argv) for argv in json.loads(sys.argv[1])]
 try:

@@ -10,10 +10,11 @@ from torch import nn
 
 import gradstore
 from gradstore import keep_to_k
-from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder, layers
-from unlearn.engine import MaskBatch, MaskedEngine, UnsupportedModelError
-from unlearn.models import build_model
-from unlearn.per_sample import per_sample_grads
+from unlearn.recording import handlers as layers
+from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder
+from unlearn.recording.engine import MaskBatch, MaskedEngine, UnsupportedModelError
+from unlearn.runs.models import build_model
+from unlearn.recording.per_sample import per_sample_grads
 
 SEED = 7
 
@@ -391,7 +392,7 @@ OPTIMIZERS = {
 def test_preconditioner_at_kept_positions_equals_the_whole_one_gathered(monkeypatch, name, use_numba):
     """Update rows read the optimizer's state at their kept positions only; the whole multiplier,
     gathered, is the reference. Two parameter groups with their own lr; every parameter's range."""
-    from unlearn import preconditioner
+    from unlearn.recording import preconditioner
 
     monkeypatch.setattr(preconditioner, "USE_NUMBA", use_numba)
     monkeypatch.setattr(preconditioner, "PARALLEL_MIN_ENTRIES", 64)  # the parallel kernel too

@@ -12,8 +12,8 @@ from torch import nn
 
 from test_engine import DictImages, _rows, _store, assert_close, masked, reference
 from unlearn import attach
-from unlearn.engine import MaskedEngine, UnsupportedModelError
-from unlearn.models import build_model
+from unlearn.recording.engine import MaskedEngine, UnsupportedModelError
+from unlearn.runs.models import build_model
 
 B, VOCAB, WIDTH, CLASSES = 6, 20, 8, 3
 

@@ -126,7 +126,8 @@ def test_parallel_and_serial_kernels_have_their_own_cache_entries():
     """numba's disk cache keys entries by function name and line, not by the parallel flag: a
     parallel and a serial dispatcher of one body would load each other's machine code."""
     from gradstore import kernels
-    from unlearn import pair_kernels, preconditioner
+    from unlearn.recording import kernels as pair_kernels
+    from unlearn.recording import preconditioner
 
     pairs = [(kernels._scatter_add_parallel, kernels._scatter_add_serial),
              (kernels._dequantize_int8_parallel, kernels._dequantize_int8_serial),

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from sklearn.svm import SVC
 
-from unlearn.evaluate import MIA_GRID, mia_efficacy, mia_from_confidences
+from unlearn.evaluation import MIA_GRID, mia_efficacy, mia_from_confidences
 
 
 def confidences(rng, n, sharpness):

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from unlearn import data as datasets
-from unlearn import poison
+from unlearn.runs import data as datasets
+from unlearn.evaluation import backdoor_metrics
+from unlearn.runs import poison
 from unlearn.cli import main as unlearn_main
 
 
@@ -102,8 +103,8 @@ def auto_step(run, samples, monkeypatch=None, threshold=None):
     import importlib
 
     import gradstore
-    from unlearn import runs
-    from unlearn.models import flat_params
+    from unlearn.runs import folders as runs
+    from unlearn.params import flat_params
 
     forgetting = importlib.import_module("unlearn.forget")  # the module (the package exports the function forget)
 
@@ -120,7 +121,7 @@ def auto_step(run, samples, monkeypatch=None, threshold=None):
 
 
 def test_the_sample_rule_removes_nothing_where_the_samples_taught_nothing(poisoned_run):
-    from unlearn.models import flat_params
+    from unlearn.params import flat_params
 
     config = json.loads((poisoned_run / "train.json").read_text())
     poisoned_keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
@@ -133,7 +134,7 @@ def test_the_sample_rule_removes_nothing_where_the_samples_taught_nothing(poison
 
 
 def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evidence(poisoned_run, monkeypatch):
-    from unlearn import poison as poisoning
+    from unlearn.runs import poison as poisoning
 
     keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
     steps = []
@@ -142,7 +143,7 @@ def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evid
         steps.append(choice.scale)
         if threshold == 0.05:
             assert choice.scale > 0 and choice.evidence["p_value"] < 0.05
-            before, after = poisoning.metrics(runs_model(poisoned_run), data), poisoning.metrics(model, data)
+            before, after = backdoor_metrics(runs_model(poisoned_run), data), backdoor_metrics(model, data)
             # digits learn this backdoor weakly (ASR about 0.5) and the guards stop early: the MNIST
             # figures are bench study --request poisoned's (docs/RESULTS.md)
             assert after["asr"] < before["asr"] and after["poisoned_label_acc"] < before["poisoned_label_acc"]
@@ -151,7 +152,7 @@ def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evid
 
 
 def runs_model(run):
-    from unlearn import runs
+    from unlearn.runs import folders as runs
 
     return runs.load_model(run, runs.load_json(run / "train.json"))
 

@@ -5,7 +5,7 @@ on the training thread (the update flavour's Adam preconditioner, in step 1), ca
 ``omp_set_num_threads(NUMBA_NUM_THREADS)``, and torch's CPU kernels read that same setting.
 Under torchrun (``OMP_NUM_THREADS=1``) the uninterrupted run's steps after its first ran on
 every core, a resumed run's first step on one: a matmul reduced in another order, weights
-3.7e-8 apart. ``unlearn.train.hold_torch_threads`` starts numba's threads at import and
+3.7e-8 apart. ``unlearn.recording.threads.hold_torch_threads`` starts numba's threads at import and
 keeps torch's count; the checkpoint also carries the count.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 import gradstore
 from gradstore import RowState
-from unlearn.checkpoint import Checkpointer
+from unlearn.runs.checkpoint import Checkpointer
 
 # The bench crash run's recording (update flavour, Adam, fp32 rows), one epoch of 23 steps.
 TRAIN = ["-m", "unlearn", "train", "--dataset", "digits", "--model", "simple", "--method", "per-sample",

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import gradstore
-from unlearn import data as datasets
+from unlearn.runs import data as datasets
 from unlearn.cli import main as unlearn_main
-from unlearn.models import build_model, flat_params
-from unlearn.per_sample import per_sample_grads
-from unlearn.recorders import PerSampleRecorder, StepRecorder
-from unlearn.train import attach, make_loader, train
+from unlearn.runs.models import build_model
+from unlearn.params import flat_params
+from unlearn.recording.per_sample import per_sample_grads
+from unlearn.recording.recorders import PerSampleRecorder, StepRecorder
+from unlearn.recording.session import attach
+from unlearn.runs.loop import make_loader, train
 
 
 def digits_subset(count=256):
@@ -304,7 +306,7 @@ def test_forget_refuses_a_store_recorded_for_another_model_and_leaves_it_as_it_w
     import hashlib
 
     import gradstore
-    from unlearn.models import named_shapes
+    from unlearn.params import named_shapes
 
     run = tmp_path / "run"
     assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1",

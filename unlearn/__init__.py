@@ -1,4 +1,10 @@
-"""Training that records, forgetting, evaluation: needs the `unlearn` extra (torch)."""
+"""Training that records, forgetting, evaluation: needs the `unlearn` extra (torch).
+
+Four roles, each a folder, each importing only those below it (docs/DESIGN.md):
+``recording`` (attach, the engine, handlers, recorders), ``evaluation`` (metrics),
+``runs`` (the ready-made loop, data, models, poison, checkpoints, run folders) and
+``forgetting`` (requests, removals, step rules); ``cli`` on top.
+"""
 
 import importlib.util as _util
 
@@ -8,10 +14,10 @@ if _MISSING:
                       "(the store alone, gradstore, needs none of them)")
 del _util, _MISSING
 
-from .evaluate import evaluate, mia_efficacy  # noqa: E402
-from .forget import ForgetResult, Removal, apply_removal, forget, mark_applied, plan_removal  # noqa: E402
-from .recorders import PerSampleRecorder, Recorder, StepRecorder, create_recorder, recorder_for  # noqa: E402
-from .train import attach, train  # noqa: E402
+from .recording import PerSampleRecorder, Recorder, StepRecorder, attach, create_recorder, recorder_for  # noqa: E402
+from .evaluation import evaluate, mia_efficacy  # noqa: E402
+from .runs import train  # noqa: E402
+from .forgetting import ForgetResult, Removal, apply_removal, forget, mark_applied, plan_removal  # noqa: E402
 
 __all__ = [
     "ForgetResult",

@@ -19,15 +19,18 @@ import torch
 import gradstore
 from gradstore.cli import run_reporting_errors
 
-from . import data as datasets
-from . import distributed, poison, runs
-from .evaluate import accuracy, evaluate
-from .forget import forget, mark_applied, root_run
+from .evaluation import accuracy, evaluate, predict
+from .forgetting.workflow import forget, mark_applied, root_run
 from .identity import run_identity
-from .models import build_model, named_shapes
-from .recorders import create_recorder, recorder_for
-from .checkpoint import Checkpointer
-from .train import default_device, train
+from .params import named_shapes
+from .recording import distributed
+from .recording.recorders import create_recorder, recorder_for
+from .runs import data as datasets
+from .runs import folders as runs
+from .runs import poison
+from .runs.checkpoint import Checkpointer
+from .runs.loop import default_device, train
+from .runs.models import build_model
 
 GAP_KEYS = ("forgotten_acc", "rest_acc", "ua", "ra", "ta", "mia_efficacy", "asr", "poisoned_label_acc", "target_class_acc")
 DEFAULT_CODEC = {"per-sample": "int8", "original": "fp32", "layer": "fp32"}
@@ -403,7 +406,6 @@ def _remove(staging, created):
 
 def _finite(model, x):
     """Whether the model's weights, and its outputs on ``x``, are all finite numbers."""
-    from .evaluate import predict
 
     if not all(torch.isfinite(value).all() for value in model.state_dict().values() if value.is_floating_point()):
         return False

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from unlearn import attach
-from unlearn import data as datasets
-from unlearn.models import build_model
-from unlearn.recorders import create_recorder
+from unlearn.runs import data as datasets
+from unlearn.runs.models import build_model
+from unlearn.recording.recorders import create_recorder
 
 RANKS, PER_RANK, SEED = 2, 16, 5
 

@@ -16,7 +16,7 @@ of the backdoor's removal as damage on MNIST).
 import numpy as np
 import torch
 
-from .models import load_flat_params
+from ..params import load_flat_params
 
 SAMPLES_PER_CLASS = 300  # retained samples per class behind the directions
 GROUPS = 2  # random groups per class: classes * GROUPS * logits directions

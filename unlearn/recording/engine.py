@@ -3,7 +3,7 @@
 For each batch the engine knows the sample keys, hence every recording mask's
 positions (regenerated from (seed, key), as the store does). A forward hook keeps a
 hooked module's input; a hook on its output receives the output gradient during the
-ordinary ``loss.backward()``; the module's handler (``layers``) then computes each
+ordinary ``loss.backward()``; the module's handler (``handlers``) then computes each
 sample's gradient at that sample's kept positions only, and adds them into the batch's
 [B, k] values. Memory is O(B·k) per mask plus what the layers' backward holds; no
 [B, M] tensor exists. The per-sample quantity is the gradient of the user's own loss
@@ -30,8 +30,8 @@ from torch import nn
 
 from gradstore import masks
 
-from . import layers, pair_kernels
-from .layers import Capture, handler_for
+from . import handlers, kernels
+from .handlers import Capture, handler_for
 
 # The gradient the optimizer stepped with must be this close to a multiple of the
 # backward's (see Probe); farther, the engine warns once.
@@ -72,7 +72,7 @@ def advice_for(module: nn.Module) -> str:
 
 
 def _supported() -> str:
-    return ", ".join(cls.__name__ for cls in layers.HANDLERS) + " and their subclasses"
+    return ", ".join(cls.__name__ for cls in handlers.HANDLERS) + " and their subclasses"
 
 
 def check_model(model: nn.Module):
@@ -139,7 +139,7 @@ class MaskBatch:
         self.numpy = positions
         self.k = positions.shape[1]
         self.offsets = offsets
-        self.bounds = pair_kernels.row_bounds(positions, offsets)  # [B, P + 1]
+        self.bounds = kernels.row_bounds(positions, offsets)  # [B, P + 1]
         self.counts = (self.bounds[:, 1:] - self.bounds[:, :-1]).sum(0)  # [P]: entries in each parameter
         self.positions = torch.from_numpy(positions).to(device, non_blocking=True)
         self.device = device
@@ -375,7 +375,7 @@ class MaskedEngine:
                              f"dimension. Fix: name each batch's samples in order (set_batch) and "
                              f"{SEQUENCE_FIRST_HELP}")
         handler = handler_for(capture.module)
-        on_cpu = layers.USE_NUMBA and capture.delta.device.type == "cpu"
+        on_cpu = handlers.USE_NUMBA and capture.delta.device.type == "cpu"
         for slot in slots:
             here = [(mask, found) for mask, found in prepared.items() if found.count(slot.index)]
             dense = None
@@ -390,7 +390,7 @@ class MaskedEngine:
                 dense_rows = dense.detach().float().contiguous().numpy()
                 for mask, found in here:
                     first, stop = found.rows(slot.index)
-                    pair_kernels.dense_rows(dense_rows, found.numpy, first, stop, slot.offset,
+                    kernels.dense_rows(dense_rows, found.numpy, first, stop, slot.offset,
                                             values_of[mask].view(batch, mask[1]).numpy())
                 continue
             pairs = sum(found.count(slot.index) for _, found in here)

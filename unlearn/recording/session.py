@@ -1,4 +1,4 @@
-"""Training that records: ``attach`` hooks recorders into any loop; ``train`` is a ready loop.
+"""Training that records: ``attach`` hooks recorders into any loop (``unlearn.runs.train`` is a ready one).
 
 ``attach`` works like Opacus' ``make_private``: one call wraps the optimizer and the
 data loader, and the user's loop stays as it was, their loss and scheduler included::
@@ -16,7 +16,7 @@ data loader, and the user's loop stays as it was, their loss and scheduler inclu
 The wrapped loader draws the same batches as the original and tells the engine the
 training indices (the keys) of each; without it, call ``optimizer.set_batch(keys)``.
 ``engine="masked"`` (default) computes each sample's gradient at its kept positions
-inside the user's backward (``unlearn.engine``); ``engine="vmap"`` recomputes full
+inside the user's backward (``unlearn.recording.engine``); ``engine="vmap"`` recomputes full
 per-sample gradients with torch.func at step time (any module; needs (inputs,
 integer targets) batches and a per-sample loss).
 """
@@ -26,14 +26,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
-import numba
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from gradstore import masks
 
+from ..params import flat_view
 from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
 from .ingest import Ingest
@@ -42,37 +41,6 @@ from .preconditioner import Preconditioner
 from .recorders import Recorder, StepContext
 
 ENGINES = ("masked", "vmap")
-
-
-def hold_torch_threads() -> int:
-    """Start numba's thread pool now, keeping torch's CPU thread count as it is; returns that count.
-
-    Numba's OpenMP threading layer, the first time a parallel kernel runs (or its thread
-    count is asked), calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` on the calling
-    thread. Torch's CPU kernels read that same OpenMP setting, so their thread count (and
-    with it the float summation order of a matmul's or a convolution's reduction) changed
-    in the middle of a run: under torchrun (``OMP_NUM_THREADS=1``) the first step's backward
-    ran on one thread and every later step's on NUMBA_NUM_THREADS (all cores by default), as
-    soon as the update flavour's preconditioner had run once. A resumed run's first step ran
-    on one thread where the uninterrupted run's ran on all cores, so the resume was not
-    bit-exact (issue 21; tests/test_resume_exact.py). Launched here,
-    before any step, numba's one-time call is undone once and cannot come again: torch keeps
-    the count it was configured with (``OMP_NUM_THREADS``, ``torch.set_num_threads``) for
-    the whole process, and numba's kernels keep their own.
-    """
-    threads = torch.get_num_threads()
-    numba.get_num_threads()  # launches numba's threads when nothing has yet
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
-
-
-hold_torch_threads()  # at import: before this package runs any numba kernel on this thread
-
-
-def flat_view(params):
-    """The parameters as one flat torch tensor on their device (``models.flat_params`` gives numpy)."""
-    return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 class _IndexedDataset(Dataset):
@@ -136,7 +104,6 @@ class RecordingLoader:
         for batch, indices in self._loader:
             self.session.begin_batch(indices.numpy(), labels_of(batch, indices.numel()), batch)
             yield batch
-
 
 LABEL_KEYS = ("labels", "label", "targets", "target")
 
@@ -427,107 +394,3 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                background=background)
     loader = RecordingLoader(data_loader, session) if data_loader is not None else None
     return RecordingOptimizer(optimizer, session), loader
-
-
-def make_optimizer(name, params, lr=None, momentum=0.9):
-    """'adam' (lr 1e-3), 'sgd' (lr 0.01, no momentum) or 'sgd-momentum'."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.01 if lr is None else lr)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=0.01 if lr is None else lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, sgd or sgd-momentum")
-
-
-def make_loader(x, y, batch_size, seed, shuffle=True):
-    generator = torch.Generator().manual_seed(seed)
-    dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
-
-
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
-          optimizer: str = "adam", lr: Optional[float] = None, recorders: Sequence["Recorder"] = (), device=None,
-          progress: bool = True, description: str = "train", checkpoint=None, engine: str = "masked") -> dict:
-    """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
-
-    ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
-    when there is one (the stores rolled back to it) and saves one every ``every_steps``
-    steps and before the stores are finalized.
-    Under torch.distributed (``unlearn.distributed``) every rank runs this: ``batch_size`` is
-    the global batch, each rank trains its share of it through DistributedDataParallel,
-    so the run trains the single-process model (to float rounding).
-    Returns {"seconds", "record_seconds", "steps", "resumed_from_step"}. Stores are finalized at the end.
-    """
-    torch.manual_seed(seed)
-    device = device or default_device()
-    model.to(device)
-    rank, world = distributed.rank_and_world()
-    if world > 1:
-        distributed.check_batches(len(train_x), batch_size, world)
-    forward = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-    opt = make_optimizer(optimizer, model.parameters(), lr)
-    generator = torch.Generator().manual_seed(seed)
-    batches = distributed.global_batches(len(train_x), batch_size, generator)
-    inputs, targets = torch.as_tensor(train_x), torch.as_tensor(train_y)
-    stores = [recorder.store for recorder in recorders]
-    start_epoch, start_batch, steps, seconds_before = 0, 0, 0, 0.0
-    if checkpoint is not None:
-        resumed = checkpoint.restore(model, opt, stores)
-        if resumed is not None:
-            start_epoch, start_batch, steps = resumed["epoch"], resumed["batch"], resumed["step"]
-            seconds_before = float(resumed.get("seconds", 0.0))
-            generator.set_state(resumed["epoch_generator_state"])
-    resumed_from = steps
-    session = None
-    if recorders:
-        opt, _ = attach(forward, opt, None, recorders, engine=engine)
-        session = opt._session
-        session.step_index = steps
-    started = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, epochs):
-        epoch_generator_state = generator.get_state()
-        shown = tqdm(batches, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not progress or rank > 0,
-                     leave=False)
-        for index, batch in enumerate(shown):
-            if epoch == start_epoch and index < start_batch:
-                continue  # done before the checkpoint: drawn again only to keep the shuffle in step
-            keys = distributed.share(batch, rank, world)
-            x, y = inputs[keys].to(device), targets[keys].to(device)
-            opt.zero_grad()
-            if session is not None:
-                session.begin_batch(keys, y.cpu().numpy().astype(np.int64), (x, y))
-            if session is not None and session.computes_gradients:
-                session.backward(x, y)  # one gradient computation serves the step and the recording
-            elif world == 1:
-                torch.nn.functional.cross_entropy(forward(x), y).backward()
-            else:  # DDP averages over ranks: each rank's sum, over the global batch, times W
-                loss = torch.nn.functional.cross_entropy(forward(x), y, reduction="sum") * (world / len(batch))
-                loss.backward()
-            opt.step()
-            steps += 1
-            if checkpoint is not None and checkpoint.due(steps):
-                if session is not None:
-                    session.flush()  # the stores hold every step the checkpoint counts
-                checkpoint.save(model, opt, stores, epoch, index + 1, steps, epoch_generator_state,
-                                seconds_before + time.perf_counter() - started)
-    if checkpoint is not None and steps > resumed_from:  # the final state, before the stores are sealed
-        if session is not None:
-            session.flush()
-        checkpoint.save(model, opt, stores, epochs, 0, steps, generator.get_state(),
-                        seconds_before + time.perf_counter() - started)
-    if session is not None:
-        session.finish()
-    model.eval()
-    return {
-        "seconds": seconds_before + time.perf_counter() - started,  # a resumed run counts every process's time
-        "record_seconds": session.record_seconds if session else 0.0,
-        "steps": steps,
-        "resumed_from_step": resumed_from,
-    }

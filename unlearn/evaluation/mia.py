@@ -1,4 +1,4 @@
-"""Evaluation: the seed's forgotten/rest cells, UA/RA/TA, and membership inference.
+"""Membership inference: is a forgotten sample still recognised as a training sample?
 
 MIA efficacy follows SalUn (OPTML-Group/Unlearn-Saliency): an SVC (rbf, C=3) trained
 on the true-label confidence of retained training samples (members) against test
@@ -9,45 +9,17 @@ sizes; at 2,000 a side the SVC flipped between "all members" and "all non-member
 from one draw to the next on MNIST), reported beside its spread, ``mia_efficacy_std``.
 """
 
-from typing import Optional
-
 import numpy as np
 import torch
 
-from .poison import metrics as poison_metrics
+from .metrics import per_sample_stats
 
-EVAL_BATCH = 1024
 MIA_DRAWS = 5  # shadow draws: the figure is their mean, mia_efficacy_std their spread
 MIA_MEMBERS = 10_000  # retained samples per draw, against as many test samples (SalUn's reference sizes)
 MIA_GRID = 2000  # confidences are rounded to 1/MIA_GRID before the SVC fit (see mia_from_confidences)
 MIA_METHOD = (f"SalUn SVC(rbf, C=3) on true-label confidence; members=retained train, non-members=test; "
               f"{MIA_MEMBERS} a side, mean of {MIA_DRAWS} shadow draws")
 
-
-@torch.no_grad()
-def predict(model, x, batch=EVAL_BATCH):
-    """Logits of the model on x, as a float32 CPU tensor [N, classes], in batches."""
-    device = next(model.parameters()).device
-    model.eval()
-    outputs = [model(torch.as_tensor(x[i : i + batch]).to(device)).float().cpu() for i in range(0, len(x), batch)]
-    return torch.cat(outputs) if outputs else torch.empty(0)
-
-
-def accuracy(model, x, y):
-    if len(y) == 0:
-        return float("nan")
-    return float((predict(model, x).argmax(1).numpy() == y).mean())
-
-
-def per_sample_stats(model, x, y):
-    """(correct bool [N], loss [N], true-label confidence [N])."""
-    if len(y) == 0:
-        return np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    logits = predict(model, x)
-    target = torch.as_tensor(y)
-    loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    confidence = torch.softmax(logits, 1).gather(1, target[:, None])[:, 0]
-    return (logits.argmax(1) == target).numpy(), loss.numpy(), confidence.numpy()
 
 
 def mia_efficacy(model: torch.nn.Module, retained_x, retained_y, test_x, test_y, forget_x, forget_y,
@@ -89,44 +61,3 @@ def mia_from_confidences(conf_members: np.ndarray, conf_non_members: np.ndarray,
     if len(conf_forget) == 0:
         return float("nan")
     return float((classifier.predict(np.asarray(conf_forget, np.float64)[:, None]) == 0).mean())
-
-
-def evaluate(model: torch.nn.Module, data, forget_keys: np.ndarray, forget_class: Optional[int] = None,
-             excluded: Optional[np.ndarray] = None, retained_limit: Optional[int] = None, seed: int = 0) -> dict:
-    """Every metric of a forget request on one model.
-
-    ``excluded``: every training sample not retained (default: the forget set); a chain
-    of requests excludes what earlier requests forgot too.
-
-    forgotten_acc / rest_acc: the seed's cells, on the test set (class requests: the
-    class / every other class; sample requests: the forget samples / the test set).
-    ua / ra / ta: accuracy on the forget set, the retained training set, the test set.
-    A poisoned split adds asr, poisoned_label_acc and target_class_acc (unlearn.poison.metrics).
-    """
-    retained = np.setdiff1d(np.arange(len(data)), forget_keys if excluded is None else excluded)
-    forget_x, forget_y = data.train_x[forget_keys], data.train_y[forget_keys]
-    mia, mia_std = mia_efficacy(model, data.train_x[retained], data.train_y[retained], data.test_x, data.test_y,
-                                forget_x, forget_y, seed=seed)  # members drawn from every retained sample
-    if retained_limit is not None and retained.size > retained_limit:
-        retained = np.sort(np.random.default_rng(seed).choice(retained, retained_limit, replace=False))
-    ua = accuracy(model, forget_x, forget_y)
-    ta = accuracy(model, data.test_x, data.test_y)
-    if forget_class is not None:
-        in_class = data.test_y == forget_class
-        forgotten_acc = accuracy(model, data.test_x[in_class], data.test_y[in_class])
-        rest_acc = accuracy(model, data.test_x[~in_class], data.test_y[~in_class])
-    else:
-        forgotten_acc, rest_acc = ua, ta
-    backdoor = poison_metrics(model, data) if getattr(data, "poison", None) is not None else {}
-    return {
-        **backdoor,
-        "forgotten_acc": forgotten_acc,
-        "rest_acc": rest_acc,
-        "ua": ua,
-        "ra": accuracy(model, data.train_x[retained], data.train_y[retained]),
-        "ta": ta,
-        "mia_efficacy": mia,
-        "mia_efficacy_std": mia_std,
-        "mia_method": MIA_METHOD,
-        "forget_loss": float(per_sample_stats(model, forget_x, forget_y)[1].mean()) if len(forget_keys) else None,
-    }

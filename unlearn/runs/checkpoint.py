@@ -21,7 +21,7 @@ import torch
 
 from gradstore import BadInputError, shards
 
-from . import distributed
+from ..recording import distributed
 
 
 class Checkpointer:

@@ -22,11 +22,11 @@ import torch
 
 import gradstore
 
-from . import runs
-from .evaluate import accuracy, per_sample_stats
-from .identity import check_identity, run_identity
-from .models import flat_params, load_flat_params, named_shapes
-from .train import default_device, train
+from ..evaluation import accuracy, per_sample_stats
+from ..identity import check_identity, run_identity
+from ..params import flat_params, load_flat_params, named_shapes
+from ..runs import folders as runs
+from ..runs.loop import default_device, train
 
 # A class is forgotten when none of its training samples is recognised any more: a model
 # that never saw the class never predicts it. (A 1% threshold left 1.3% of the test

@@ -27,8 +27,8 @@ import gradstore
 import gradstore.shards
 from gradstore import masks
 
-from .identity import store_identity
-from .models import named_shapes
+from ..identity import store_identity
+from ..params import named_shapes
 from .preconditioner import Preconditioner
 
 if TYPE_CHECKING:

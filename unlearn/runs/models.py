@@ -52,25 +52,3 @@ def build_model(name, in_channels, num_classes, seed=0, groups=1):
     if name == "resnet18":
         return resnet18(in_channels, num_classes, groups)
     raise ValueError(f"unknown model {name!r}; choose 'simple' or 'resnet18'")
-
-
-def flat_params(model):
-    """All parameters in named_parameters() order as one float32 numpy vector (a copy)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu().numpy().copy()
-
-
-def load_flat_params(model, flat):
-    """Write a flat vector (named_parameters() order) back into the model's parameters."""
-    flat = torch.as_tensor(flat)
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset}")
-
-
-def named_shapes(model):
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import pair_kernels
+from . import kernels
 
 # Bound on the temporary [pairs, L] rows (floats) a weight handler gathers at once.
 PAIR_CHUNK_FLOATS = 1 << 23
@@ -162,7 +162,7 @@ class LinearHandler(Handler):
 
     def add_rows(self, capture, name, positions, first, stop, offset, values):
         a3, d3 = self._rows(capture)
-        pair_kernels.linear_rows(_numpy(a3), _numpy(d3), positions, first, stop, offset, values)
+        kernels.linear_rows(_numpy(a3), _numpy(d3), positions, first, stop, offset, values)
 
     def dense_blocks(self, capture, name):
         a3, d3 = self._rows(capture)
@@ -236,7 +236,7 @@ class ConvHandler(Handler):
 
     def add_rows(self, capture, name, positions, first, stop, offset, values):
         x, delta, geometry = self._numba_geometry(capture)
-        pair_kernels.conv2d_rows(x, delta, positions, first, stop, offset, values, *geometry)
+        kernels.conv2d_rows(x, delta, positions, first, stop, offset, values, *geometry)
 
     def _numba_geometry(self, capture):
         """(x, delta as 4-D numpy, (stride, padding, dilation, kernel, per_group_in, per_group_out))."""
