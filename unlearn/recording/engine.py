@@ -30,6 +30,7 @@ from torch import nn
 
 from gradstore import masks
 
+from ..errors import UnsupportedModelError
 from . import handlers, kernels
 from .handlers import Capture, handler_for
 
@@ -49,10 +50,6 @@ SEQUENCE_FIRST_HELP = ("run it on batch-first tensors: the samples must be the f
                        "(batch_first=True for nn.Transformer*/nn.MultiheadAttention, or transpose before calling it)")
 SHARED_HELP = ("give it its input per sample: expand the shared input to the batch before the call, e.g. "
                "pos(position_ids.expand(B, -1)) or pos(torch.arange(T).expand(B, -1))")
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds modules the masked engine cannot attribute per sample."""
 
 
 def advice_for(module: nn.Module) -> str:
