@@ -8,7 +8,7 @@ the poison) and sweeps removal variants of each per-sample store over a grid of 
   moves the model less);
 - projected once: the rows projected off the retained data's mean-output gradients at w;
 - projected path: the path the sample rule walks (unlearn.projection), segment by segment;
-- auto: the sample rule's own choice (unlearn.forgetting.workflow.choose_sample_step), then the fine-tune.
+- auto: the sample rule's own choice (unlearn.forgetting.choose_sample_step), then the fine-tune.
 Each point: ASR, target-class test accuracy, TA (and the poisoned samples' accuracy on their
 label). Writes backdoor.json, backdoor.md and backdoor-frontier.png (ASR against the target
 class and against TA, one line per variant) under --out.
@@ -24,7 +24,7 @@ import gradstore
 from unlearn.evaluation import backdoor_metrics
 from unlearn.runs import poison
 from unlearn.evaluation import MIA_METHOD, accuracy
-from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.params import flat_params, load_flat_params
 from unlearn.forgetting.projection import ProjectedWalk, project_off, retained_output_basis
 

@@ -16,7 +16,7 @@ import torch
 import gradstore
 from unlearn.runs import data as datasets
 from unlearn.evaluation import accuracy
-from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.runs.models import build_model
 from unlearn.params import flat_params, load_flat_params
 from unlearn.recording.recorders import create_recorder

@@ -14,7 +14,7 @@ import torch
 
 import gradstore
 from unlearn.evaluation import accuracy, evaluate
-from unlearn.forgetting.workflow import apply_removal, plan_removal
+from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.runs.models import build_model
 from unlearn.params import load_flat_params
 from unlearn.runs.loop import train

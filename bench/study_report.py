@@ -366,7 +366,7 @@ def write(cells_by_id, config, out, command=None):
         f"{config['finetune_epochs']} epoch(s) of fine-tuning on "
         + (f"{config['finetune_samples']:,} retained samples" if config["finetune_samples"] else "the retained samples")
         + " (the same samples for every row and for the fine-tune-only control). Scale auto: the step chosen "
-        "by `unlearn.forgetting.workflow.choose_scale` for a class and `choose_sample_step` for samples (docs/DESIGN.md), "
+        "by `unlearn.forgetting.choose_scale` for a class and `choose_sample_step` for samples (docs/DESIGN.md), "
         "never from test labels. The retrained model's cells stand in every "
         "column as the target. Seconds: reading the rows and building the removal (plus the auto search) for "
         "stores; training for \"After train\" (with every store recording) and \"Retrain from scratch\"; the "

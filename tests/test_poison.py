@@ -106,7 +106,7 @@ def auto_step(run, samples, monkeypatch=None, threshold=None):
     from unlearn.runs import folders as runs
     from unlearn.params import flat_params
 
-    forgetting = importlib.import_module("unlearn.forget")  # the module (the package exports the function forget)
+    forgetting = importlib.import_module("unlearn.forgetting.workflow")
 
     if threshold is not None:
         monkeypatch.setattr(forgetting, "EVIDENCE_P", threshold)

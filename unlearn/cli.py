@@ -20,7 +20,7 @@ import gradstore
 from gradstore.cli import run_reporting_errors
 
 from .evaluation import accuracy, evaluate, predict
-from .forgetting.workflow import forget, mark_applied, root_run
+from .forgetting import forget, mark_applied, root_run
 from .identity import run_identity
 from .params import named_shapes
 from .recording import distributed
