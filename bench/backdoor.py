@@ -22,7 +22,6 @@ import numpy as np
 
 import gradstore
 from unlearn.evaluation import backdoor_metrics
-from unlearn.runs import poison
 from unlearn.evaluation import MIA_METHOD, accuracy
 from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.params import flat_params, load_flat_params

@@ -542,8 +542,8 @@ def test_a_full_disk_says_no_space_left_and_that_nothing_changed(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
     try:
-        result = subprocess.run([UNSHARE, "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "$1" && '
-                                 f'"$2" -c "$3" "$1"', "sh", str(mount), sys.executable, script],
+        result = subprocess.run([UNSHARE, "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1" && '
+                                 '"$2" -c "$3" "$1"', "sh", str(mount), sys.executable, script],
                                 capture_output=True, text=True, timeout=120)
     except OSError as error:
         pytest.skip(f"cannot run unshare here: {error}")

@@ -134,7 +134,6 @@ def test_the_sample_rule_removes_nothing_where_the_samples_taught_nothing(poison
 
 
 def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evidence(poisoned_run, monkeypatch):
-    from unlearn.runs import poison as poisoning
 
     keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
     steps = []
