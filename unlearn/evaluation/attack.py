@@ -1,9 +1,13 @@
 """Attack success: what a backdoor still does after a request (``data.poison``: its trigger, target and keys)."""
 
+from typing import Any, Optional
+
+import torch
+
 from .metrics import accuracy, predict
 
 
-def backdoor_metrics(model, data) -> dict:
+def backdoor_metrics(model: torch.nn.Module, data: Any) -> dict[str, Optional[float]]:
     """The backdoor's three figures on ``data`` (a poisoned split), retraining from scratch being the target.
 
     asr: share of triggered test images of the other classes predicted as the target;

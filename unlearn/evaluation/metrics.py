@@ -1,13 +1,17 @@
 """Per-sample predictions and accuracy: what every other metric reads."""
 
+from typing import Any
+
 import numpy as np
 import torch
+
+ArrayLike = Any  # numpy arrays or torch tensors of samples
 
 EVAL_BATCH = 1024
 
 
 @torch.no_grad()
-def predict(model, x, batch=EVAL_BATCH):
+def predict(model: torch.nn.Module, x: ArrayLike, batch: int = EVAL_BATCH) -> torch.Tensor:
     """Logits of the model on x, as a float32 CPU tensor [N, classes], in batches."""
     device = next(model.parameters()).device
     model.eval()
@@ -15,13 +19,15 @@ def predict(model, x, batch=EVAL_BATCH):
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def accuracy(model, x, y):
+def accuracy(model: torch.nn.Module, x: ArrayLike, y: np.ndarray) -> float:
+    """Share of ``x`` predicted as ``y``; NaN for no samples (a cell with nothing in it, not a zero)."""
     if len(y) == 0:
         return float("nan")
     return float((predict(model, x).argmax(1).numpy() == y).mean())
 
 
-def per_sample_stats(model, x, y):
+def per_sample_stats(model: torch.nn.Module, x: ArrayLike,
+                     y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(correct bool [N], loss [N], true-label confidence [N])."""
     if len(y) == 0:
         return np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32)

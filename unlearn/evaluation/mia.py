@@ -22,8 +22,9 @@ MIA_METHOD = (f"SalUn SVC(rbf, C=3) on true-label confidence; members=retained t
 
 
 
-def mia_efficacy(model: torch.nn.Module, retained_x, retained_y, test_x, test_y, forget_x, forget_y,
-                 draws: int = MIA_DRAWS, members: int = MIA_MEMBERS, seed: int = 0) -> tuple:
+def mia_efficacy(model: torch.nn.Module, retained_x: np.ndarray, retained_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, forget_x: np.ndarray, forget_y: np.ndarray, draws: int = MIA_DRAWS,
+                 members: int = MIA_MEMBERS, seed: int = 0) -> tuple[float, float]:
     """SalUn's MIA efficacy (see module doc) over ``draws`` shadow draws: (mean, population std).
 
     Each draw fits the SVC on ``members`` retained samples against as many test samples

@@ -1,6 +1,6 @@
 """Every metric of a forget request on one model: the seed's forgotten/rest cells, UA/RA/TA, MIA, the backdoor."""
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -10,8 +10,8 @@ from .metrics import accuracy, per_sample_stats
 from .mia import MIA_METHOD, mia_efficacy
 
 
-def evaluate(model: torch.nn.Module, data, forget_keys: np.ndarray, forget_class: Optional[int] = None,
-             excluded: Optional[np.ndarray] = None, retained_limit: Optional[int] = None, seed: int = 0) -> dict:
+def evaluate(model: torch.nn.Module, data: Any, forget_keys: np.ndarray, forget_class: Optional[int] = None,
+             excluded: Optional[np.ndarray] = None, retained_limit: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """Every metric of a forget request on one model.
 
     ``excluded``: every training sample not retained (default: the forget set); a chain
