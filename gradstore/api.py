@@ -8,7 +8,6 @@ the friendly level; ``masks``, ``codecs``, ``kernels``, ``chunkio``, ``format``,
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 from typing import Optional, Union
@@ -16,6 +15,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import __version__, chunkio
+from .clock import created_at
 from .base import load
 from .codecs import get_codec
 from .checks import ZSTD_LEVELS, check_integer, check_labels, check_number
@@ -110,7 +110,7 @@ def create(
         **({"identity": identity} if identity is not None else {}),
         **({"writer": writer} if writer is not None else {}),
         "package_version": __version__,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": created_at(),
     }
     label_array = check_labels(labels, num_keys) if labels is not None else np.full(num_keys, -1, np.int64)
     if buffer_dir is not None and not os.path.isdir(buffer_dir):

@@ -7,7 +7,6 @@ the same bytes as one recorded in int8 directly (tests/test_store.py checks this
 
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Optional, Union
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from .api import open as open_store
 from .checks import ZSTD_LEVELS, check_integer
+from .clock import created_at
 from .codecs import get_codec
 from .errors import BadInputError
 from .format import Claim
@@ -43,7 +43,7 @@ def transcode(source: Union[str, os.PathLike], destination: Union[str, os.PathLi
             zstd_level=src.zstd_level if zstd_level is None else check_integer("zstd_level", zstd_level, *ZSTD_LEVELS),
             rows_per_chunk=rows_per_chunk(src.num_keys, src.k, codec),
             transcoded_from=src.config["codec"],
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            created_at=created_at(),
         )
         with finished_file(destination, "transcode", config, src.labels, src.state, src.members, claim=claim) as out:
             for lo, sums in src.blocks(out.block_rows):
