@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional, Protocol, Union
 
 import numpy as np
 
@@ -35,19 +35,33 @@ class StoreIdentityError(gradstore.FormatError):
     """A store that was not recorded by the run it is used with (or carries no identity to tell)."""
 
 
-def run_id(config: dict) -> str:
+class JSONSettings(Protocol):
+    """A run's settings that can say what train.json holds (``unlearn.runs.config.RunConfig``)."""
+
+    def to_json(self) -> Dict[str, Any]: ...
+
+
+Settings = Union[JSONSettings, Mapping[str, Any]]  # a RunConfig, or train.json's dict
+
+
+def _as_json(config: Settings) -> Mapping[str, Any]:
+    return config if isinstance(config, Mapping) else config.to_json()
+
+
+def run_id(config: Settings) -> str:
     """SHA-256 of the settings in ``RUN_ID_FIELDS`` (absent ones as null), as train.json holds them."""
-    settings = {field: config.get(field) for field in RUN_ID_FIELDS}
+    held = _as_json(config)
+    settings = {field: held.get(field) for field in RUN_ID_FIELDS}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=_plain).encode()).hexdigest()
 
 
-def data_fingerprint(train_x, train_y, source_indices) -> str:
+def data_fingerprint(train_x: Any, train_y: Any, source_indices: Any) -> str:
     """SHA-256 of training samples as trained on: each array's dtype, shape and bytes, in order."""
     digest = hashlib.sha256()
     for array in (train_x, train_y, source_indices):
         array = np.ascontiguousarray(np.asarray(array))
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))
     return digest.hexdigest()
 
 
@@ -58,13 +72,13 @@ def store_identity(model_fingerprint: dict, mask_seed: int, run: Optional[str] =
             "model_sha256": model_fingerprint["sha256"]}
 
 
-def run_identity(config: dict, split, model_fingerprint: dict) -> dict:
+def run_identity(config: Settings, split: Any, model_fingerprint: dict) -> dict:
     """The identity of a run written by ``unlearn train``: from its train.json settings and its data."""
-    return store_identity(model_fingerprint, config["seed"], run_id(config),
+    return store_identity(model_fingerprint, _as_json(config)["seed"], run_id(config),
                           data_fingerprint(split.train_x, split.train_y, split.source_indices))
 
 
-def check_identity(store, expected: dict, allow_unverified: bool = False) -> str:
+def check_identity(store: Any, expected: dict, allow_unverified: bool = False) -> str:
     """'verified' when the store's identity equals ``expected``; StoreIdentityError naming what differs.
 
     A store without an identity (recorded before stores carried one) is refused unless

@@ -16,27 +16,31 @@ again on resume. The file holds tensors, numbers and strings only: it loads with
 
 import os
 from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
 from gradstore import BadInputError, shards
 
+from ..errors import RunConfigError
 from ..recording import distributed
 
 
 class Checkpointer:
     """Saves every ``every_steps`` steps to ``path``; restores from it when it exists."""
 
-    def __init__(self, path, every_steps):
+    def __init__(self, path: Union[str, "os.PathLike[str]"], every_steps: int):
         if int(every_steps) < 1:
-            raise ValueError(f"checkpoint every_steps must be a positive integer, got {every_steps!r}")
+            raise RunConfigError(f"checkpoint every_steps must be a positive integer, got {every_steps!r}")
         self.path = Path(path)
         self.every_steps = int(every_steps)
 
-    def due(self, step):
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is taken after ``step`` steps."""
         return step % self.every_steps == 0
 
-    def save(self, model, optimizer, stores, epoch, batch, step, epoch_generator_state, seconds=0.0):
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stores: Sequence[Any], epoch: int,
+             batch: int, step: int, epoch_generator_state: torch.Tensor, seconds: float = 0.0) -> None:
         """Commit every store, then write the checkpoint. Under torch.distributed every rank commits its own
         recordings at the same step (they reach the same generation), and rank 0 writes the file once all have."""
         generations = {_key(store): store.commit(note={"step": step}) for store in stores if not store.finished}
@@ -70,7 +74,8 @@ class Checkpointer:
         finally:
             os.close(directory)
 
-    def restore(self, model, optimizer, stores):
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                stores: Sequence[Any]) -> Optional[Dict[str, Any]]:
         """Load the checkpoint into model and optimizer and roll the stores back to it.
 
         Returns the checkpoint (epoch, batch, step, epoch_generator_state), or None when

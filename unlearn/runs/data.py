@@ -4,8 +4,14 @@ import dataclasses
 import gzip
 import os
 from pathlib import Path
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
+
+from ..errors import DatasetError, RequestError, RunConfigError
+
+PathLike = Union[str, "os.PathLike[str]"]
+Arrays = Tuple[np.ndarray, np.ndarray]
 
 MNIST_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -18,7 +24,7 @@ MNIST_FILES = {
 SHARED_MNIST = Path("..") / "shared" / "data" / "mnist"
 
 
-def default_mnist_dir():
+def default_mnist_dir() -> Path:
     """$MNIST_DIR, else ../shared/data/mnist relative to the current directory (a checkout's root).
 
     Never relative to the installed package: a checkout and an installed copy look in the same place.
@@ -38,18 +44,18 @@ def _mnist_source(root):
             "(no --data-dir given, MNIST_DIR unset)")
 
 
-def read_idx(path):
+def read_idx(path: PathLike) -> np.ndarray:
     """An IDX file (gzipped or not) as a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, file holds {body.size} values")
+        raise DatasetError(f"{path}: header says {shape}, file holds {body.size} values")
     return body.reshape(shape)
 
 
@@ -64,7 +70,7 @@ def _find(root, name, source=""):
     )
 
 
-def load_mnist(root=None, split="train"):
+def load_mnist(root: Optional[PathLike] = None, split: str = "train") -> Arrays:
     """(images float32 [N, 1, 28, 28] in [0, 1], labels int64 [N]).
 
     ``root``: the folder of the IDX files; None: $MNIST_DIR, else ../shared/data/mnist
@@ -80,7 +86,7 @@ def load_mnist(root=None, split="train"):
 CIFAR100_FILES = ("train", "test", "meta")
 
 
-def load_cifar100(root, split="train"):
+def load_cifar100(root: PathLike, split: str = "train") -> Arrays:
     """CIFAR-100 from the standard `cifar-100-python` pickles under ``root`` (never downloaded).
 
     Read through torchvision's CIFAR100(download=False); only its md5 check is relaxed
@@ -112,7 +118,7 @@ def load_cifar100(root, split="train"):
     return np.ascontiguousarray(images), np.asarray(dataset.targets, np.int64)
 
 
-def load_digits_split(split="train", test_fraction=0.2, seed=0):
+def load_digits_split(split: str = "train", test_fraction: float = 0.2, seed: int = 0) -> Arrays:
     """scikit-learn's bundled handwritten digits (8x8, 1,797 images): the embedded default.
 
     A fixed stratified split: 1,437 training and 360 test images.
@@ -140,7 +146,8 @@ class DataSplit:
     poison applied to it, if any (unlearn.poison; its keys index this split).
     """
 
-    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, source_indices=None, poison=None):
+    def __init__(self, name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 num_classes: int, source_indices: Optional[np.ndarray] = None, poison: Any = None):
         self.name = name
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x, test_y
@@ -149,10 +156,10 @@ class DataSplit:
         self.source_indices = np.arange(len(train_y)) if source_indices is None else source_indices
         self.poison = poison
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.train_y)
 
-    def subset(self, keep_mask):
+    def subset(self, keep_mask: np.ndarray) -> "DataSplit":
         """The split restricted to training samples where keep_mask is true (keys renumbered)."""
         keep = np.nonzero(keep_mask)[0]
         poison = self.poison
@@ -163,7 +170,7 @@ class DataSplit:
                          self.num_classes, self.source_indices[keep], poison=poison)
 
 
-def load_dataset(name, data_dir=None):
+def load_dataset(name: str, data_dir: Optional[PathLike] = None) -> DataSplit:
     """The full DataSplit of 'digits', 'mnist' or 'cifar100' from local files."""
     if name == "digits":
         train, test = load_digits_split("train"), load_digits_split("test")
@@ -177,34 +184,34 @@ def load_dataset(name, data_dir=None):
         train, test = load_cifar100(data_dir, "train"), load_cifar100(data_dir, "test")
         classes = 100
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        raise RunConfigError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     return DataSplit(name, train[0], train[1], test[0], test[1], classes)
 
 
-def keep_first(split, cls, count):
+def keep_first(split: DataSplit, cls: int, count: int) -> DataSplit:
     """The seed's protocol: every sample of other classes, only the first ``count`` of ``cls``."""
     is_class = split.train_y == cls
     if not is_class.any():
-        raise ValueError(f"class {cls} has no training samples in {split.name}")
+        raise RunConfigError(f"class {cls} has no training samples in {split.name}")
     rank = np.cumsum(is_class) - 1
     return split.subset(~is_class | (rank < count))
 
 
-def exclude(split, samples=None, cls=None):
+def exclude(split: DataSplit, samples: Any = None, cls: Optional[int] = None) -> DataSplit:
     """The split without the given training keys, or without a class: the gold standard's data."""
     keep = np.ones(len(split), np.bool_)
     if samples is not None:
         samples = np.asarray(samples, np.int64)
         bad = samples[(samples < 0) | (samples >= len(split))]
         if bad.size:
-            raise ValueError(f"sample indices out of range [0, {len(split)}): {bad[:10].tolist()}")
+            raise RequestError(f"sample indices out of range [0, {len(split)}): {bad[:10].tolist()}")
         keep[samples] = False
     if cls is not None:
         keep &= split.train_y != cls
     return split.subset(keep)
 
 
-def read_sample_file(path):
+def read_sample_file(path: PathLike) -> np.ndarray:
     """Training-set indices from a text file (one per line) or a .npy file."""
     path = Path(path)
     if not path.is_file():
@@ -215,20 +222,20 @@ def read_sample_file(path):
         except (ValueError, OSError, EOFError) as error:
             reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
             reason = "not a .npy file, or one of Python objects" if "pickled" in reason else reason
-            raise ValueError(f"{path}: not a .npy array of integer indices ({reason})") from None
+            raise RequestError(f"{path}: not a .npy array of integer indices ({reason})") from None
     else:
         try:
             text = path.read_text()
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text file of indices (one per line) nor a .npy file") from None
+            raise RequestError(f"{path}: not a text file of indices (one per line) nor a .npy file") from None
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         try:
             values = np.array([int(line) for line in lines], np.int64)
         except ValueError as error:
-            raise ValueError(f"{path}: every line must be one integer index ({error})") from None
+            raise RequestError(f"{path}: every line must be one integer index ({error})") from None
     values = np.asarray(values)
     if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
-        raise ValueError(f"{path}: expected a 1-D list of integer indices, got {values.dtype} {values.shape}")
+        raise RequestError(f"{path}: expected a 1-D list of integer indices, got {values.dtype} {values.shape}")
     if np.unique(values).size != values.size:
-        raise ValueError(f"{path}: repeated indices")
+        raise RequestError(f"{path}: repeated indices")
     return values.astype(np.int64)

@@ -3,11 +3,13 @@
 import torch
 from torch import nn
 
+from ..errors import RunConfigError
+
 
 class SimpleModel(nn.Module):
     """The seed report's CNN: 95,110 parameters on MNIST (1x28x28, 10 classes), 133,000 on CIFAR-100."""
 
-    def __init__(self, in_channels=1, num_classes=10):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, 100, 3, stride=2, padding=1),
@@ -21,20 +23,21 @@ class SimpleModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_normal_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # every one of them has a bias
+                    nn.init.zeros_(module.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def resnet18(in_channels=3, num_classes=100, groups=1):
+def resnet18(in_channels: int = 3, num_classes: int = 100, groups: int = 1) -> nn.Module:
     """torchvision's resnet18, every BatchNorm replaced by GroupNorm(groups, C), the seed's conv1."""
     import torchvision
 
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
 
-    def swap(module):
+    def swap(module: nn.Module) -> None:
         for name, child in module.named_children():
             if isinstance(child, nn.BatchNorm2d):
                 setattr(module, name, nn.GroupNorm(groups, child.num_features))
@@ -45,10 +48,11 @@ def resnet18(in_channels=3, num_classes=100, groups=1):
     return model
 
 
-def build_model(name, in_channels, num_classes, seed=0, groups=1):
+def build_model(name: str, in_channels: int, num_classes: int, seed: int = 0, groups: int = 1) -> nn.Module:
+    """A run's model, its weights drawn from ``seed``."""
     torch.manual_seed(seed)
     if name == "simple":
         return SimpleModel(in_channels, num_classes)
     if name == "resnet18":
         return resnet18(in_channels, num_classes, groups)
-    raise ValueError(f"unknown model {name!r}; choose 'simple' or 'resnet18'")
+    raise RunConfigError(f"unknown model {name!r}; choose 'simple' or 'resnet18'")

@@ -15,9 +15,12 @@ same poison.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+import os
+from typing import Any, Optional, Union
 
 import numpy as np
+
+from ..errors import RunConfigError
 
 DRAW_STREAM = 3  # the poison's random stream: np.random.default_rng([seed, DRAW_STREAM])
 
@@ -67,21 +70,22 @@ class Poison:
         return {"count": self.count, "seed": self.seed, "target": self.target, "trigger": self.trigger.to_json()}
 
 
-def draw(split, count: int, seed: int, target: int = 0, trigger: Optional[Trigger] = None) -> Poison:
+def draw(split: Any, count: int, seed: int, target: int = 0, trigger: Optional[Trigger] = None) -> Poison:
     """Choose the poisoned keys of ``split`` (sorted); the trigger defaults to the images' size and maximum value."""
     if not 0 <= target < split.num_classes:
-        raise ValueError(f"poison target {target} out of range [0, {split.num_classes})")
+        raise RunConfigError(f"poison target {target} out of range [0, {split.num_classes})")
     candidates = np.nonzero(split.train_y != target)[0]
     if not 0 <= count <= candidates.size:
-        raise ValueError(f"cannot poison {count} samples: the training split has {candidates.size} samples whose "
-                         f"label is not the target {target}")
+        raise RunConfigError(f"cannot poison {count} samples: the training split has {candidates.size} samples whose "
+                             f"label is not the target {target}")
     if trigger is None:
-        trigger = Trigger.for_images(*split.train_x.shape[-2:], value=float(split.train_x.max()))
+        height, width = split.train_x.shape[-2:]
+        trigger = Trigger.for_images(height, width, value=float(split.train_x.max()))
     keys = np.sort(np.random.default_rng([seed, DRAW_STREAM]).choice(candidates, count, replace=False))
     return Poison(count=count, seed=seed, target=target, trigger=trigger, keys=keys.astype(np.int64))
 
 
-def poisoned(split, poison: Poison):
+def poisoned(split: Any, poison: Poison) -> Any:
     """``split`` with the poison applied: triggered images and the target label at its keys."""
     from .data import DataSplit
 
@@ -92,7 +96,7 @@ def poisoned(split, poison: Poison):
                      split.source_indices, poison=poison)
 
 
-def from_spec(split, spec: dict):
+def from_spec(split: Any, spec: dict) -> Any:
     """The split poisoned as a run's train.json ``poison`` spec says (the same keys as when it trained).
 
     A spec without ``trigger`` (count, seed and target only) gets the default trigger of the images."""
@@ -101,7 +105,7 @@ def from_spec(split, spec: dict):
     return poisoned(split, poison)
 
 
-def write_keys(path, poison: Poison) -> None:
+def write_keys(path: Union[str, "os.PathLike[str]"], poison: Poison) -> None:
     """RUN/poisoned.txt: the poisoned keys of the split as used, one per line (for --samples and --exclude-samples).
 
     A run that excluded some of them (a retrained reference) lists only those it kept."""
