@@ -92,7 +92,7 @@ def run_child(spec):
                                          keep=spec["keep"], codec="int8", flavour="update", seed=0)]
         recorder = recorders[-1]
         optimizer, loader = attach(model, optimizer, loader, recorders, engine=engine)
-        session = optimizer._session
+        session = optimizer.session
     total = spec["warmup"] + spec["steps"]
     times, done, at_warmup = [], 0, None
     while done < total:

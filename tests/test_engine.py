@@ -10,7 +10,7 @@ from torch import nn
 
 import gradstore
 from gradstore import keep_to_k
-from unlearn.recording import handlers as layers
+from unlearn.recording.handlers import base as layers
 from unlearn import PerSampleRecorder, StepRecorder, attach, create_recorder
 from unlearn.recording.engine import MaskBatch, MaskedEngine, UnsupportedModelError
 from unlearn.runs.models import build_model
@@ -77,7 +77,7 @@ class ConvZoo(nn.Module):
         return self.head(self.gn(h).mean(2))
 
 
-PATHS = {  # (layers.USE_NUMBA, layers.DENSE_SHARE): each way a weight's entries are computed
+PATHS = {  # (handlers.base.USE_NUMBA, handlers.base.DENSE_SHARE): each way a weight's entries are computed
     "numba": (True, 2.0),  # CPU kernels, entry by entry
     "torch": (False, 2.0),  # torch gathers (the GPU path)
     "dense": (True, 0.0),  # dense per-sample blocks, gathered

@@ -30,6 +30,8 @@ from torch.utils.data import BatchSampler, RandomSampler
 import gradstore
 from gradstore import shards
 
+from ..errors import RecordingUsageError
+
 
 def active() -> bool:
     """Whether this process is one of several ranks of an initialized process group."""
@@ -77,7 +79,7 @@ def check_batches(num_samples: int, batch_size: int, world: int):
     """Every rank needs at least one sample of every batch (DDP runs one backward per rank per step)."""
     last = num_samples % batch_size or batch_size
     if min(batch_size, last) < world:
-        raise ValueError(f"a batch of {min(batch_size, last)} samples (the last of {num_samples} in batches of "
+        raise RecordingUsageError(f"a batch of {min(batch_size, last)} samples (the last of {num_samples} in batches of "
                          f"{batch_size}) cannot give each of {world} ranks a sample: choose another --batch-size")
 
 

@@ -30,9 +30,11 @@ from torch import nn
 
 from gradstore import masks
 
-from ..errors import UnsupportedModelError
-from . import handlers, kernels
-from .handlers import Capture, handler_for
+from ..errors import RecordingUsageError, UnsupportedModelError
+from . import kernels
+from .handlers import Capture, Handler, handler_for, supported
+from .handlers import base as handler_base
+from .handlers.base import VMAP_HELP
 
 # The gradient the optimizer stepped with must be this close to a multiple of the
 # backward's (see Probe); farther, the engine warns once.
@@ -45,36 +47,69 @@ PREPARE_IN_BACKGROUND = True
 # compares two runs of the same kernels on the same shapes: kept-apart slices are equal to the bit).
 SEPARATION_TOLERANCE = 1e-5
 
-VMAP_HELP = "or record with engine='vmap' (slower, any module torch.func supports)"
 SEQUENCE_FIRST_HELP = ("run it on batch-first tensors: the samples must be the first dimension of its input "
                        "(batch_first=True for nn.Transformer*/nn.MultiheadAttention, or transpose before calling it)")
 SHARED_HELP = ("give it its input per sample: expand the shared input to the batch before the call, e.g. "
                "pos(position_ids.expand(B, -1)) or pos(torch.arange(T).expand(B, -1))")
 
+# What to do about a module the masked engine refuses, by type: the nearest class along the
+# module's MRO wins; a type with none gets the advice of ``advice_for``'s last line.
+ADVICE: dict[type[nn.Module], str] = {
+    nn.modules.batchnorm._BatchNorm: ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), or use it "
+                                      "in eval mode with its affine parameters frozen"),
+    nn.MultiheadAttention: ("build the attention from nn.Linear projections and F.scaled_dot_product_attention "
+                            "(batch-first), or register a handler that claims out_proj's parameters "
+                            "(Handler.claims), freeze its parameters"),
+    nn.RNNBase: "write the recurrence with nn.Linear layers called at each step, freeze its parameters",
+}
+
 
 def advice_for(module: nn.Module) -> str:
-    """What to do about a module the masked engine refuses: advice that fits the module."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), or use it in eval mode with its "
-                f"affine parameters frozen, {VMAP_HELP}")
-    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-        return f"construct it with scale_grad_by_freq=False, freeze it, {VMAP_HELP}"
-    if isinstance(module, nn.MultiheadAttention):
-        return ("build the attention from nn.Linear projections and F.scaled_dot_product_attention (batch-first), "
-                f"freeze its parameters, {VMAP_HELP}")
-    if isinstance(module, nn.RNNBase):
-        return f"write the recurrence with nn.Linear layers called at each step, freeze its parameters, {VMAP_HELP}"
-    return (f"hold its parameters in supported submodules ({_supported()}), freeze them (requires_grad_(False)), "
-            f"{VMAP_HELP}")
+    """What to do about a module the masked engine refuses: advice that fits the module (``ADVICE``)."""
+    for cls in type(module).__mro__:
+        advice = ADVICE.get(cls)
+        if advice is not None:
+            return f"{advice}, {VMAP_HELP}"
+    return (f"hold its parameters in supported submodules ({supported()}), register a handler for "
+            f"{type(module).__name__} (unlearn.recording.register_handler, docs/RECORDING.md), freeze them "
+            f"(requires_grad_(False)), {VMAP_HELP}")
 
 
-def _supported() -> str:
-    return ", ".join(cls.__name__ for cls in handlers.HANDLERS) + " and their subclasses"
+@dataclass
+class Resolved:
+    """Each module's handler and the child parameters handlers claim, resolved once per model."""
+
+    handler_of: dict[nn.Module, Handler]  # every module with a registered handler
+    claims_of: dict[nn.Module, list[tuple[str, nn.Parameter]]]  # claiming module -> (dotted name, parameter)
+    claimed: dict[int, str]  # id(parameter) -> path of the module that claims it
 
 
-def check_model(model: nn.Module):
+def resolve(model: nn.Module) -> Resolved:
+    """Look up every module's handler (the registry, once per model: never per step) and the claims."""
+    handler_of: dict[nn.Module, Handler] = {}
+    claims_of: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
+    claimed: dict[int, str] = {}
+    for path, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is None:
+            continue
+        handler_of[module] = handler
+        claims = handler.claimed(module)
+        if claims:
+            claims_of[module] = claims
+        for name, param in claims:
+            if id(param) in claimed:
+                raise UnsupportedModelError(
+                    f"{path or 'model'}.{name} is claimed by two handlers ({claimed[id(param)]} and {path or 'model'}): "
+                    "rows would count it twice. Fix: claim each child parameter in one handler only")
+            claimed[id(param)] = path or "model"
+    return Resolved(handler_of, claims_of, claimed)
+
+
+def check_model(model: nn.Module) -> Resolved:
     """Refuse, naming them by path with advice that fits each, the modules whose per-sample
-    gradients the engine cannot form."""
+    gradients the engine cannot form; the handlers and claims it resolved on the way."""
+    resolved = resolve(model)
     problems = []
     for name, module in model.named_modules():
         path = name or "model"
@@ -83,20 +118,23 @@ def check_model(model: nn.Module):
                 problems.append(f"{path} ({type(module).__name__}: mixes the samples of a batch in training mode): "
                                 f"fix: {advice_for(module)}")
             continue
-        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not trainable:
+        trainable = [n for n, p in module.named_parameters(recurse=False)
+                     if p.requires_grad and id(p) not in resolved.claimed]
+        handler = resolved.handler_of.get(module)
+        if handler is None:
+            if trainable:
+                problems.append(f"{path} ({type(module).__name__}, parameters {', '.join(trainable)}): "
+                                f"fix: {advice_for(module)}")
             continue
-        if handler_for(module) is None:
-            problems.append(f"{path} ({type(module).__name__}, parameters {', '.join(trainable)}): "
-                            f"fix: {advice_for(module)}")
-        elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-            problems.append(f"{path} (Embedding with scale_grad_by_freq: its gradient depends on the whole batch): "
-                            f"fix: {advice_for(module)}")
+        refusal = handler.refusal(module)
+        if refusal is not None and (trainable or any(p.requires_grad for _, p in resolved.claims_of.get(module, []))):
+            problems.append(f"{path} ({type(module).__name__}: {refusal})")
     if problems:
         raise UnsupportedModelError(
             "the masked engine cannot record per-sample gradients of: " + "; ".join(problems)
-            + f". Supported: {_supported()}."
+            + f". Supported: {supported()}."
         )
+    return resolved
 
 
 @dataclass
@@ -209,33 +247,38 @@ class MaskedEngine:
     """Hooks that fill each batch's per-mask values during the user's backward."""
 
     def __init__(self, model: nn.Module, mask_specs, num_params: int):
-        check_model(model)
+        resolved = check_model(model)
         self.model = model
         self.mask_specs = sorted(set(mask_specs))  # (seed, k)
         self.num_params = num_params
-        offsets, slots_of = [0], {}
+        offsets = [0]
+        slots_of: dict[nn.Module, list[ParamSlot]] = {}
         names = {id(p): n for n, p in model.named_parameters()}
         for p in model.parameters():
             offsets.append(offsets[-1] + p.numel())
         offset_of = {id(p): offsets[i] for i, p in enumerate(model.parameters())}
         index_of = {id(p): i for i, p in enumerate(model.parameters())}
         self.offsets = np.array(offsets, np.int64)
-        paths = {}
+        paths: dict[nn.Module, str] = {}
         for path, module in model.named_modules():
             paths.setdefault(module, path or "model")
-        self._handles = []
+        self._handles: list = []
+        self._handler_of: dict[nn.Module, Handler] = {}  # resolved here, once: the hooks never consult the registry
         dense_candidates = []
         for module in model.modules():
-            handler = handler_for(module)
+            handler = resolved.handler_of.get(module)
             slots = []
-            for name, p in module.named_parameters(recurse=False):
-                if p.requires_grad and handler is not None:
-                    slot = ParamSlot(index_of[id(p)], name, p, offset_of[id(p)])
-                    slots.append(slot)
-                    if handler.dense_is_cheap(name):
-                        dense_candidates.append(slot)
-            if slots:
+            if handler is not None:
+                own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in resolved.claimed]
+                for name, p in own + resolved.claims_of.get(module, []):
+                    if p.requires_grad:
+                        slot = ParamSlot(index_of[id(p)], name, p, offset_of[id(p)])
+                        slots.append(slot)
+                        if handler.dense_is_cheap(name):
+                            dense_candidates.append(slot)
+            if handler is not None and slots:
                 slots_of[module] = slots
+                self._handler_of[module] = handler
                 self._handles.append(module.register_forward_hook(self._forward_hook))
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(_RefuseTrainingBatchNorm(paths[module])))
@@ -367,12 +410,12 @@ class MaskedEngine:
         batch = capture.delta.shape[0]
         if batch != entry.keys.size:
             module = capture.module
-            raise ValueError(f"module {self.paths.get(module, '?')} ({type(module).__name__}) saw a batch of {batch} "
+            raise RecordingUsageError(f"module {self.paths.get(module, '?')} ({type(module).__name__}) saw a batch of {batch} "
                              f"samples, but the batch has {entry.keys.size} keys: keys must follow the batch's first "
                              f"dimension. Fix: name each batch's samples in order (set_batch) and "
                              f"{SEQUENCE_FIRST_HELP}")
-        handler = handler_for(capture.module)
-        on_cpu = handlers.USE_NUMBA and capture.delta.device.type == "cpu"
+        handler = self._handler_of[capture.module]
+        on_cpu = handler_base.USE_NUMBA and capture.delta.device.type == "cpu"
         for slot in slots:
             here = [(mask, found) for mask, found in prepared.items() if found.count(slot.index)]
             dense = None
@@ -547,7 +590,7 @@ def verify_separation(engine, args, kwargs, batch, sample=0):
     inputs = [t for t in _tensors((args, kwargs)) if t.dim() >= 1 and t.shape[0] == batch]
     if not inputs:
         shapes = ", ".join(str(list(t.shape)) for t in _tensors((args, kwargs)))
-        raise ValueError(f"the batch has {batch} keys, but no input of the model ({shapes}) has {batch} samples along "
+        raise RecordingUsageError(f"the batch has {batch} keys, but no input of the model ({shapes}) has {batch} samples along "
                          f"its first dimension: keys must follow the batch's first dimension (batch-first inputs)")
     generator = torch.Generator().manual_seed(0)
 
@@ -698,10 +741,7 @@ def _check_parameters(engine, calls, grads, params, sample):
                 if theirs is not None and bool(theirs.ne(0).any()):
                     unseen.append(f"{engine.paths[module]}.{slot.name}")
                 continue
-            if isinstance(module, nn.Embedding):
-                skip.add(id(slot.param))  # entry by entry only; its forward is F.embedding's
-                continue
-            handler = handler_for(module)
+            handler = engine._handler_of[module]
             for index, (a, out) in enumerate(found):
                 grad = grads.get((module, index))
                 if grad is None or a.dim() == 0:
@@ -718,7 +758,8 @@ def _check_parameters(engine, calls, grads, params, sample):
             "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
             f"would stay empty: {', '.join(unseen)} (nn.MultiheadAttention uses out_proj's weight without calling "
             "out_proj). Fix: build the computation from modules that are called (nn.Linear projections and "
-            f"F.scaled_dot_product_attention for attention), freeze these parameters, {VMAP_HELP}")
+            "F.scaled_dot_product_attention for attention), register a handler for the module that uses them which "
+            f"claims them (Handler.claims, docs/RECORDING.md), freeze these parameters, {VMAP_HELP}")
     wrong = []
     names = {id(slot.param): f"{engine.paths[m]}.{slot.name}" for m, slots in engine._slots_of.items() for slot in slots}
     for key, mine in formed.items():

@@ -15,6 +15,8 @@ from numba import njit, prange, typed
 
 from gradstore.jit import parallel_and_serial
 
+from ..errors import RecordingUsageError
+
 _OPTIONS = dict(cache=True, nogil=True)
 _U = np.uint64  # unsigned indices: numba skips its negative-index check (see pair_kernels)
 # CPU tensors go through the numba kernels; False forces the torch path (a GPU's) everywhere.
@@ -43,19 +45,19 @@ class Preconditioner:
         self.params = list(params)
         self.adam = _adam_like(optimizer)
         if not self.adam and not isinstance(optimizer, torch.optim.SGD):
-            raise ValueError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
+            raise RecordingUsageError(f"the update flavour supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
         rates, corrections, epsilons, states = [], [], [], []
         for p in self.params:
             group = group_of.get(id(p))
             if group is None:
-                raise ValueError("a model parameter is not in the optimizer's param_groups")
+                raise RecordingUsageError("a model parameter is not in the optimizer's param_groups")
             lr = float(group["lr"])
             if self.adam:
                 state = optimizer.state[p]
                 if "exp_avg_sq" not in state:
-                    raise ValueError("Adam state missing: call the preconditioner after optimizer.step()")
+                    raise RecordingUsageError("Adam state missing: call the preconditioner after optimizer.step()")
                 if group.get("amsgrad"):
-                    raise ValueError("the update flavour does not support amsgrad")
+                    raise RecordingUsageError("the update flavour does not support amsgrad")
                 corrections.append(1 - group["betas"][1] ** float(state["step"]))
                 epsilons.append(float(group["eps"]))
                 states.append(state["exp_avg_sq"])

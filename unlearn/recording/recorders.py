@@ -28,6 +28,7 @@ import gradstore.shards
 from gradstore import masks
 
 from ..identity import store_identity
+from ..errors import RecordingUsageError
 from ..params import named_shapes
 from .preconditioner import Preconditioner
 
@@ -96,7 +97,7 @@ class PerSampleRecorder(Recorder):
 
     def __init__(self, store, flavour="update"):
         if flavour not in self.FLAVOURS:
-            raise ValueError(f"flavour must be one of {self.FLAVOURS}, got {flavour!r}")
+            raise RecordingUsageError(f"flavour must be one of {self.FLAVOURS}, got {flavour!r}")
         super().__init__(store)
         self.flavour = flavour
         self.needs_preconditioner = flavour == "update"
@@ -145,7 +146,7 @@ def recorder_for(store, method: str, flavour: str = "update") -> Recorder:
         return PerSampleRecorder(store, flavour)
     if method in ("original", "layer"):
         return StepRecorder(store)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise RecordingUsageError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
@@ -172,7 +173,7 @@ def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int,
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
     if distributed.active():
         if method != "per-sample":
-            raise ValueError(f"the {method} method records whole steps; under torch.distributed only the "
+            raise RecordingUsageError(f"the {method} method records whole steps; under torch.distributed only the "
                              "per-sample method records (each rank its own samples)")
         options["writer"] = distributed.writer_options()
         os.makedirs(gradstore.shards.shard_dir(path), exist_ok=True)
@@ -181,8 +182,8 @@ def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int,
         store = gradstore.create(path, num_params, num_samples, keep, **options)
     elif method in ("original", "layer"):
         if steps is None:
-            raise ValueError(f"the {method} method keys rows by step: give steps (epochs * batches per epoch)")
+            raise RecordingUsageError(f"the {method} method keys rows by step: give steps (epochs * batches per epoch)")
         store = gradstore.create(path, num_params, steps, 1.0 if method == "original" else keep, key_kind="step", **options)
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise RecordingUsageError(f"method must be one of {METHODS}, got {method!r}")
     return recorder_for(store, method, flavour)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from gradstore import masks
 
 from ..params import flat_view
+from ..errors import RecordingUsageError
 from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
 from .ingest import Ingest
@@ -115,17 +116,17 @@ def vmap_inputs(batch):
     if isinstance(batch, Mapping):
         name = next((n for n in LABEL_KEYS if n in batch), None)
         if name is None:
-            raise ValueError(f"engine='vmap' needs each dict batch to hold its targets under one of {LABEL_KEYS}; "
+            raise RecordingUsageError(f"engine='vmap' needs each dict batch to hold its targets under one of {LABEL_KEYS}; "
                              f"this one has {sorted(batch)}")
         targets = batch[name]
         rest = {key: value for key, value in batch.items() if key != name and isinstance(value, torch.Tensor)
                 and value.dim() >= 1 and value.shape[0] == len(targets)}
         if not rest:
-            raise ValueError(f"engine='vmap': the dict batch {sorted(batch)} has no input tensor of {len(targets)} samples")
+            raise RecordingUsageError(f"engine='vmap': the dict batch {sorted(batch)} has no input tensor of {len(targets)} samples")
         return (next(iter(rest.values())) if len(rest) == 1 else rest), targets
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise ValueError(f"engine='vmap' needs (inputs, targets) batches or dicts with a label entry, got {type(batch).__name__}")
+    raise RecordingUsageError(f"engine='vmap' needs (inputs, targets) batches or dicts with a label entry, got {type(batch).__name__}")
 
 
 def _per_sample_grads_kwargs(model, inputs, targets, loss_scale, chunk_size, loss_fn):
@@ -179,6 +180,13 @@ class RecordingOptimizer(torch.optim.Optimizer):
     state = _delegated("state")
     defaults = _delegated("defaults")
 
+    @property
+    def session(self) -> "RecordingSession":
+        """The recording session behind this optimizer: its engine, recorders, ingest and timings
+        (``session.engine``, ``session.ingest.seconds``...), for training loops and benchmarks that
+        report them. Read it; driving the session directly bypasses the optimizer's bookkeeping."""
+        return self._session
+
     def __getattr__(self, name):  # anything else the wrapped optimizer has (e.g. its own helpers)
         if name.startswith("__") or name in ("original_optimizer", "_session"):
             raise AttributeError(name)
@@ -197,7 +205,7 @@ class RecordingOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
-        raise ValueError("the recorded parameters are fixed at attach(): add parameter groups before attaching")
+        raise RecordingUsageError("the recorded parameters are fixed at attach(): add parameter groups before attaching")
 
     def zero_grad(self, set_to_none: bool = True):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
@@ -229,7 +237,7 @@ class RecordingSession:
 
     def __init__(self, model, optimizer, recorders, engine="masked", loss_fn=None, chunk_size=64, background=True):
         if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+            raise RecordingUsageError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
         self.optimizer = optimizer
         self.recorders = list(recorders)
@@ -240,14 +248,14 @@ class RecordingSession:
         num_params = sum(p.numel() for p in self.params)
         for recorder in self.recorders:
             if recorder.store.num_params != num_params:
-                raise ValueError(f"{recorder.store.path} holds {recorder.store.num_params} parameters; "
+                raise RecordingUsageError(f"{recorder.store.path} holds {recorder.store.num_params} parameters; "
                                  f"the model has {num_params}")
         self.num_params = num_params
         self.mask_specs = sorted({r.mask for r in self.recorders if r.needs_per_sample})
         self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == "masked" and self.mask_specs else None
         self.share = distributed.gradient_share(model)  # 1/W under DDP: a rank's backward is W times its share
         if self.share != 1.0 and engine == "vmap" and self.mask_specs:
-            raise ValueError("engine='vmap' recomputes gradients outside DistributedDataParallel's backward: "
+            raise RecordingUsageError("engine='vmap' recomputes gradients outside DistributedDataParallel's backward: "
                              "record with engine='masked' under torch.distributed")
         if self.share != 1.0 and self.engine is not None:
             self.engine.probe.reduce = lambda total: distributed.sum_over_ranks(total) * self.share

@@ -71,7 +71,7 @@ def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epoc
     session = None
     if recorders:
         opt, _ = attach(forward, opt, None, recorders, engine=engine)
-        session = opt._session
+        session = opt.session
         session.step_index = steps
     started = time.perf_counter()
     model.train()
