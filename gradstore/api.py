@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from . import __version__, chunkio
 from .clock import created_at
 from .base import load
-from .codecs import get_codec
+from .codecs import Codec, codec_to_write
 from .checks import ZSTD_LEVELS, check_integer, check_labels, check_number
 from .errors import BadInputError, FormatError, StoreError, write_failed
 from .format import ROWS, Claim, open_h5, seal_metadata, temp_path, write_header
@@ -47,13 +47,13 @@ def create(
     num_keys: int,
     keep: float,
     *,
-    codec: Union[str, dict] = "int8",
+    codec: Union[str, dict, Codec] = "int8",
     seed: int = 0,
     zstd_level: int = 1,
     key_kind: str = "sample",
     fingerprint: Optional[dict] = None,
     identity: Optional[dict] = None,
-    labels=None,
+    labels: Any = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     buffer_dir: Optional[PathLike] = None,
     overwrite: bool = False,
@@ -95,16 +95,16 @@ def create(
         except (TypeError, ValueError) as error:
             raise BadInputError(f"identity must be JSON (strings, numbers, lists, dicts): {error}") from None
     k = keep_to_k(keep, num_params)
-    codec = get_codec(codec)
+    row_codec = codec_to_write(codec)
     config = {
         "num_params": num_params,
         "num_keys": num_keys,
         "keep": float(keep),
         "k": k,
         "seed": seed,
-        "codec": codec.get_config(),
+        "codec": row_codec.get_config(),
         "zstd_level": int(zstd_level),
-        "rows_per_chunk": rows_per_chunk(num_keys, k, codec),
+        "rows_per_chunk": rows_per_chunk(num_keys, k, row_codec),
         "key_kind": key_kind,
         "fingerprint": fingerprint,
         **({"identity": identity} if identity is not None else {}),

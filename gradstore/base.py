@@ -5,20 +5,34 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from . import masks
 from .codecs import get_codec
 from .errors import BadInputError, FormatError, StoreError, write_failed
-from .format import ATTR_FINISHED, LABELS, STATE, RowState, open_h5, read_header, read_membership
+from .format import ATTR_FINISHED, LABELS, STATE, RowState, header_crc, open_h5, read_header, read_membership
+
+T = TypeVar("T")
 
 
 class KeyedRows:
     """What every store offers by key, from its ``num_keys``, ``key_range``, ``labels``, ``state``,
     ``members``, ``seed``, ``num_params`` and ``k``: a single file, a shard, or a sharded store's joined view."""
 
-    def _check_keys(self, keys, what="keys"):
+    path: str
+    num_params: int
+    num_keys: int
+    k: int
+    seed: int
+    key_range: tuple[int, int]
+    labels: np.ndarray
+    state: np.ndarray
+    members: dict[int, np.ndarray]
+
+    def _check_keys(self, keys: Any, what: str = "keys") -> np.ndarray:
         """Keys as a 1-D int64 array: integers, in range, not repeated."""
         array = np.asarray(keys)
         if array.ndim == 0:
@@ -53,7 +67,7 @@ class KeyedRows:
         key = int(self._check_keys([key])[0])
         return masks.positions(self.seed, key, self.num_params, self.k)
 
-    def keys_covering(self, samples, states=(RowState.LIVE,)) -> np.ndarray:
+    def keys_covering(self, samples: Any, states: Sequence[int] = (RowState.LIVE,)) -> np.ndarray:
         """Keys whose recorded members include any of ``samples`` (rows in ``states``)."""
         if not self.members:
             return np.empty(0, np.int64)
@@ -63,11 +77,11 @@ class KeyedRows:
         covering = np.unique(owners[np.isin(flat, np.asarray(samples, np.int64))])
         return covering[np.isin(self.state[covering], states)]
 
-    def keys_with_label(self, label: int, states=(RowState.LIVE,)) -> np.ndarray:
+    def keys_with_label(self, label: int, states: Sequence[int] = (RowState.LIVE,)) -> np.ndarray:
         """Keys whose stored label is ``label`` (live rows by default)."""
         return np.nonzero((self.labels == label) & np.isin(self.state, states))[0]
 
-    def _require_states(self, keys, allowed, action):
+    def _require_states(self, keys: np.ndarray, allowed: Sequence[int], action: str) -> None:
         bad = keys[~np.isin(self.state[keys], allowed)]
         if bad.size:
             described = {RowState.NAMES[int(s)]: bad[self.state[bad] == s][:10].tolist() for s in np.unique(self.state[bad])}
@@ -77,23 +91,27 @@ class KeyedRows:
 class OpenFile:
     """An open HDF5 file (``_h5``, None once closed) at ``path``, usable in a ``with`` block."""
 
+    path: str
+    _h5: Any  # the open h5py.File, None once closed (h5py has no type information: Any either way)
+
     def close(self) -> None:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
 
-    def __enter__(self):
+    def __enter__(self: T) -> T:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
         self.close()
 
-    def _require_open(self):
+    def _require_open(self) -> None:
         if self._h5 is None:
             raise BadInputError(f"{self.path}: store is closed")
 
     @contextlib.contextmanager
-    def _failing_writes_close(self, outcome: str):
+    def _failing_writes_close(self, outcome: str) -> Iterator[None]:
         """A refused write (disk full, size limit) leaves the file as its last flush left it: close it and
         raise WriteFailedError with the OS's reason and ``outcome`` (what the caller's files are now)."""
         try:
@@ -104,7 +122,7 @@ class OpenFile:
             self._abandon_file()
             raise write_failed(self.path, error, outcome) from error
 
-    def _abandon_file(self):
+    def _abandon_file(self) -> None:
         """Close the HDF5 file without writing another byte: as a crash would leave it, at its last flush.
 
         (Closing normally flushes HDF5's metadata cache; after a refused write that flush
@@ -131,7 +149,7 @@ class StoreFile(KeyedRows, OpenFile, ABC):
 
     finished: bool  # set by each kind
 
-    def __init__(self, path: str, h5file, config: dict, writable: bool):
+    def __init__(self, path: str, h5file: Any, config: dict, writable: bool):
         self.path = path
         self._h5 = h5file
         self.config = config
@@ -146,14 +164,19 @@ class StoreFile(KeyedRows, OpenFile, ABC):
         self.rows_per_chunk: int = config["rows_per_chunk"]
         self.parts = self.codec.parts(self.k)
         shard = config.get("shard")  # a shard of a sharded store (gradstore.shards) holds one key range
-        self.key_range = (0, self.num_keys) if shard is None else tuple(int(key) for key in shard["key_range"])
+        self.key_range = (0, self.num_keys) if shard is None else (int(shard["key_range"][0]), int(shard["key_range"][1]))
         self.labels = h5file[LABELS][()]
         self.state = h5file[STATE][()]
         self.members = read_membership(h5file)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         kind = "store" if self.finished else "recording"
-        return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.id}>"
+        return f"<gradstore {kind} {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} codec={self.codec.codec_id}>"
+
+    def header_crc(self) -> int:
+        """CRC-32 of this file's version and config as stored: what a sharded store's manifest records of a shard."""
+        self._require_open()
+        return header_crc(self._h5)
 
     def info(self) -> dict:
         """Every store-level field plus row counts and bytes on disk (what `gradstore info` prints)."""
@@ -177,7 +200,7 @@ class StoreFile(KeyedRows, OpenFile, ABC):
             "dense_fp32_bytes": stored_rows * self.num_params * 4,
         }
 
-    def _own_chunks(self):
+    def _own_chunks(self) -> range:
         """The chunk indices of this file's key range (all of them, but for a shard)."""
         lo, hi = self.key_range
         return range(lo // self.rows_per_chunk, -(-hi // self.rows_per_chunk))
@@ -191,7 +214,7 @@ class StoreFile(KeyedRows, OpenFile, ABC):
         return [{"rows": bad_state[:50].tolist(), "problem": "invalid row state"}] if bad_state.size else []
 
 
-def load(path: str, mode: str, make):
+def load(path: str, mode: str, make: Callable[[Any, dict, bool], T]) -> T:
     """Open ``path`` and return ``make(h5file, config, finished)``; the file is closed again on any
     failure, and what h5py raises on a damaged structure becomes FormatError."""
     h5file = open_h5(path, mode)

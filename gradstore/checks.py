@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +13,7 @@ ZSTD_LEVELS = (1, 22)  # zstd's levels: 1 (the fastest, as good as 3 on gradient
 LABELS = (-1, 2**31 - 1)  # a class label, or -1: unknown
 
 
-def check_number(name: str, value) -> float:
+def check_number(name: str, value: object) -> float:
     """``value`` as a finite float; BadInputError naming ``name`` otherwise (strings, None, NaN, Inf)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise BadInputError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -21,7 +22,7 @@ def check_number(name: str, value) -> float:
     return float(value)
 
 
-def check_integer(name: str, value, low: int, high: int) -> int:
+def check_integer(name: str, value: object, low: int, high: int) -> int:
     """``value`` as an int in [low, high]; BadInputError naming ``name`` otherwise."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise BadInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -32,7 +33,7 @@ def check_integer(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def check_labels(labels, count: int, name: str = "labels") -> np.ndarray:
+def check_labels(labels: Any, count: int, name: str = "labels") -> np.ndarray:
     """``count`` integer labels as int64, each a class (0 .. 2**31-1) or -1 (unknown)."""
     array = np.asarray(labels)
     if array.shape != (count,) or (array.size and array.dtype.kind not in "iu"):

@@ -7,13 +7,17 @@ declares HDF5's shuffle filter. That is exactly what HDF5's own pipeline
 it with ordinary slicing, while we compress in our own threads, one compressor each.
 """
 
+from __future__ import annotations
+
 import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Optional
 
 import hdf5plugin
 import numpy as np
+from numpy.typing import DTypeLike
 import zstandard
 
 from .errors import CorruptChunkError
@@ -26,7 +30,7 @@ _pool = None
 _pool_threads = None
 
 
-def set_worker_threads(count):
+def set_worker_threads(count: int) -> None:
     """Threads that compress and decompress chunks (default: the CPUs this process may use)."""
     global _pool, _pool_threads
     if _pool is not None:
@@ -34,7 +38,7 @@ def set_worker_threads(count):
     _pool, _pool_threads = None, int(count)
 
 
-def worker_pool():
+def worker_pool() -> ThreadPoolExecutor:
     """The shared compression pool, one compressor per thread."""
     global _pool
     if _pool is None:
@@ -60,7 +64,7 @@ def _decompressor():
     return _local.decompressor
 
 
-def shuffle_bytes(array):
+def shuffle_bytes(array: np.ndarray) -> np.ndarray:
     """HDF5's shuffle: byte 0 of every element, then byte 1, ... (a view when itemsize is 1)."""
     itemsize = array.dtype.itemsize
     if itemsize == 1:
@@ -68,7 +72,7 @@ def shuffle_bytes(array):
     return np.ascontiguousarray(np.ascontiguousarray(array).view(np.uint8).reshape(-1, itemsize).T).reshape(-1)
 
 
-def unshuffle_bytes(raw, dtype, shape):
+def unshuffle_bytes(raw: bytes, dtype: DTypeLike, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of ``shuffle_bytes``."""
     itemsize = np.dtype(dtype).itemsize
     buf = np.frombuffer(raw, np.uint8)
@@ -77,19 +81,19 @@ def unshuffle_bytes(raw, dtype, shape):
     return buf.view(dtype).reshape(shape)
 
 
-def dataset_filters(shuffle, level):
+def dataset_filters(shuffle: bool, level: int) -> dict[str, Any]:
     """h5py create_dataset keywords declaring (shuffle,) zstd: what readers will apply."""
     return dict(shuffle=shuffle, **hdf5plugin.Zstd(clevel=level))
 
 
-def filter_pipeline(dset) -> list:
+def filter_pipeline(dset: Any) -> list:
     """[[filter id, [client values]], ...] of a dataset, as its creation property list stores them."""
     plist = dset.id.get_create_plist()
     return [[int(code), [int(v) for v in values]] for code, _, values, _ in
             (plist.get_filter(i) for i in range(plist.get_nfilters()))]
 
 
-def encode_chunk(block, rows_per_chunk, shuffle, level):
+def encode_chunk(block: np.ndarray, rows_per_chunk: int, shuffle: bool, level: int) -> bytes:
     """One full chunk (zero-padded to rows_per_chunk rows) as a zstd frame."""
     if block.shape[0] < rows_per_chunk:
         padded = np.zeros((rows_per_chunk,) + block.shape[1:], block.dtype)
@@ -99,7 +103,7 @@ def encode_chunk(block, rows_per_chunk, shuffle, level):
     return _compressor(level).compress(raw)
 
 
-def decode_chunk(frame, dtype, rows_per_chunk, width, shuffle):
+def decode_chunk(frame: bytes, dtype: DTypeLike, rows_per_chunk: int, width: int, shuffle: bool) -> np.ndarray:
     """A zstd frame back to a [rows_per_chunk, width] array; raises ValueError when damaged."""
     expected = rows_per_chunk * width * np.dtype(dtype).itemsize
     try:
@@ -115,13 +119,14 @@ def decode_chunk(frame, dtype, rows_per_chunk, width, shuffle):
     return np.frombuffer(raw, dtype).reshape(rows_per_chunk, width)
 
 
-def frame_checksum(index, frame):
+def frame_checksum(index: int, frame: bytes) -> int:
     """CRC-32 of a chunk's stored frame, seeded with the chunk's index: a frame that is
     damaged, or read from another chunk's place (a damaged chunk index), fails it."""
     return zlib.crc32(frame, zlib.crc32(int(index).to_bytes(8, "little")))
 
 
-def write_rows(dset, first_row, rows, shuffle, level, checksums=None):
+def write_rows(dset: Any, first_row: int, rows: np.ndarray, shuffle: bool, level: int,
+               checksums: Optional[np.ndarray] = None) -> None:
     """Write rows [n, width] at chunk-aligned ``first_row``, compressing chunks in parallel.
 
     ``checksums``: a uint32 array indexed by chunk, filled with the written frames' checksums.
@@ -140,7 +145,8 @@ def write_rows(dset, first_row, rows, shuffle, level, checksums=None):
             checksums[index] = frame_checksum(index, frame)
 
 
-def read_chunks(dset, chunk_indices, shuffle, name_rows, checksums=None):
+def read_chunks(dset: Any, chunk_indices: Iterable[int], shuffle: bool, name_rows: Callable[[int], list],
+                checksums: Optional[np.ndarray] = None) -> dict[int, np.ndarray]:
     """Decode the given chunks of a row dataset: {chunk index: array [rows_per_chunk, width]}.
 
     A chunk that fails its checksum (``checksums``: uint32 per chunk, when the file has

@@ -1,10 +1,13 @@
 """`gradstore info PATH [--json]` and `gradstore verify PATH`."""
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import re
 import sys
+from typing import Callable, Optional, Sequence, Union
 
 from . import open as open_store
 from .errors import StoreError, os_reason
@@ -26,7 +29,7 @@ def _open(path):
     return open_store(path)
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.path) as store:
         info = store.info()
     if args.json:
@@ -40,7 +43,7 @@ def cmd_info(args):
     return 0
 
 
-def cmd_verify(args):
+def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args.path) as store:
         problems = store.verify()
         if store.finished:
@@ -59,7 +62,7 @@ def cmd_verify(args):
     return 1
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradstore", description="Inspect and check per-sample gradient stores (HDF5 files written by gradstore)."
     )
@@ -74,7 +77,7 @@ def build_parser():
     return parser
 
 
-def report_failure(prog, command, message, code=2):
+def report_failure(prog: str, command: str, message: Union[str, BaseException], code: int = 2) -> int:
     """`PROG COMMAND: error: MESSAGE` on one line of stderr; returns the exit status.
 
     HDF5's messages run over several lines and give the operating system's reason on a
@@ -89,7 +92,7 @@ def report_failure(prog, command, message, code=2):
     return code
 
 
-def run_reporting_errors(prog, command, action):
+def run_reporting_errors(prog: str, command: str, action: Callable[[], int]) -> int:
     """``action()``'s exit status; every failure becomes one line on stderr and a non-zero status,
     never a traceback (the CLIs of gradstore, unlearn and bench all run through here)."""
     try:
@@ -104,7 +107,7 @@ def run_reporting_errors(prog, command, action):
         return report_failure(prog, command, f"{type(error).__name__}: {error}", 1)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Every failure is one line on stderr and a non-zero status (argparse's usage errors: 2), never a traceback."""
     args = build_parser().parse_args(argv)
     return run_reporting_errors("gradstore", args.command, lambda: args.run(args))

@@ -280,3 +280,19 @@ def get_codec(spec: Union[str, Mapping[str, Any], Codec, None]) -> Codec:
     if not isinstance(spec, Mapping) or not isinstance(codec_id, str) or codec_id not in CODECS:
         raise FormatError(f"unknown codec {spec!r} (id {codec_id!r}); registered ids: {sorted(CODECS)}")
     return CODECS[codec_id].from_config(spec)
+
+
+def codec_to_write(spec: Union[str, Mapping[str, Any], Codec]) -> Codec:
+    """The codec a new store is written in: as ``get_codec``, and refused (BadInputError) unless its
+    config reads back through the registry as itself, since a store it wrote could not be opened."""
+    codec = get_codec(spec)
+    config = codec.get_config()
+    try:
+        again = get_codec(json.loads(json.dumps(config)))
+    except (FormatError, TypeError, ValueError) as error:
+        raise BadInputError(f"codec {codec!r} cannot be stored: its config {config!r} does not read back ({error}); "
+                            "register its class with gradstore.register_codec") from None
+    if again != codec:
+        raise BadInputError(f"codec {codec!r} cannot be stored: its config reads back as {again!r}; "
+                            "register its class with gradstore.register_codec")
+    return codec

@@ -2,6 +2,7 @@
 
 import os
 import re
+from typing import Sequence, Union
 
 
 class StoreError(Exception):
@@ -15,7 +16,7 @@ class FormatError(StoreError):
 class CorruptChunkError(FormatError):
     """A stored chunk does not decode; ``keys`` holds the rows it covers."""
 
-    def __init__(self, message, keys):
+    def __init__(self, message: str, keys: Sequence[int]):
         super().__init__(message)
         self.keys = keys
 
@@ -36,7 +37,7 @@ class WriteFailedError(StoreError, OSError):
     """The operating system refused a write (disk full, quota, file size limit, I/O error)."""
 
 
-def os_reason(error: BaseException) -> str:
+def os_reason(error: Union[str, BaseException]) -> str:
     """The operating system's reason for a failed write, in its own words ('No space left on device').
 
     h5py's OSError carries the errno of HDF5's failed write(2) but a message of several
@@ -52,7 +53,7 @@ def os_reason(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def write_failed(path, error: BaseException, outcome: str) -> WriteFailedError:
+def write_failed(path: Union[str, os.PathLike], error: BaseException, outcome: str) -> WriteFailedError:
     """A WriteFailedError whose one line starts with the reason and says what became of the files."""
     failure = WriteFailedError(f"{os_reason(error)}: writing {path} failed; {outcome}")
     failure.errno = getattr(error, "errno", None)

@@ -3,6 +3,8 @@
 docs/FORMAT.md describes the same layout for readers who only have h5py.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
@@ -13,6 +15,7 @@ import resource
 import stat
 import tempfile
 import zlib
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import h5py
 import numpy as np
@@ -55,7 +58,7 @@ class RowState:
     NAMES = {EMPTY: "empty", LIVE: "live", FORGOTTEN: "forgotten", PURGED: "purged"}
 
 
-def model_fingerprint(named_shapes):
+def model_fingerprint(named_shapes: Iterable[tuple[str, Iterable[int]]]) -> dict:
     """Fingerprint of a model from (name, shape) pairs in named_parameters() order."""
     names = [str(name) for name, _ in named_shapes]
     shapes = [[int(d) for d in shape] for _, shape in named_shapes]
@@ -64,7 +67,7 @@ def model_fingerprint(named_shapes):
     return {"names": names, "shapes": shapes, "num_params": num_params, "sha256": digest}
 
 
-def set_json_attr(obj, name, value):
+def set_json_attr(obj: Any, name: str, value: Any) -> None:
     """A JSON attribute as a fixed-length byte string: stored inside the object header.
 
     (A variable-length string lives in HDF5's global heap behind a pointer, and a damaged
@@ -74,24 +77,29 @@ def set_json_attr(obj, name, value):
     obj.attrs[name] = np.bytes_(json.dumps(value, sort_keys=True).encode())
 
 
-def get_json_attr(obj, name):
+def get_json_attr(obj: Any, name: str) -> Any:
     """A JSON attribute written by ``set_json_attr`` (or, in version 1 files, as a string)."""
     raw = obj.attrs[name]
     return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
 
-def _attr_text(obj, name):
+def _attr_text(obj: Any, name: str) -> str:
     raw = obj.attrs[name]
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def write_header(h5file, config, finished=False):
+def header_crc(h5file: Any) -> int:
+    """CRC-32 of a store file's version and config as stored: what a sharded store's manifest records of a shard."""
+    return zlib.crc32(f"{int(h5file.attrs[ATTR_VERSION])}|{bytes(h5file.attrs[ATTR_CONFIG]).decode()}".encode())
+
+
+def write_header(h5file: Any, config: dict, finished: bool = False) -> None:
     h5file.attrs[ATTR_VERSION] = FILE_VERSION
     set_json_attr(h5file, ATTR_CONFIG, config)
     h5file.attrs[ATTR_FINISHED] = bool(finished)
 
 
-def open_h5(path, mode):
+def open_h5(path: Union[str, os.PathLike], mode: str) -> Any:
     """h5py.File, with errors that say what the path is not.
 
     A file without write permission bits is never opened for writing, even by root.
@@ -116,7 +124,7 @@ def open_h5(path, mode):
         raise FormatError(f"{path} cannot be opened as HDF5: {text}") from None
 
 
-def _metadata_checksums(h5file):
+def _metadata_checksums(h5file: Any) -> dict:
     header = f"{int(h5file.attrs[ATTR_VERSION])}|{bool(h5file.attrs[ATTR_FINISHED])}|{_attr_text(h5file, ATTR_CONFIG)}"
     sums = {"config": zlib.crc32(header.encode())}  # the version and the finished flag too
     for name, path in (("labels", LABELS), ("state", STATE)):
@@ -130,12 +138,12 @@ def _metadata_checksums(h5file):
     return sums
 
 
-def seal_metadata(h5file):
+def seal_metadata(h5file: Any) -> None:
     """Record the checksums of the config, labels, state and membership as they are in the file now."""
     set_json_attr(h5file, ATTR_CHECKSUMS, _metadata_checksums(h5file))
 
 
-def check_metadata(h5file, path, version, finished):
+def check_metadata(h5file: Any, path: str, version: int, finished: bool) -> None:
     """FormatError when the metadata differs from its checksums (a recording's commit record too)."""
     if ATTR_CHECKSUMS not in h5file.attrs:
         if version >= 2:
@@ -155,7 +163,7 @@ def check_metadata(h5file, path, version, finished):
         raise FormatError(f"{path}: the store's {', '.join(bad)} fail their checksums; the file is damaged")
 
 
-def write_membership(h5file, members, name=MEMBERSHIP):
+def write_membership(h5file: Any, members: dict[int, np.ndarray], name: str = MEMBERSHIP) -> None:
     """members {key: int64 samples} as CSR: membership/keys, membership/indptr, membership/samples
     (in the group ``name``: a fresh one to be moved over membership/ once written)."""
     if name in h5file:
@@ -173,7 +181,7 @@ def write_membership(h5file, members, name=MEMBERSHIP):
 METADATA_MARGIN = 1 << 20  # room kept for HDF5's own metadata (object headers, B-trees) beyond a write's data
 
 
-def require_room(path, handle, data_bytes: int, outcome: str) -> None:
+def require_room(path: Union[str, os.PathLike], handle: int, data_bytes: int, outcome: str) -> None:
     """WriteFailedError, before a byte is written, when the file system or the file size limit has no room
     for ``data_bytes`` more (plus METADATA_MARGIN).
 
@@ -191,7 +199,8 @@ def require_room(path, handle, data_bytes: int, outcome: str) -> None:
         raise write_failed(path, OSError(errno.EFBIG, os.strerror(errno.EFBIG)), outcome)
 
 
-def rewrite_row_metadata(h5file, labels=None, state=None, members=None):
+def rewrite_row_metadata(h5file: Any, labels: Optional[np.ndarray] = None, state: Optional[np.ndarray] = None,
+                         members: Optional[dict[int, np.ndarray]] = None) -> None:
     """rows/labels, rows/state and membership (those given) as fresh datasets, then the seal over them.
 
     Until the next flush the file on disk still holds the old ones, untouched: every new
@@ -219,7 +228,7 @@ def rewrite_row_metadata(h5file, labels=None, state=None, members=None):
     seal_metadata(h5file)
 
 
-def read_membership(h5file):
+def read_membership(h5file: Any) -> dict[int, np.ndarray]:
     """{key: int64 samples} of a step-keyed store ({} when it has none)."""
     if MEMBERSHIP not in h5file:
         return {}
@@ -228,7 +237,7 @@ def read_membership(h5file):
     return {int(key): samples[indptr[i] : indptr[i + 1]] for i, key in enumerate(keys.tolist())}
 
 
-def temp_path(path, purpose):
+def temp_path(path: Union[str, os.PathLike], purpose: str) -> str:
     """A new, unique file beside ``path`` for a new version of it (``PATH.PURPOSE.XXXXXXXX.tmp``).
 
     Unique, so that two writers never share one: opening a shared name with h5py's mode "w"
@@ -241,7 +250,7 @@ def temp_path(path, purpose):
 
 
 @contextlib.contextmanager
-def new_file_beside(path, purpose):
+def new_file_beside(path: Union[str, os.PathLike], purpose: str) -> Iterator[Any]:
     """An HDF5 file at a fresh ``temp_path(path, purpose)`` to fill; on success it is flushed, fsynced and
     closed (the caller renames ``out.filename``, read inside the block, over ``path``). On any
     failure it is removed, ``path`` untouched; an OSError (disk full, file size limit) becomes
@@ -277,7 +286,7 @@ class Claim:
     when another writer took it first. ``publish(tmp)`` puts the finished temporary file in place.
     """
 
-    def __init__(self, path, overwrite: bool):
+    def __init__(self, path: Union[str, os.PathLike], overwrite: bool):
         self.path = os.fspath(path)
         self._held = None
         if not os.path.lexists(self.path):
@@ -297,7 +306,7 @@ class Claim:
             raise
         self._held = descriptor
 
-    def publish(self, tmp_path) -> None:
+    def publish(self, tmp_path: str) -> None:
         """Rename ``tmp_path`` to the claimed path (it must still be the file claimed, or still absent)."""
         if self._held is None:
             try:
@@ -324,21 +333,21 @@ class Claim:
             os.close(self._held)
             self._held = None
 
-    def __enter__(self):
+    def __enter__(self) -> Claim:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _stat_or_none(path):
+def _stat_or_none(path: str) -> Optional[os.stat_result]:
     try:
         return os.stat(path)
     except FileNotFoundError:
         return None
 
 
-def read_header(h5file, path):
+def read_header(h5file: Any, path: str) -> tuple[dict, bool]:
     """(config dict, finished) of a store; FormatError when it is not one we can read."""
     if ATTR_VERSION not in h5file.attrs:
         raise FormatError(f"{path} is an HDF5 file but not a gradstore store (no '{ATTR_VERSION}' attribute)")

@@ -8,6 +8,7 @@ copy of the body with its own name, hence its own cache entry.
 """
 
 import types
+from typing import Any, Callable
 
 from numba import njit
 
@@ -21,6 +22,6 @@ def _renamed(body, suffix):
     return copy
 
 
-def parallel_and_serial(body, **options):
+def parallel_and_serial(body: Callable, **options: Any) -> tuple[Any, Any]:
     """(parallel, serial) compiled dispatchers of ``body`` (options: njit's, e.g. cache, nogil)."""
     return njit(parallel=True, **options)(_renamed(body, "_parallel")), njit(**options)(_renamed(body, "_serial"))

@@ -16,13 +16,15 @@ purged, never live again, and the next ``purge`` finishes the rest.
 from __future__ import annotations
 
 import os
+from typing import Any, Iterator, Union
 
 import numpy as np
 
 from .base import KeyedRows, OpenFile, load
+from .codecs import Codec, Part
 from .errors import FormatError, ReadOnlyError, StoreError
 from .format import ATTR_CONFIG, RowState, get_json_attr
-from .shards import ATTR_MANIFEST_CRC, ATTR_SHARDS, header_crc, manifest_crc, shard_ranges, shared_config
+from .shards import ATTR_MANIFEST_CRC, ATTR_SHARDS, manifest_crc, shard_ranges, shared_config
 from .store import Store
 
 PENDING_FORGET = "pending/forget"  # keys of a forget in progress across shards
@@ -33,9 +35,9 @@ class ShardedStore(KeyedRows, OpenFile):
 
     finished = True
 
-    def __init__(self, path, h5file, writable):
+    def __init__(self, path: str, h5file: Any, writable: bool):
         self.path, self._h5, self.writable = path, h5file, writable
-        self.shards = []
+        self.shards: list[Store] = []
         try:
             self._check_manifest()
             self._open_shards()
@@ -43,9 +45,13 @@ class ShardedStore(KeyedRows, OpenFile):
             self.close()
             raise
         first = self.shards[0]
-        self.config = get_json_attr(h5file, ATTR_CONFIG)
-        for name in ("codec", "num_params", "num_keys", "keep", "k", "seed", "zstd_level", "rows_per_chunk", "parts"):
-            setattr(self, name, getattr(first, name))
+        self.config: dict = get_json_attr(h5file, ATTR_CONFIG)
+        self.codec: Codec = first.codec
+        self.num_params, self.num_keys, self.k, self.seed = first.num_params, first.num_keys, first.k, first.seed
+        self.keep: float = first.keep
+        self.zstd_level: int = first.zstd_level
+        self.rows_per_chunk: int = first.rows_per_chunk
+        self.parts: list[Part] = first.parts
         self.key_range = (0, self.num_keys)
         self.labels = np.full(self.num_keys, -1, np.int64)
         self.state = np.zeros(self.num_keys, np.uint8)
@@ -58,14 +64,14 @@ class ShardedStore(KeyedRows, OpenFile):
 
     # ------------------------------------------------------------------ opening
 
-    def _check_manifest(self):
+    def _check_manifest(self) -> None:
         attrs = self._h5.attrs
         if ATTR_MANIFEST_CRC not in attrs or int(attrs[ATTR_MANIFEST_CRC]) != manifest_crc(self._h5):
             raise FormatError(f"{self.path}: the manifest fails its checksum; the file is damaged")
         listing = get_json_attr(self._h5, ATTR_SHARDS)
         self.run_id, self._entries = listing["run_id"], listing["shards"]
 
-    def _open_shards(self):
+    def _open_shards(self) -> None:
         """Open every shard (in this store's mode), checking it is the one the manifest names."""
         config = get_json_attr(self._h5, ATTR_CONFIG)
         expected_ranges = shard_ranges(config["num_keys"], config["rows_per_chunk"], len(self._entries))
@@ -74,23 +80,26 @@ class ShardedStore(KeyedRows, OpenFile):
             file = os.path.join(folder, entry["file"])
             if not os.path.exists(file):
                 raise FormatError(f"{self.path}: shard {index} ({file}) is missing; nothing was read")
-            shard = load(file, "r+" if self.writable else "r",
-                         lambda h5, cfg, finished, file=file: Store(file, h5, cfg, self.writable) if finished else h5)
-            if not isinstance(shard, Store):
-                shard.close()
+            def make(h5: Any, cfg: dict, finished: bool, file: str = file) -> Union[Store, Any]:
+                return Store(file, h5, cfg, self.writable) if finished else h5
+
+            opened = load(file, "r+" if self.writable else "r", make)
+            if not isinstance(opened, Store):
+                opened.close()
                 raise FormatError(f"{file} is not finished: it cannot be shard {index} of {self.path}")
+            shard = opened
             self.shards.append(shard)
             described = shard.config.get("shard") or {}
             if (described.get("run_id") != self.run_id or described.get("index") != index
                     or described.get("count") != len(self._entries)
                     or tuple(described.get("key_range", ())) != tuple(entry["key_range"])
                     or tuple(entry["key_range"]) != expected_ranges[index]
-                    or header_crc(shard._h5) != entry["header_crc32"]
+                    or shard.header_crc() != entry["header_crc32"]
                     or shared_config(shard.config) != shared_config(config)):
                 raise FormatError(f"{self.path}: {file} is not its shard {index} (another run's, or rewritten: "
                                   f"it says {described}); nothing was read")
 
-    def _finish_pending_forget(self):
+    def _finish_pending_forget(self) -> None:
         if PENDING_FORGET not in self._h5:
             return
         keys = self._h5[PENDING_FORGET][()]
@@ -103,22 +112,22 @@ class ShardedStore(KeyedRows, OpenFile):
 
     # ------------------------------------------------------------------ the Store interface
 
-    def close(self):
+    def close(self) -> None:
         for shard in self.shards:
             shard.close()
         self.shards = []
         super().close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<gradstore sharded store {self.path!r} M={self.num_params} keys={self.num_keys} k={self.k} "
-                f"codec={self.codec.id} shards={len(self._entries)}>")
+                f"codec={self.codec.codec_id} shards={len(self._entries)}>")
 
-    def _require_writable(self):
+    def _require_writable(self) -> None:
         self._require_open()
         if not self.writable:
             raise ReadOnlyError(f"{self.path}: store is open read-only; open it with mode='r+'")
 
-    def _by_shard(self, keys):
+    def _by_shard(self, keys: np.ndarray) -> Iterator[tuple[Store, np.ndarray]]:
         """(shard, positions in ``keys``) for each shard holding some of ``keys``."""
         for shard in self.shards:
             lo, hi = shard.key_range
@@ -126,7 +135,7 @@ class ShardedStore(KeyedRows, OpenFile):
             if inside.size:
                 yield shard, inside
 
-    def read(self, keys):
+    def read(self, keys: Any) -> np.ndarray:
         """Decoded rows of ``keys``: float32 [len(keys), k], in the order given."""
         self._require_open()
         keys = self._check_keys(keys)
@@ -136,7 +145,7 @@ class ShardedStore(KeyedRows, OpenFile):
             out[inside] = shard.read(keys[inside])
         return out
 
-    def scatter_add(self, flat_params, keys, alpha=1.0):
+    def scatter_add(self, flat_params: np.ndarray, keys: Any, alpha: float = 1.0) -> None:
         """flat_params[positions(key)] += alpha * row(key) for every key (live rows only), shard by shard."""
         self._require_open()
         keys = self._check_keys(keys)
@@ -144,17 +153,17 @@ class ShardedStore(KeyedRows, OpenFile):
         for shard, inside in self._by_shard(keys):
             shard.scatter_add(flat_params, keys[inside], alpha)
 
-    def blocks(self, block_rows):
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Every row in key order, as ``Store.blocks`` gives them (what ``transcode`` re-encodes)."""
         self._require_open()
         for lo in range(0, self.num_keys, block_rows):
             keys = np.arange(lo, min(self.num_keys, lo + block_rows), dtype=np.int64)
             block = np.empty((keys.size, self.k), np.float32)
             for shard, inside in self._by_shard(keys):
-                block[inside] = shard.codec.decode(shard._read_parts(keys[inside]))
+                block[inside] = shard.decode_rows(keys[inside])
             yield lo, block
 
-    def mark_forgotten(self, keys):
+    def mark_forgotten(self, keys: Any) -> None:
         """Record that these live rows have been applied, in every shard, as one step a crash cannot split."""
         self._require_writable()
         keys = self._check_keys(keys)
@@ -166,14 +175,14 @@ class ShardedStore(KeyedRows, OpenFile):
         del self._h5[PENDING_FORGET]
         self._h5.flush()
 
-    def _mark_in_shards(self, keys):
+    def _mark_in_shards(self, keys: np.ndarray) -> None:
         for shard, inside in self._by_shard(keys):
             live = keys[inside][shard.state[keys[inside]] == RowState.LIVE]  # a resumed forget skips what is done
             if live.size:
                 shard.mark_forgotten(live)
         self.state[keys] = RowState.FORGOTTEN
 
-    def purge(self):
+    def purge(self) -> int:
         """Erase forgotten rows from every shard; returns the number of rows purged."""
         self._require_writable()
         purged = 0
@@ -183,7 +192,7 @@ class ShardedStore(KeyedRows, OpenFile):
             self.state[lo:hi], self.labels[lo:hi] = shard.state[lo:hi], shard.labels[lo:hi]
         return purged
 
-    def info(self):
+    def info(self) -> dict:
         """The fields of ``Store.info``, summed over shards, plus the shard count."""
         self._require_open()
         infos = [shard.info() for shard in self.shards]
@@ -209,7 +218,7 @@ class ShardedStore(KeyedRows, OpenFile):
             "run_id": self.run_id,
         }
 
-    def verify(self):
+    def verify(self) -> list[dict]:
         """Every shard's problems (each names its rows), after the checks ``open`` already made."""
         self._require_open()
         problems = []
@@ -219,7 +228,7 @@ class ShardedStore(KeyedRows, OpenFile):
         return problems
 
 
-def open_manifest(path, h5file, mode):
+def open_manifest(path: str, h5file: Any, mode: str) -> ShardedStore:
     """The ShardedStore of the manifest open as ``h5file`` (mode 'r' or 'r+'); the file is closed on failure."""
     try:
         return ShardedStore(path, h5file, writable=(mode == "r+"))

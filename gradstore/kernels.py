@@ -17,7 +17,8 @@ from .masks import PARALLEL_MIN_VALUES, ROUNDING_SALT, fill_rows, stream_base, s
 
 
 @njit(cache=True, parallel=True)
-def quantize_int8(values, keys, block_size, stochastic, seed, q_out, scales_out):
+def quantize_int8(values: np.ndarray, keys: np.ndarray, block_size: int, stochastic: bool, seed: int, q_out: np.ndarray,
+                  scales_out: np.ndarray) -> None:
     """values float32 [n, k] -> q int8 [n, k], scales float32 [n, ceil(k/block)].
 
     scale = absmax(block) / 127; q = round(x * (127 / absmax)), to nearest (ties to even)
@@ -59,7 +60,7 @@ def _dequantize_int8_body(q, scales, block_size, out):
 _dequantize_int8_parallel, _dequantize_int8_serial = parallel_and_serial(_dequantize_int8_body, cache=True)
 
 
-def dequantize_int8(q, scales, block_size, out):
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, block_size: int, out: np.ndarray) -> None:
     """q int8 [n, k], scales [n, nblocks] -> float32 [n, k] (out)."""
     kernel = _dequantize_int8_parallel if q.size >= PARALLEL_MIN_VALUES else _dequantize_int8_serial
     kernel(q, scales, block_size, out)
@@ -69,7 +70,7 @@ def dequantize_int8(q, scales, block_size, out):
 
 
 @njit(cache=True, parallel=True)
-def row_pow2_scales(values, scales_out):
+def row_pow2_scales(values: np.ndarray, scales_out: np.ndarray) -> None:
     """Per row, the smallest power of two s >= absmax (capped at 2**127); 1 for an all-zero row.
 
     Dividing by a power of two is exact, so fp16(x / s) * s is plain fp16 rounding with
@@ -93,7 +94,7 @@ def row_pow2_scales(values, scales_out):
 
 
 @njit(cache=True)
-def rows_not_finite(values):
+def rows_not_finite(values: np.ndarray) -> np.ndarray:
     """Indices of rows holding a NaN or an Inf (an exponent of all ones), vectorised bit test."""
     n = values.shape[0]
     bits = values.reshape(n, -1).view(np.uint32)
@@ -107,7 +108,7 @@ def rows_not_finite(values):
 
 
 @njit(cache=True)
-def add_rows(target, slots, fresh, values):
+def add_rows(target: np.ndarray, slots: np.ndarray, fresh: np.ndarray, values: np.ndarray) -> None:
     """target[slots[i]] = values[i] where fresh[i], else += (slots unique)."""
     for i in range(slots.shape[0]):
         row = target[slots[i]]
@@ -148,7 +149,8 @@ def _scatter_add_body(flat, values, scales, block_size, keys, seed, num_params, 
 _scatter_add_parallel, _scatter_add_serial = parallel_and_serial(_scatter_add_body, cache=True)
 
 
-def scatter_add(flat, values, scales, block_size, keys, seed, num_params, alpha):
+def scatter_add(flat: np.ndarray, values: np.ndarray, scales: np.ndarray, block_size: int, keys: np.ndarray, seed: int,
+                num_params: int, alpha: float) -> None:
     """flat[positions(key_r)] += alpha * scales[r, j // block] * values[r, j] for every row r.
 
     ``values`` is int8 (with its absmax scales) or float (with scales of ones / the row

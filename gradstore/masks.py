@@ -7,8 +7,10 @@ on the machine, numpy's version or the number of threads. ``docs/FORMAT.md``
 gives the algorithm in plain Python; ``reference_positions`` below is that text.
 """
 
+from typing import Any
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no type information
 from numba import int64, njit, prange, types, uint64
 from numba.extending import intrinsic
 
@@ -19,7 +21,7 @@ _MASK64 = (1 << 64) - 1
 
 
 @njit(inline="always", cache=True)
-def mix64(z):
+def mix64(z: Any) -> Any:
     """splitmix64's finaliser on a uint64."""
     z = uint64(z)
     z = (z ^ (z >> uint64(30))) * uint64(_MIX_1)
@@ -28,13 +30,13 @@ def mix64(z):
 
 
 @njit(inline="always", cache=True)
-def stream_base(seed, key, salt):
+def stream_base(seed: Any, key: Any, salt: Any) -> Any:
     """Start of the random stream for (seed, key); ``salt`` separates streams' uses."""
     return mix64(mix64(uint64(seed) ^ uint64(salt)) ^ uint64(key))
 
 
 @njit(inline="always", cache=True)
-def stream_draw(base, i):
+def stream_draw(base: Any, i: Any) -> Any:
     """The i-th (0-based) 64-bit draw of a stream."""
     return mix64(base + uint64(i + 1) * uint64(GOLDEN))
 
@@ -44,7 +46,7 @@ ROUNDING_SALT = 0x5DEECE66D
 
 
 @njit(inline="always", cache=True)
-def below(draw, n):
+def below(draw: Any, n: Any) -> Any:
     """floor(draw * n / 2**64) for n < 2**32: a uniform integer in [0, n) without a division."""
     high = draw >> uint64(32)
     low = draw & uint64(0xFFFFFFFF)
@@ -71,7 +73,7 @@ def _popcount(typingctx, word):
     return types.uint64(types.uint64), codegen
 
 
-def unroll_for(num_params, k):
+def unroll_for(num_params: int, k: int) -> int:
     """How many positions ``_read_bitmap`` writes per word without a branch, from the bits a word holds on
     average (64 k / M): 0 (skip empty words) when most are empty, up to 8 when most hold several.
     Measured on this project's 2-vCPU machine (docs/RESULTS.md); any value gives the same output."""
@@ -126,7 +128,7 @@ def _read_words(bitmap, out, unroll):
         while w < bitmap.shape[0] and n + unroll <= k:
             word = bitmap[w]
             bitmap[w] = 0
-            count = int64(_popcount(word))
+            count = int64(_popcount(word))  # type: ignore[call-arg]  # numba supplies an intrinsic's typingctx
             first = w * 64
             for u in range(unroll):
                 out[n + u] = first + int64(_trailing_zeros(word))
@@ -144,7 +146,7 @@ def _read_words(bitmap, out, unroll):
         if word:
             bitmap[w] = 0
             while word:
-                out[n] = w * 64 + int64(_trailing_zeros(word))
+                out[n] = w * 64 + int64(_trailing_zeros(word))  # type: ignore[call-arg,operator]  # numba intrinsic (typingctx supplied), typed by numba
                 n += 1
                 word &= word - uint64(1)
         w += 1
@@ -184,7 +186,7 @@ def _fill_positions(seed, key, num_params, out, bitmap, draws, unroll):
 
 
 @njit(cache=True)
-def fill_rows(seed, keys, num_params, out, start, stop, unroll):
+def fill_rows(seed: int, keys: np.ndarray, num_params: int, out: np.ndarray, start: int, stop: int, unroll: int) -> None:
     """Positions of keys[start:stop] into out[start:stop], with one scratch bitmap."""
     bitmap = np.zeros((num_params + 63) // 64, np.uint64)
     draws = np.empty(out.shape[1], np.int64)
@@ -210,7 +212,7 @@ def _positions_many_serial(seed, keys, num_params, unroll, out):
 PARALLEL_MIN_VALUES = 1 << 18
 
 
-def positions_many(seed, keys, num_params, k):
+def positions_many(seed: int, keys: Any, num_params: int, k: int) -> np.ndarray:
     """Sorted positions for each key: int64 array [len(keys), k]."""
     if num_params >= 2**32:
         raise ValueError(f"num_params must be below 2**32, got {num_params}")
@@ -224,12 +226,12 @@ def positions_many(seed, keys, num_params, k):
     return out
 
 
-def positions(seed, key, num_params, k):
+def positions(seed: int, key: int, num_params: int, k: int) -> np.ndarray:
     """Sorted positions of one key: int64 array [k]."""
     return positions_many(seed, np.array([key]), num_params, k)[0]
 
 
-def reference_positions(seed, key, num_params, k):
+def reference_positions(seed: int, key: int, num_params: int, k: int) -> np.ndarray:
     """Pure-Python statement of the mask algorithm (slow; the spec in docs/FORMAT.md)."""
 
     def mix(z):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from types import TracebackType
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -33,16 +35,20 @@ class Recording(StoreFile):
 
     finished = False
 
-    def __init__(self, path, h5file, config, writable, memory_budget=DEFAULT_MEMORY_BUDGET, buffer_dir=None):
+    def __init__(self, path: str, h5file: Any, config: dict, writable: bool, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 buffer_dir: Optional[Union[str, os.PathLike]] = None):
         super().__init__(path, h5file, config, writable)
-        self._runs, self._stale_runs = [], []
-        self.committed_generation, self.commit_note, self.generation = None, None, 0
+        self._runs: list[str] = []
+        self._stale_runs: list[str] = []
+        self.committed_generation: Optional[int] = None
+        self.commit_note: Any = None
+        self.generation = 0
         self._dirty = False  # accumulated or added members since the last commit
         self._finalized = False
         self._buffer = staging.WriteBuffer(self.k, memory_budget // (4 * self.k), buffer_dir)
         self._load_runs()
 
-    def _load_runs(self):
+    def _load_runs(self) -> None:
         """The runs that count (see ``commit``); runs written after the last commit are dropped."""
         h5file = self._h5
         committed = get_json_attr(h5file, ATTR_COMMITTED) if ATTR_COMMITTED in h5file.attrs else None
@@ -50,11 +56,11 @@ class Recording(StoreFile):
             committed = {"generation": 0, "note": None}  # format 1 had no commits: every complete run counts
         self.committed_generation = None if committed is None else int(committed["generation"])
         self.commit_note = None if committed is None else committed.get("note")
-        self.generation = 0 if committed is None else self.committed_generation + 1
+        self.generation = 0 if committed is None else int(committed["generation"]) + 1
         if committed is not None and COMMIT_RUNS in committed:  # the commit names its runs: each must be whole
             self._runs = staging.decode_run_names(committed[COMMIT_RUNS])
             for name in self._runs:
-                staging.check_run(h5file, name, self.path, self.committed_generation)
+                staging.check_run(h5file, name, self.path, int(committed["generation"]))
             present = list(h5file[STAGING]) if STAGING in h5file else []
             self._stale_runs = sorted(set(present) - set(self._runs))
         else:  # written before commits named their runs: each run's own attributes decide
@@ -66,7 +72,7 @@ class Recording(StoreFile):
             h5file.flush()
         self._rebuild_row_metadata_from_runs()
 
-    def _rebuild_row_metadata_from_runs(self):
+    def _rebuild_row_metadata_from_runs(self) -> None:
         """While recording, the counting runs are the truth: rows/state, rows/labels and membership cache them."""
         self.state[:] = RowState.EMPTY
         for name in self._runs:
@@ -85,7 +91,8 @@ class Recording(StoreFile):
             self.commit()
         self._release()
 
-    def __exit__(self, exc_type, exc, traceback):
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
         """Commit on a normal exit; on an exception, go back to the last commit and close."""
         try:
             if exc_type is not None and self._h5 is not None and self.writable and self._dirty:
@@ -94,13 +101,11 @@ class Recording(StoreFile):
         finally:
             self.close()
 
-    def _release(self):
-        if self._buffer is not None:
-            self._buffer.release()
-            self._buffer = None
+    def _release(self) -> None:
+        self._buffer.release()
         super().close()
 
-    def _require_writable(self):
+    def _require_writable(self) -> None:
         if self._finalized:
             raise ReadOnlyError(f"{self.path}: recording has finished (finalize ran); the finished store that "
                                 "finalize() returned reads it")
@@ -110,7 +115,7 @@ class Recording(StoreFile):
 
     # ------------------------------------------------------------------ recording
 
-    def accumulate(self, keys, values, labels=None) -> None:
+    def accumulate(self, keys: Any, values: Any, labels: Any = None) -> None:
         """Add a batch: row i of ``values`` (float [batch, k]) is summed into key ``keys[i]``."""
         self._require_writable()
         keys = self._check_keys(keys)
@@ -137,7 +142,7 @@ class Recording(StoreFile):
         self.state[keys] = RowState.LIVE
         self._dirty = True
 
-    def add_members(self, key: int, samples) -> None:
+    def add_members(self, key: int, samples: Any) -> None:
         """Record which samples a (step-keyed) row covers, so a forget can find its steps."""
         self._require_writable()
         key = int(self._check_keys([key])[0])
@@ -147,7 +152,7 @@ class Recording(StoreFile):
         self.members[key] = samples.astype(np.int64)
         self._dirty = True
 
-    def commit(self, note=None) -> int:
+    def commit(self, note: Any = None) -> int:
         """Make everything accumulated so far survive a crash; returns this commit's generation.
 
         What "committed" means: a crash (even SIGKILL) loses at most what was accumulated
@@ -171,7 +176,7 @@ class Recording(StoreFile):
         self._dirty = False
         return self.committed_generation
 
-    def rollback(self, generation, note=None) -> None:
+    def rollback(self, generation: Optional[int], note: Any = None) -> None:
         """Go back to commit ``generation`` (None: to before any commit): later runs and the buffer are dropped.
 
         Resuming from a training checkpoint taken at that commit then records every later
@@ -204,7 +209,7 @@ class Recording(StoreFile):
         self._h5.flush()
         os.fsync(self._h5.id.get_vfd_handle())
 
-    def _write_commit_record(self, generation, note, runs):
+    def _write_commit_record(self, generation: Optional[int], note: Any, runs: list[str]) -> None:
         """The commit record: its generation, note and the runs that count from it (sealed by the caller).
 
         A run written before runs carried ``run_crc32`` (a recording begun by an older
@@ -217,19 +222,20 @@ class Recording(StoreFile):
         set_json_attr(self._h5, ATTR_COMMITTED, {"generation": generation, "note": note,
                                                  COMMIT_RUNS: staging.encode_run_names(runs)})
 
-    def _write_row_metadata(self):
+    def _write_row_metadata(self) -> None:
         rewrite_row_metadata(self._h5, labels=self.labels, state=self.state, members=self.members or None)
 
-    def _failing_writes_close(self):
-        return super()._failing_writes_close(
+    def _failing_writes_close(self, outcome: Optional[str] = None) -> Any:
+        """The base class's guard; ``outcome`` by default: the recording reopens at its last commit."""
+        return super()._failing_writes_close(outcome or (
             f"the store is closed and reopens at its last commit ({self.committed_generation}, note "
-            f"{json.dumps(self.commit_note)}): nothing committed was changed")
+            f"{json.dumps(self.commit_note)}): nothing committed was changed"))
 
-    def _abandon_file(self):
+    def _abandon_file(self) -> None:
         super()._abandon_file()
         self._release()
 
-    def _spill(self):
+    def _spill(self) -> None:
         """Write the buffered sums as a run of the current generation (it counts from the next commit)."""
         if len(self._buffer):
             keys, slots = self._buffer.sorted_slots()
@@ -241,12 +247,12 @@ class Recording(StoreFile):
             self._runs.append(writer.close())
             self._buffer.clear()
 
-    def _next_run_name(self):
+    def _next_run_name(self) -> str:
         present = list(self._h5[STAGING]) if STAGING in self._h5 else []
         numbers = [staging.run_number(name) for name in [*self._runs, *present]]
         return staging.run_name(max(numbers) + 1 if numbers else 0)
 
-    def _compact_runs(self, fanin):
+    def _compact_runs(self, fanin: int) -> None:
         """Merge runs in groups until at most ``fanin`` remain (lossless float32 sums).
 
         A group never mixes runs that count with runs spilled after the last commit: the
@@ -259,11 +265,11 @@ class Recording(StoreFile):
             pending = [name for name in self._runs if name not in committed]
             group = (committed if len(committed) >= len(pending) else pending)[:fanin]
             rest = [name for name in self._runs if name not in group]
-            cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in group]
+            cursors = self._cursors(group)
             generation = max(staging.run_generation(self._h5, name) for name in group)
             writer = staging.RunWriter(self._h5, self._next_run_name(), self.k, self.zstd_level, generation)
 
-            def emit(lo, sums, present):
+            def emit(lo: int, sums: np.ndarray, present: np.ndarray) -> None:
                 keys = np.nonzero(present)[0] + lo
                 writer.append(keys, sums[present], self.labels[keys])
 
@@ -294,13 +300,13 @@ class Recording(StoreFile):
                                 "store: commit it, then finish every rank's with gradstore.shards.finalize_shard "
                                 "and write_manifest")
         self._compact_runs(staging.MAX_FANIN)
-        cursors = [staging.RunCursor(self._h5[STAGING][name]) for name in self._runs]
+        cursors: list[staging.Cursor] = list(self.run_cursors())
         if len(self._buffer):
             cursors.append(staging.MemoryCursor(self._buffer))
         with finished_file(self.path, "finalize", self.config, self.labels, self.state, self.members,
                            before_replace=self._h5.close) as out:
 
-            def emit(lo, sums, present):
+            def emit(lo: int, sums: np.ndarray, present: np.ndarray) -> None:
                 keys = np.arange(lo, lo + sums.shape[0], dtype=np.int64)
                 out.write_rows(lo, self.codec.encode(sums, keys, self.seed))
 
@@ -310,9 +316,30 @@ class Recording(StoreFile):
         self._release()
         return load(self.path, "r+", lambda h5file, config, _: Store(self.path, h5file, config, writable=True))
 
+    # ------------------------------------------------------------------ runs
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """Names of the staging runs that count (those of the last commit, and spilled since), oldest first."""
+        return tuple(self._runs)
+
+    def run_cursors(self) -> list[staging.RunCursor]:
+        """A cursor over each run of ``runs``, for merging them in key order (as ``finalize`` does, and
+        ``shards.finalize_shard`` over every writer's recording)."""
+        self._require_open()
+        return self._cursors(self._runs)
+
+    def runs_in_file(self) -> list[str]:
+        """Names of every staging run in the file, counting or not (an ``r+`` open drops the others)."""
+        self._require_open()
+        return sorted(self._h5[STAGING]) if STAGING in self._h5 else []
+
+    def _cursors(self, names: list[str]) -> list[staging.RunCursor]:
+        return [staging.RunCursor(self._h5[STAGING][name]) for name in names]
+
     # ------------------------------------------------------------------ description
 
-    def _lifecycle_info(self):
+    def _lifecycle_info(self) -> dict:
         return {
             "staging_runs": len(self._runs),
             "committed_generation": self.committed_generation,
@@ -323,7 +350,7 @@ class Recording(StoreFile):
     def info(self) -> dict:
         return {**super().info(), "ratio_vs_dense_fp32": None}
 
-    def verify(self) -> list:
+    def verify(self) -> list[dict]:
         """Decode every run chunk of the last commit and check it. Returns a list of problems, each naming its rows."""
         self._require_open()
         problems = self._invalid_states()
@@ -340,7 +367,7 @@ class Recording(StoreFile):
                 lo = chunk * cursor.rows_per_chunk
                 keys = cursor.keys[lo : lo + cursor.rows_per_chunk]
                 try:
-                    block = cursor._chunk(chunk)[: keys.size]
+                    block = cursor.chunk(chunk)[: keys.size]
                 except FormatError as error:
                     problems.append({"rows": keys.tolist(), "problem": f"run {name}: {error}"})
                     continue

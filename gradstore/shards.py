@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Union
 
 import h5py
 import numpy as np
@@ -31,8 +32,8 @@ from . import staging
 from .base import load
 from .errors import BadInputError, FormatError
 from .format import (
-    ATTR_CONFIG, ATTR_FINISHED, ATTR_VERSION, MANIFEST_VERSION, ROWS, RowState, get_json_attr, new_file_beside,
-    set_json_attr,
+    ATTR_CONFIG, ATTR_FINISHED, ATTR_VERSION, MANIFEST_VERSION, ROWS, RowState, get_json_attr, header_crc,
+    new_file_beside, set_json_attr,
 )
 from .recording import Recording
 from .writer import finished_file
@@ -40,15 +41,16 @@ from .writer import finished_file
 ATTR_SHARDS = "gradstore_shards"  # manifest: JSON {"run_id", "shards": [{"file", "key_range", "header_crc32"}]}
 ATTR_MANIFEST_CRC = "gradstore_manifest_crc32"  # manifest: CRC-32 of version|config|shards as stored
 # config fields that may differ between a run's writers and shards (all the others must agree)
+PathLike = Union[str, "os.PathLike[str]"]
 PER_FILE_FIELDS = ("created_at", "package_version", "writer", "shard")
 
 
-def shard_dir(path) -> str:
+def shard_dir(path: PathLike) -> str:
     """The folder beside the entry point that holds a sharded store's recordings and shards."""
     return os.fspath(path) + ".shards"
 
 
-def entry_path(file) -> str:
+def entry_path(file: PathLike) -> str:
     """The entry point of the sharded store a recording or shard file belongs to."""
     folder = os.path.dirname(os.fspath(file))
     if not folder.endswith(".shards"):
@@ -56,11 +58,11 @@ def entry_path(file) -> str:
     return folder[: -len(".shards")]
 
 
-def recording_path(path, rank: int, ranks: int) -> str:
+def recording_path(path: PathLike, rank: int, ranks: int) -> str:
     return os.path.join(shard_dir(path), f"recording-{rank:05d}-of-{ranks:05d}.h5")
 
 
-def shard_path(path, index: int, count: int) -> str:
+def shard_path(path: PathLike, index: int, count: int) -> str:
     return os.path.join(shard_dir(path), f"shard-{index:05d}-of-{count:05d}.h5")
 
 
@@ -80,7 +82,7 @@ def shared_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if key not in PER_FILE_FIELDS}
 
 
-def _open_recordings(path, ranks):
+def _open_recordings(path: PathLike, ranks: int) -> list[Recording]:
     """Every writer's recording, read-only, checked to belong to one run of ``ranks`` writers."""
     recordings = []
     try:
@@ -88,8 +90,7 @@ def _open_recordings(path, ranks):
             file = recording_path(path, rank, ranks)
             if not os.path.exists(file):
                 raise FormatError(f"{file}: rank {rank}'s recording is missing; every rank's recording is needed")
-            recording = load(file, "r", lambda h5, config, finished: (h5, config, finished))
-            h5file, config, finished = recording
+            h5file, config, finished = load(file, "r", lambda h5, config, finished: (h5, config, finished))
             if finished or "writer" not in config:
                 h5file.close()
                 raise FormatError(f"{file} is not a writer's recording of a sharded store")
@@ -110,7 +111,7 @@ def _open_recordings(path, ranks):
         raise
 
 
-def finalize_shard(path, index: int, ranks: int) -> str:
+def finalize_shard(path: PathLike, index: int, ranks: int) -> str:
     """Write shard ``index`` of ``ranks``: the rows of its key range summed over every writer's
     last commit, quantized once. Returns the shard's path. Touches no recording.
     """
@@ -127,7 +128,7 @@ def finalize_shard(path, index: int, ranks: int) -> str:
             state[live] = RowState.LIVE
             labels[live] = recording.labels[live]
         members = {key: samples for recording in recordings for key, samples in recording.members.items() if lo <= key < hi}
-        cursors = [staging.RunCursor(recording._h5["staging"][name]) for recording in recordings for name in recording._runs]
+        cursors = [cursor for recording in recordings for cursor in recording.run_cursors()]
         shard_config = {**config, "package_version": recordings[0].config.get("package_version"),
                         "created_at": recordings[0].config.get("created_at"),
                         "shard": {"run_id": run_id, "index": index, "count": ranks, "key_range": [lo, hi]}}
@@ -146,12 +147,7 @@ def finalize_shard(path, index: int, ranks: int) -> str:
             recording.close()
 
 
-def header_crc(h5file) -> int:
-    """CRC-32 of a shard's version and config as stored: what the manifest records of it."""
-    return zlib.crc32(f"{int(h5file.attrs[ATTR_VERSION])}|{bytes(h5file.attrs[ATTR_CONFIG]).decode()}".encode())
-
-
-def write_manifest(path, count: int) -> str:
+def write_manifest(path: PathLike, count: int) -> str:
     """Write the entry point ``path`` over ``count`` finished shards (atomically: a new file renamed over it)."""
     path = os.fspath(path)
     entries, shard_configs = [], []
@@ -192,14 +188,14 @@ def write_manifest(path, count: int) -> str:
     return path
 
 
-def manifest_crc(h5file) -> int:
+def manifest_crc(h5file: h5py.File) -> int:
     """CRC-32 of what a manifest says: its version, config and shard list, as stored."""
     text = f"{int(h5file.attrs[ATTR_VERSION])}|{bytes(h5file.attrs[ATTR_CONFIG]).decode()}|" \
            f"{bytes(h5file.attrs[ATTR_SHARDS]).decode()}"
     return zlib.crc32(text.encode())
 
 
-def remove_recordings(path, ranks: int) -> None:
+def remove_recordings(path: PathLike, ranks: int) -> None:
     """Delete every writer's recording (after the manifest is written: the shards hold their rows now)."""
     for rank in range(ranks):
         file = recording_path(path, rank, ranks)
@@ -207,5 +203,5 @@ def remove_recordings(path, ranks: int) -> None:
             os.remove(file)
 
 
-def is_manifest(h5file) -> bool:
+def is_manifest(h5file: h5py.File) -> bool:
     return ATTR_SHARDS in h5file.attrs

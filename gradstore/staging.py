@@ -9,9 +9,13 @@ quantization however many epochs there were, and memory is the buffer plus one
 chunk per run, whatever the number of samples.
 """
 
+from __future__ import annotations
+
 import json
+import os
 import tempfile
 import zlib
+from typing import IO, Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,27 +36,28 @@ class WriteBuffer:
     compressed). The file vanishes with the buffer, even after a crash.
     """
 
-    def __init__(self, k, capacity_rows, scratch_dir=None):
+    def __init__(self, k: int, capacity_rows: int, scratch_dir: Optional[Union[str, os.PathLike]] = None):
         self.k = k
         self.capacity_rows = max(1, int(capacity_rows))
-        self._scratch = None
+        self._scratch: Optional[IO[bytes]] = None
+        self.values: np.ndarray
         if scratch_dir is not None:
-            self._scratch = tempfile.TemporaryFile(dir=scratch_dir, prefix="gradstore-buffer-")
+            self._scratch = tempfile.TemporaryFile(dir=os.fspath(scratch_dir), prefix="gradstore-buffer-")
             self.values = np.memmap(self._scratch, np.float32, "w+", shape=(self.capacity_rows, k))  # sparse file
         else:
             self.values = np.zeros((min(self.capacity_rows, 1024), k), np.float32)
         self.keys = np.empty(self.values.shape[0], np.int64)
-        self.slot_of_key = {}
+        self.slot_of_key: dict[int, int] = {}
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.slot_of_key)
 
-    def room_for(self, keys):
+    def room_for(self, keys: np.ndarray) -> bool:
         """Whether adding these keys keeps the buffer within its capacity."""
         new = sum(1 for key in keys.tolist() if key not in self.slot_of_key)
         return len(self) + new <= self.capacity_rows
 
-    def add(self, keys, values):
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Sum rows into their keys' slots (keys unique within the call)."""
         slots = np.empty(keys.shape[0], np.int64)
         fresh = np.zeros(keys.shape[0], np.bool_)
@@ -66,7 +71,7 @@ class WriteBuffer:
         self.keys[slots[fresh]] = keys[fresh]
         kernels.add_rows(self.values, slots, fresh, values)
 
-    def _grow_to(self, rows):
+    def _grow_to(self, rows: int) -> None:
         if rows <= self.values.shape[0]:
             return
         size = min(self.capacity_rows, max(rows, 2 * self.values.shape[0]))
@@ -76,19 +81,19 @@ class WriteBuffer:
         keys[: self.keys.shape[0]] = self.keys
         self.values, self.keys = values, keys
 
-    def sorted_slots(self):
+    def sorted_slots(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys ascending, their slots)."""
         n = len(self)
         order = np.argsort(self.keys[:n], kind="stable")
         return self.keys[:n][order], order
 
-    def clear(self):
+    def clear(self) -> None:
         self.slot_of_key.clear()
 
-    def release(self):
-        """Drop the sums (and the scratch file, if any)."""
+    def release(self) -> None:
+        """Drop the sums (and the scratch file, if any); the buffer is then empty and holds no memory."""
         self.slot_of_key.clear()
-        self.values = self.keys = None
+        self.values, self.keys = np.zeros((0, self.k), np.float32), np.empty(0, np.int64)
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
@@ -97,11 +102,11 @@ class WriteBuffer:
 class MemoryCursor:
     """Rows of the write buffer in key order, served by key range."""
 
-    def __init__(self, buffer):
+    def __init__(self, buffer: WriteBuffer):
         self.buffer = buffer
         self.keys, self.slots = buffer.sorted_slots()
 
-    def rows_in(self, lo, hi):
+    def rows_in(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         i0, i1 = np.searchsorted(self.keys, [lo, hi])
         return self.keys[i0:i1], self.buffer.values[self.slots[i0:i1]]
 
@@ -109,7 +114,7 @@ class MemoryCursor:
 RUN_INDEX_CRC = "index_crc32"  # CRC-32 of the run's keys then labels (int64 bytes)
 
 
-def run_keys_labels(group):
+def run_keys_labels(group: Any) -> tuple[np.ndarray, np.ndarray]:
     """(keys, labels) of a run, checked against the run's checksum when it has one."""
     keys, labels = group["keys"][()], group["labels"][()]
     expected = group.attrs.get(RUN_INDEX_CRC)
@@ -123,28 +128,29 @@ def run_keys_labels(group):
 class RunCursor:
     """Rows of one run on disk in key order, decoding one chunk at a time."""
 
-    def __init__(self, group):
+    def __init__(self, group: Any):
         self.group = group
         self.keys = run_keys_labels(group)[0]
         self.values = group["values"]
-        self.rows_per_chunk = self.values.chunks[0]
+        self.rows_per_chunk: int = self.values.chunks[0]
         self.checksums = group["checksums"][()].astype(np.uint32) if "checksums" in group else None
-        self._chunks = {}
+        self._chunks: dict[int, np.ndarray] = {}
 
-    def _chunk(self, index):
+    def chunk(self, index: int) -> np.ndarray:
+        """Decoded chunk ``index`` of the run's values ([rows_per_chunk, k], checked against its checksum)."""
         if index not in self._chunks:
             name_rows = lambda i: self.keys[i * self.rows_per_chunk : (i + 1) * self.rows_per_chunk].tolist()
             self._chunks = chunkio.read_chunks(self.values, [index], True, name_rows, self.checksums)  # keep only this one
         return self._chunks[index]
 
-    def rows_in(self, lo, hi):
+    def rows_in(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         i0, i1 = (int(i) for i in np.searchsorted(self.keys, [lo, hi]))
         out = np.empty((i1 - i0, self.values.shape[1]), np.float32)
         i = i0
         while i < i1:
             chunk = i // self.rows_per_chunk
             stop = min(i1, (chunk + 1) * self.rows_per_chunk)
-            out[i - i0 : stop - i0] = self._chunk(chunk)[i - chunk * self.rows_per_chunk : stop - chunk * self.rows_per_chunk]
+            out[i - i0 : stop - i0] = self.chunk(chunk)[i - chunk * self.rows_per_chunk : stop - chunk * self.rows_per_chunk]
             i = stop
         if i1 == self.keys.size:
             self._chunks = {}  # exhausted: hold no decoded chunk
@@ -154,7 +160,7 @@ class RunCursor:
 RUN_CRC = "run_crc32"  # CRC-32 of everything that decides what the run counts for (``run_signature``)
 
 
-def run_signature(group) -> int:
+def run_signature(group: Any) -> int:
     """CRC-32 of what decides a run's part in the store: its generation, ``committed``, ``replaces``,
     ``index_crc32``, its chunk checksums and the shape and chunking of its ``values``.
 
@@ -177,7 +183,7 @@ def run_signature(group) -> int:
     return zlib.crc32(json.dumps(decided).encode())
 
 
-def check_run(h5file, name, path, generation):
+def check_run(h5file: Any, name: str, path: str, generation: int) -> None:
     """FormatError naming run ``name`` unless it is in the file, whole, and counts for commit ``generation``."""
     where = f"{path}: run {name} of the last commit ({generation})"
     if STAGING not in h5file or name not in h5file[STAGING]:
@@ -204,9 +210,9 @@ def run_name(number: int) -> str:
     return f"run_{number:06d}"
 
 
-def encode_run_names(names) -> list:
+def encode_run_names(names: Iterable[str]) -> list[list[int]]:
     """Run names as ranges of their numbers, [[first, last], ...]: a commit record stays small."""
-    ranges = []
+    ranges: list[list[int]] = []
     for number in sorted(run_number(name) for name in names):
         if ranges and number == ranges[-1][1] + 1:
             ranges[-1][1] = number
@@ -215,15 +221,15 @@ def encode_run_names(names) -> list:
     return ranges
 
 
-def decode_run_names(ranges) -> list:
+def decode_run_names(ranges: Sequence[Sequence[int]]) -> list[str]:
     return [run_name(number) for first, last in ranges for number in range(int(first), int(last) + 1)]
 
 
-def run_generation(h5file, name):
+def run_generation(h5file: Any, name: str) -> int:
     return int(h5file[STAGING][name].attrs.get(RUN_GENERATION, 0))
 
 
-def run_names(h5file, committed_generation):
+def run_names(h5file: Any, committed_generation: Optional[int]) -> tuple[list[str], list[str]]:
     """(runs that count, runs written after the last commit), oldest first.
 
     A run counts when it is complete, no counting merge replaced it, and a commit()
@@ -243,7 +249,7 @@ def run_names(h5file, committed_generation):
 class RunWriter:
     """Appends rows in ascending key order to a new run; ``close`` commits it."""
 
-    def __init__(self, h5file, name, k, zstd_level, generation):
+    def __init__(self, h5file: Any, name: str, k: int, zstd_level: int, generation: int):
         self.h5file, self.k, self.zstd_level = h5file, k, zstd_level
         group = h5file.require_group(STAGING)
         if name in group:  # an uncommitted leftover of a crash
@@ -261,11 +267,14 @@ class RunWriter:
         self.labels = self.group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **int_filters)
         self.rows_per_chunk = rows_per_chunk
         self.flush_rows = rows_per_chunk * max(1, (16 << 20) // (4 * k * rows_per_chunk))
-        self.pending_keys, self.pending_rows, self.pending_labels, self.pending = [], [], [], 0
+        self.pending_keys: list[np.ndarray] = []
+        self.pending_rows: list[np.ndarray] = []
+        self.pending_labels: list[np.ndarray] = []
+        self.pending = 0
         self.written = 0
         self.checksums = np.zeros(0, np.uint32)
 
-    def append(self, keys, rows, labels):
+    def append(self, keys: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
         if keys.size:
             self.pending_keys.append(keys)
             self.pending_rows.append(rows)
@@ -274,7 +283,7 @@ class RunWriter:
         if self.pending >= self.flush_rows:
             self._write(final=False)
 
-    def _write(self, final):
+    def _write(self, final: bool) -> None:
         keys = np.concatenate(self.pending_keys) if self.pending_keys else np.empty(0, np.int64)
         rows = np.concatenate(self.pending_rows) if self.pending_rows else np.empty((0, self.k), np.float32)
         labels = np.concatenate(self.pending_labels) if self.pending_labels else np.empty(0, np.int64)
@@ -292,7 +301,7 @@ class RunWriter:
         self.pending_keys, self.pending_rows, self.pending_labels = [keys[cut:]], [rows[cut:]], [labels[cut:]]
         self.pending = keys.size - cut
 
-    def close(self, replaces=()):
+    def close(self, replaces: Sequence[str] = ()) -> str:
         """Write what is pending and mark the run complete (a crash before this loses only this run).
 
         ``replaces``: runs this one merges; once it is committed they no longer count.
@@ -307,12 +316,16 @@ class RunWriter:
         return self.name
 
 
-def merge(cursors, num_keys, k, block_rows, emit, start=0):
+Cursor = Union[RunCursor, MemoryCursor]
+
+
+def merge(cursors: Sequence[Cursor], num_keys: int, k: int, block_rows: int,
+          emit: Callable[[int, np.ndarray, np.ndarray], None], start: int = 0) -> None:
     """Stream every key block [lo, lo + block_rows) from ``start`` up to ``num_keys``:
     emit(lo, sums float32 [rows, k], present bool)."""
     for lo in range(start, num_keys, block_rows):
         hi = min(num_keys, lo + block_rows)
-        sums = None
+        sums: Optional[np.ndarray] = None
         present = np.zeros(hi - lo, np.bool_)
         for cursor in cursors:  # one cursor's rows in memory at a time
             keys, rows = cursor.rows_in(lo, hi)

@@ -6,11 +6,15 @@ The layout is in docs/FORMAT.md.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator, Optional
+
 import numpy as np
 
 from . import chunkio, kernels
 from .base import StoreFile
 from .checks import check_number
+from .codecs import Parts
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError
 from .format import CHECKSUMS, ROWS, RowState, open_h5, require_room, rewrite_row_metadata
 from .writer import finished_file
@@ -23,11 +27,12 @@ class Store(StoreFile):
 
     finished = True
 
-    def __init__(self, path, h5file, config, writable):
+    def __init__(self, path: str, h5file: Any, config: dict, writable: bool):
         super().__init__(path, h5file, config, writable)
+        self._checksums: dict[str, np.ndarray] = {}
         self._row_datasets = self._find_row_datasets()
 
-    def _find_row_datasets(self):
+    def _find_row_datasets(self) -> dict[str, Any]:
         """{part name: h5py dataset} of a finished store (looked up once: h5py lookups cost ~0.1 ms),
         and each part's chunk checksums."""
         self._checksums = {}
@@ -51,18 +56,18 @@ class Store(StoreFile):
                 raise FormatError(f"{self.path}: '{ROWS}/{part.name}' has the wrong dtype, shape or chunks (damaged file)")
         return datasets
 
-    def _require_writable(self):
+    def _require_writable(self) -> None:
         self._require_open()
         if not self.writable:
             raise ReadOnlyError(f"{self.path}: store is open read-only; open it with mode='r+'")
 
     # ------------------------------------------------------------------ reading
 
-    def _chunk_keys(self, chunk_index):
+    def _chunk_keys(self, chunk_index: int) -> list[int]:
         lo = chunk_index * self.rows_per_chunk
         return list(range(lo, min(self.num_keys, lo + self.rows_per_chunk)))
 
-    def _read_parts(self, sorted_keys):
+    def _read_parts(self, sorted_keys: np.ndarray) -> dict[str, np.ndarray]:
         """Stored parts of the rows of ascending ``sorted_keys``: {part: array [n, width]}."""
         rows = self.rows_per_chunk
         chunks, first = np.unique(sorted_keys // rows, return_index=True)
@@ -77,7 +82,7 @@ class Store(StoreFile):
             parts[part.name] = out
         return parts
 
-    def _batches(self, sorted_keys):
+    def _batches(self, sorted_keys: np.ndarray) -> Iterator[slice]:
         """Slices of ascending keys whose decoded chunks and rows stay within SCATTER_BATCH_VALUES."""
         max_rows = max(1, SCATTER_BATCH_VALUES // self.k)
         max_chunks = max(1, SCATTER_BATCH_VALUES // (self.k * self.rows_per_chunk))
@@ -89,22 +94,33 @@ class Store(StoreFile):
             yield slice(start, stop)
             start = stop
 
-    def read(self, keys):
+    def read(self, keys: Any) -> np.ndarray:
         """Decoded rows of ``keys``: float32 [len(keys), k], in the order given."""
         self._require_open()
         keys = self._check_keys(keys)
         self._require_states(keys, [RowState.LIVE, RowState.FORGOTTEN], "read")
+        return self._decode(keys)
+
+    def decode_rows(self, keys: Any) -> np.ndarray:
+        """Decoded rows of ``keys`` whatever their state (empty and purged rows decode to zeros):
+        the whole key range as stored, which ``blocks`` and a sharded store's ``blocks`` copy.
+        ``read`` is the one for rows that were recorded: it refuses the others."""
+        self._require_open()
+        return self._decode(self._check_keys(keys))
+
+    def _decode(self, keys: np.ndarray) -> np.ndarray:
         order = np.argsort(keys)
         out = np.empty((keys.size, self.k), np.float32)
         for batch in self._batches(keys[order]):
             out[order[batch]] = self.codec.decode(self._read_parts(keys[order[batch]]))
         return out
 
-    def scatter_add(self, flat_params, keys, alpha=1.0):
+    def scatter_add(self, flat_params: np.ndarray, keys: Any, alpha: float = 1.0) -> None:
         """flat_params[positions(key)] += alpha * row(key) for every key (live rows only).
 
         flat_params: float32, C-contiguous, length num_params; modified in place.
-        Rows are decoded and applied in batches of about 8M values.
+        Rows are decoded and applied in batches of about 8M values; a codec without a kernel
+        of its own is applied as its decoded float32 rows (``Codec.scatter_operands``).
         """
         self._require_open()
         if not isinstance(flat_params, np.ndarray) or flat_params.dtype != np.float32:
@@ -121,7 +137,7 @@ class Store(StoreFile):
             values, scales, block = self.codec.scatter_operands(self._read_parts(batch_keys))
             kernels.scatter_add(flat_params, values, scales, block, batch_keys, self.seed, self.num_params, alpha)
 
-    def blocks(self, block_rows: int):
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Every row, empty ones included, in key order: yields (first key, float32 [rows, k]) for
         each ``block_rows`` keys (what ``transcode`` re-encodes)."""
         self._require_open()
@@ -129,9 +145,42 @@ class Store(StoreFile):
             keys = np.arange(lo, min(self.num_keys, lo + block_rows), dtype=np.int64)
             yield lo, self.codec.decode(self._read_parts(keys))
 
+    # ------------------------------------------------------------------ chunks as stored
+
+    def chunk_checksums(self, part: str) -> Optional[np.ndarray]:
+        """A copy of ``checksums/<part>``: each chunk's CRC-32 (None in a version 1 file, which has none)."""
+        self._require_open()
+        self._require_part(part)
+        sums = self._checksums.get(part)
+        return None if sums is None else sums.copy()
+
+    def stored_chunk(self, part: str, chunk: int) -> bytes:
+        """Chunk ``chunk`` of ``rows/<part>`` as stored: its zstd frame, unchecked and undecoded."""
+        self._require_open()
+        self._require_part(part)
+        chunks = -(-self.num_keys // self.rows_per_chunk)
+        if not 0 <= int(chunk) < chunks:
+            raise BadInputError(f"chunk must be in [0, {chunks}), got {chunk!r}")
+        return bytes(self._row_datasets[part].id.read_direct_chunk((int(chunk) * self.rows_per_chunk, 0))[1])
+
+    def _require_part(self, part: str) -> None:
+        if part not in self._row_datasets:
+            raise BadInputError(f"{self.path}: no part {part!r}; codec {self.codec.codec_id} stores {list(self._row_datasets)}")
+
+    @contextlib.contextmanager
+    def checksums_unchecked(self) -> Iterator[None]:
+        """Testing hook: reads inside the block skip the chunk checksums (bench/corrupt.py times their
+        cost with it). Never for real reads: a damaged chunk would then decode into wrong rows."""
+        saved = self._checksums
+        self._checksums = {}
+        try:
+            yield
+        finally:
+            self._checksums = saved
+
     # ------------------------------------------------------------------ forgetting
 
-    def mark_forgotten(self, keys) -> None:
+    def mark_forgotten(self, keys: Any) -> None:
         """Record that these live rows have been applied; a second forget of them is refused."""
         self._require_writable()
         keys = self._check_keys(keys)
@@ -186,7 +235,7 @@ class Store(StoreFile):
 
     # ------------------------------------------------------------------ description
 
-    def _lifecycle_info(self):
+    def _lifecycle_info(self) -> dict:
         return {"staging_runs": 0, "committed_generation": None, "commit_note": None, "uncommitted_runs_ignored": 0}
 
     def info(self) -> dict:
@@ -198,26 +247,44 @@ class Store(StoreFile):
         info["ratio_vs_dense_fp32"] = info["dense_fp32_bytes"] / info["bytes_on_disk"] if stored else None
         return info
 
-    def verify(self) -> list:
-        """Decode every chunk and check it. Returns a list of problems, each naming its rows."""
+    def verify(self) -> list[dict]:
+        """Decode every chunk and check it (the codec's ``check_parts``, and that empty and purged rows
+        hold zeros). Returns a list of problems, each naming its rows."""
         self._require_open()
         problems = self._invalid_states()
-        for part in self.parts:
-            dset = self._row_datasets[part.name]
-            for chunk in self._own_chunks():
-                keys = self._chunk_keys(chunk)
+        for chunk in self._own_chunks():
+            keys = np.array(self._chunk_keys(chunk), np.int64)
+            parts = {}
+            for part in self.parts:
                 try:
-                    block = chunkio.read_chunks(dset, [chunk], part.shuffle, self._chunk_keys,
-                                                self._checksums.get(part.name))[chunk][: len(keys)]
+                    parts[part.name] = chunkio.read_chunks(self._row_datasets[part.name], [chunk], part.shuffle,
+                                                           self._chunk_keys, self._checksums.get(part.name))[chunk][: keys.size]
                 except FormatError as error:
-                    problems.append({"rows": keys, "problem": str(error)})
-                    continue
-                problems += _check_block(block, part.name, np.array(keys), self.state[keys])
+                    problems.append({"rows": keys.tolist(), "problem": str(error)})
+            if len(parts) == len(self.parts):
+                problems += [{"rows": keys[rows].tolist(), "problem": problem} for rows, problem in self.codec.check_parts(parts)]
+                problems += self._vacant_not_zero(keys, parts)
         return problems
 
+    def _vacant_not_zero(self, keys: np.ndarray, parts: Parts) -> list[dict]:
+        """Empty and purged rows hold what the codec writes for a row of zeros (finalize), or zeros in
+        every part (purge); anything else is a problem."""
+        vacant = np.nonzero(np.isin(self.state[keys], [RowState.EMPTY, RowState.PURGED]))[0]
+        if not vacant.size:
+            return []
+        zero = self.codec.encode(np.zeros((vacant.size, self.k), np.float32), keys[vacant], self.seed)
+        as_encoded = np.ones(vacant.size, np.bool_)
+        all_zero = np.ones(vacant.size, np.bool_)
+        for name, block in parts.items():
+            rows = block[vacant]
+            as_encoded &= (rows == zero[name]).all(axis=1)
+            all_zero &= (rows == 0).all(axis=1)
+        wrong = vacant[~(as_encoded | all_zero)]
+        return [{"rows": keys[wrong].tolist(), "problem": "empty or purged row is not zero"}] if wrong.size else []
 
 
-def _stored_chunk_bytes(dset):
+
+def _stored_chunk_bytes(dset: Any) -> int:
     """Compressed bytes of a dataset's chunks, in one pass over its chunk index.
 
     (``get_chunk_info(i)`` walks the index from the start for every ``i``: quadratic,
@@ -229,26 +296,3 @@ def _stored_chunk_bytes(dset):
     else:
         sizes = [dset.id.get_chunk_info(i).size for i in range(dset.id.get_num_chunks())]
     return int(sum(sizes))
-
-
-def _check_block(block, part_name, keys, states):
-    """Problems in one decoded chunk of a part: non-finite, out-of-range, or non-zero empty rows."""
-    problems = []
-    if block.dtype.kind == "f":
-        bad = kernels.rows_not_finite(np.ascontiguousarray(block, np.float32))
-        if bad.size:
-            problems.append({"rows": keys[bad].tolist(), "problem": f"{part_name}: NaN or Inf"})
-        if part_name == "scales":
-            negative = np.nonzero((block < 0).any(axis=1))[0]
-            if negative.size:
-                problems.append({"rows": keys[negative].tolist(), "problem": "scales: negative"})
-    if block.dtype == np.int8:
-        out_of_range = np.nonzero((block == -128).any(axis=1))[0]
-        if out_of_range.size:
-            problems.append({"rows": keys[out_of_range].tolist(), "problem": "values: int8 -128 never written"})
-    vacant = np.isin(states, [RowState.EMPTY, RowState.PURGED])
-    if part_name == "values":
-        nonzero_vacant = np.nonzero(vacant & (block != 0).any(axis=1))[0]
-        if nonzero_vacant.size:
-            problems.append({"rows": keys[nonzero_vacant].tolist(), "problem": "empty or purged row is not zero"})
-    return problems

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
 from . import chunkio
-from .codecs import get_codec
-from .format import CHECKSUMS, ROWS, new_file_beside, seal_metadata, write_header, write_membership
+from .codecs import Codec, Part, get_codec
+from .format import CHECKSUMS, Claim, ROWS, new_file_beside, seal_metadata, write_header, write_membership
 
 FINAL_CHUNK_BYTES = 64 * 1024  # one row read decodes one chunk: ~40 us at this size
 BLOCK_BYTES = 16 << 20  # float32 sums handed to the writer at once
 
 
-def rows_per_chunk(num_keys: int, k: int, codec) -> int:
+def rows_per_chunk(num_keys: int, k: int, codec: Union[str, dict, Codec]) -> int:
     """Rows per chunk of a finished file: about FINAL_CHUNK_BYTES of the codec's values part."""
     values_part = get_codec(codec).parts(k)[0]
     return max(1, min(num_keys, FINAL_CHUNK_BYTES // (k * values_part.dtype.itemsize)))
@@ -30,7 +31,7 @@ def rows_per_chunk(num_keys: int, k: int, codec) -> int:
 class FinishedFileWriter:
     """Row datasets of a finished file being written; ``write_rows`` fills them in key order."""
 
-    def __init__(self, h5file, config: dict, labels: np.ndarray, state: np.ndarray, members: dict):
+    def __init__(self, h5file: Any, config: dict, labels: np.ndarray, state: np.ndarray, members: Optional[dict]):
         self.codec = get_codec(config["codec"])
         self.k, self.num_keys = config["k"], config["num_keys"]
         self.rows_per_chunk, self.zstd_level = config["rows_per_chunk"], config["zstd_level"]
@@ -59,10 +60,10 @@ class FinishedFileWriter:
         for part in self.parts:
             self.write_part(part, lo, encoded[part.name])
 
-    def write_part(self, part, lo: int, block: np.ndarray) -> None:
+    def write_part(self, part: Part, lo: int, block: np.ndarray) -> None:
         chunkio.write_rows(self.datasets[part.name], lo, block, part.shuffle, self.zstd_level, self.checksums[part.name])
 
-    def copy_chunk(self, part, chunk: int, frame: bytes, checksum: int) -> None:
+    def copy_chunk(self, part: Part, chunk: int, frame: bytes, checksum: int) -> None:
         """A chunk taken over as stored (its checksum already checked by the caller)."""
         self.datasets[part.name].id.write_direct_chunk((chunk * self.rows_per_chunk, 0), frame)
         self.checksums[part.name][chunk] = checksum
@@ -75,7 +76,9 @@ class FinishedFileWriter:
 
 
 @contextlib.contextmanager
-def finished_file(path, purpose: str, config: dict, labels, state, members=None, before_replace=None, claim=None):
+def finished_file(path: Union[str, os.PathLike], purpose: str, config: dict, labels: Any, state: Any,
+                  members: Optional[dict] = None, before_replace: Optional[Callable[[], None]] = None,
+                  claim: Optional[Claim] = None) -> Iterator[FinishedFileWriter]:
     """Write a finished store for ``path``: yields a FinishedFileWriter; on success the new file
     replaces ``path`` (``before_replace`` runs just before: close the old file there; ``claim``: the
     ``format.Claim`` of ``path`` when the caller does not hold the file open itself). A failure

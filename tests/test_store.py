@@ -52,9 +52,9 @@ def check_within_codec_bound(codec_spec, decoded, sums, sumabs, epochs):
     decoded = decoded.astype(np.float64)
     sum_err = epochs * EPS32 * sumabs + 1e-30
     err = np.abs(decoded - sums)
-    if codec.id == "fp32":
+    if codec.codec_id == "fp32":
         bound = sum_err
-    elif codec.id == "fp16":
+    elif codec.codec_id == "fp16":
         rowmax = np.abs(sums).max(axis=1, keepdims=True)
         bound = sum_err + 2.0**-11 * (np.abs(sums) + sum_err) + 2.0**-23 * rowmax
         rel = np.linalg.norm(decoded - sums, axis=1) / np.maximum(np.linalg.norm(sums, axis=1), 1e-30)
