@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
@@ -22,12 +22,16 @@ from .checks import ZSTD_LEVELS, check_integer, check_labels, check_number
 from .errors import BadInputError, FormatError, StoreError, write_failed
 from .format import ROWS, Claim, open_h5, seal_metadata, temp_path, write_header
 from .joined import ShardedStore, open_manifest
+from .reader import StoreReader
 from .recording import DEFAULT_MEMORY_BUDGET, Recording
 from .shards import is_manifest
 from .store import Store
 from .writer import rows_per_chunk
 
 PathLike = Union[str, os.PathLike]
+
+if TYPE_CHECKING:  # mypy checks that both finished kinds satisfy the protocol
+    _readers: tuple[type[StoreReader], ...] = (Store, ShardedStore)
 
 
 def keep_to_k(keep: float, num_params: int) -> int:
