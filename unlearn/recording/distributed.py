@@ -21,8 +21,10 @@ processes or moves data but torch.distributed (gloo on CPU, NCCL on CUDA).
 
 import os
 import uuid
+from typing import Any, Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, RandomSampler
@@ -42,7 +44,7 @@ def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
-def init_from_environment(device_name=None) -> torch.device:
+def init_from_environment(device_name: Optional[str] = None) -> torch.device:
     """Join the process group torchrun describes (WORLD_SIZE > 1), on gloo for CPU or NCCL for CUDA.
 
     Returns the device this rank trains on: ``cuda:LOCAL_RANK`` when CUDA is asked for
@@ -60,22 +62,22 @@ def init_from_environment(device_name=None) -> torch.device:
     return device
 
 
-def barrier():
+def barrier() -> None:
     if active():
         dist.barrier()
 
 
-def global_batches(num_samples: int, batch_size: int, generator: torch.Generator):
+def global_batches(num_samples: int, batch_size: int, generator: torch.Generator) -> BatchSampler:
     """The batches of the single-process loop: the sampler a shuffled torch DataLoader with ``generator`` uses."""
     return BatchSampler(RandomSampler(range(num_samples), generator=generator), batch_size, drop_last=False)
 
 
-def share(batch, rank: int, world: int) -> np.ndarray:
+def share(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's contiguous share of a global batch of keys."""
     return np.array_split(np.asarray(batch, np.int64), world)[rank]
 
 
-def check_batches(num_samples: int, batch_size: int, world: int):
+def check_batches(num_samples: int, batch_size: int, world: int) -> None:
     """Every rank needs at least one sample of every batch (DDP runs one backward per rank per step)."""
     last = num_samples % batch_size or batch_size
     if min(batch_size, last) < world:
@@ -85,7 +87,7 @@ def check_batches(num_samples: int, batch_size: int, world: int):
 
 def new_run_id() -> str:
     """One id for every rank's recording of a store: drawn on rank 0, broadcast to the others."""
-    value = [uuid.uuid4().hex if not active() or dist.get_rank() == 0 else None]
+    value: list[Any] = [uuid.uuid4().hex if not active() or dist.get_rank() == 0 else None]
     if active():
         dist.broadcast_object_list(value, src=0)
     return value[0]
@@ -97,7 +99,7 @@ def writer_options() -> dict:
     return {"run_id": new_run_id(), "rank": rank, "ranks": world}
 
 
-def gradient_share(model) -> float:
+def gradient_share(model: torch.nn.Module) -> float:
     """The share of a rank's backward that reaches ``.grad``: 1/W under DistributedDataParallel (it averages)."""
     wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return 1.0 / dist.get_world_size() if wrapped and active() else 1.0
@@ -119,11 +121,12 @@ class KeyRouter:
     row where it was seen would grow with the epochs; routing costs one all_to_all a step).
     """
 
-    def __init__(self, store):
+    def __init__(self, store: Any):
         ranges = shards.shard_ranges(store.num_keys, store.rows_per_chunk, dist.get_world_size())
         self.bounds = np.array([lo for lo, _ in ranges[1:]], np.int64)
 
-    def route(self, keys, values: torch.Tensor, labels):
+    def route(self, keys: ArrayLike, values: torch.Tensor,
+              labels: Optional[np.ndarray]) -> tuple[np.ndarray, torch.Tensor, Optional[np.ndarray]]:
         """(keys, values, labels) of this step's rows that this rank owns, from every rank (a collective)."""
         keys = np.asarray(keys, np.int64)
         owner = np.searchsorted(self.bounds, keys, side="right")
@@ -143,7 +146,7 @@ class KeyRouter:
         return out[0].cpu().numpy(), out[1], out[2].cpu().numpy()
 
 
-def finish_sharded(recording):
+def finish_sharded(recording: Any) -> Any:
     """Every rank: commit, finalize its shard from every rank's recording; rank 0: write the entry point.
 
     Returns the finished store, opened read-only on every rank.

@@ -22,10 +22,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from gradstore import masks
@@ -154,10 +155,10 @@ class BatchEntry:
 
     keys: np.ndarray
     labels: Optional[np.ndarray]
-    prepared: object = None  # {mask: MaskBatch}, or a Future of it
+    prepared: Any = None  # {mask: MaskBatch}, or a Future of it
     values: dict = field(default_factory=dict)  # {mask: float32 [B * k]} once a capture arrived
 
-    def ready(self):
+    def ready(self) -> dict[tuple[int, int], "MaskBatch"]:
         if not isinstance(self.prepared, dict):
             self.prepared = self.prepared.result()
         return self.prepared
@@ -170,7 +171,7 @@ class MaskBatch:
     flat slot) arrays per parameter (``pieces``), built on first use.
     """
 
-    def __init__(self, positions: np.ndarray, offsets: np.ndarray, device):
+    def __init__(self, positions: np.ndarray, offsets: np.ndarray, device: torch.device):
         self.numpy = positions
         self.k = positions.shape[1]
         self.offsets = offsets
@@ -178,16 +179,16 @@ class MaskBatch:
         self.counts = (self.bounds[:, 1:] - self.bounds[:, :-1]).sum(0)  # [P]: entries in each parameter
         self.positions = torch.from_numpy(positions).to(device, non_blocking=True)
         self.device = device
-        self._pieces = {}
+        self._pieces: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def rows(self, index):
+    def rows(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(first, stop) columns of each row that fall in parameter ``index``."""
         return self.bounds[:, index], self.bounds[:, index + 1]
 
-    def count(self, index):
+    def count(self, index: int) -> int:
         return int(self.counts[index])
 
-    def pieces(self, index):
+    def pieces(self, index: int) -> tuple[torch.Tensor, ...]:
         """(b, j, out) int64 tensors: sample, index within the parameter, slot in the flat [B * k] values."""
         if index not in self._pieces:
             first, stop = self.rows(index)
@@ -214,14 +215,14 @@ class Probe:
 
     def __init__(self, slot: Optional[ParamSlot]):
         self.slot = slot
-        self.total = None
+        self.total: Optional[torch.Tensor] = None
         self.warned = False
-        self.reduce = None  # under DDP: what .grad holds of the ranks' sums (unlearn.distributed)
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # under DDP: what .grad holds of the ranks' sums (unlearn.distributed)
 
-    def add(self, dense_batch_sum):
+    def add(self, dense_batch_sum: torch.Tensor) -> None:
         self.total = dense_batch_sum if self.total is None else self.total + dense_batch_sum
 
-    def reset(self):
+    def reset(self) -> None:
         self.total = None
 
     def factor(self) -> float:
@@ -246,7 +247,7 @@ class Probe:
 class MaskedEngine:
     """Hooks that fill each batch's per-mask values during the user's backward."""
 
-    def __init__(self, model: nn.Module, mask_specs, num_params: int):
+    def __init__(self, model: nn.Module, mask_specs: Iterable[tuple[int, int]], num_params: int):
         resolved = check_model(model)
         self.model = model
         self.mask_specs = sorted(set(mask_specs))  # (seed, k)
@@ -289,11 +290,11 @@ class MaskedEngine:
         self.root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.verified = False
         self.verify_seconds = 0.0
-        self._verifying = None  # {module: [(input, output)]} while the check reruns the forward
-        self._verify_grads = {}  # (module, call) -> gradient at its output, in the check's backward
+        self._verifying: Optional[dict[nn.Module, list]] = None  # {module: [(input, output)]} while the check reruns the forward
+        self._verify_grads: dict[tuple[nn.Module, int], torch.Tensor] = {}  # (module, call) -> gradient at its output, in the check's backward
         self._expanding = False  # the check's last rerun: shared inputs expanded
-        self.expand = {}  # module -> "prepend" | "replace": its input is shared by the batch (see verify_separation)
-        self._forward_batch = None  # samples of the forward in progress
+        self.expand: dict[nn.Module, str] = {}  # module -> "prepend" | "replace": its input is shared by the batch (see verify_separation)
+        self._forward_batch: Optional[int] = None  # samples of the forward in progress
         self._handles.append(self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         probe_slot = min(dense_candidates, key=lambda s: s.param.numel(), default=None)
         if probe_slot is not None:
@@ -308,7 +309,7 @@ class MaskedEngine:
 
     # ------------------------------------------------------------------ batches
 
-    def begin_batch(self, keys, labels=None) -> BatchEntry:
+    def begin_batch(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> BatchEntry:
         """The next forward/backward passes are of these samples (in batch order)."""
         keys = np.ascontiguousarray(keys, dtype=np.int64)
         entry = BatchEntry(keys, None if labels is None else np.asarray(labels, np.int64))
@@ -317,7 +318,7 @@ class MaskedEngine:
         self.entries.append(entry)
         return entry
 
-    def assign_unkeyed(self, keys, labels=None) -> bool:
+    def assign_unkeyed(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> bool:
         """Give keys to the captures of backward passes run before the keys were known."""
         if not self.unkeyed:
             return False
@@ -338,7 +339,7 @@ class MaskedEngine:
         self.prepare_seconds += time.perf_counter() - started
         return prepared
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget the values of passes since the last step (zero_grad, a skipped step)."""
         self.entries = [self.current] if self.current is not None else []
         for entry in self.entries:
@@ -346,7 +347,7 @@ class MaskedEngine:
         self.unkeyed = []
         self.probe.reset()
 
-    def end_step(self):
+    def end_step(self) -> None:
         self.entries, self.current, self.unkeyed = [], None, []
         self.probe.reset()
 
@@ -421,8 +422,8 @@ class MaskedEngine:
             dense = None
             if slot is self.probe.slot or (on_cpu and here and handler.formed_whole(slot.name)):
                 dense = handler.dense(capture, slot.name)
-            if slot is self.probe.slot:
-                self.probe.add(dense.sum(0))
+                if slot is self.probe.slot:
+                    self.probe.add(dense.sum(0))
             if not here:
                 continue
             values_of = {mask: self._values(entry, mask, batch, capture.delta.device) for mask, _ in here}
@@ -455,7 +456,7 @@ class MaskedEngine:
 
     # ------------------------------------------------------------------ results
 
-    def step_values(self):
+    def step_values(self) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dict]]:
         """{mask: (keys, labels, positions [n, k], values [n, k])} of the entries with values, keys merged."""
         entries = [e for e in self.entries if e.values]
         if not entries:
@@ -472,14 +473,15 @@ class MaskedEngine:
             result[mask] = (positions[0], values[0]) if len(entries) == 1 else (torch.cat(positions), torch.cat(values))
         return merge_repeated_keys(keys, labels, result)
 
-    def close(self):
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._executor.shutdown(wait=True)
 
 
-def merge_repeated_keys(keys, labels, per_mask):
+def merge_repeated_keys(keys: np.ndarray, labels: Optional[np.ndarray],
+                        per_mask: dict) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
     """A sample seen twice in one step (micro-batches, sampling with replacement) gets one summed row."""
     unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     if unique.size == keys.size:
@@ -522,8 +524,9 @@ def _map_tensors(tree, fn):
         return fn(tree)
     if isinstance(tree, Mapping):
         mapped = {key: _map_tensors(value, fn) for key, value in tree.items()}
+        rebuild: Any = type(tree)
         try:
-            return type(tree)(mapped)
+            return rebuild(mapped)
         except Exception:
             return mapped
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
@@ -562,7 +565,7 @@ def _leaks(grad, batch, sample):
     return bool(others.numel()) and float(others.max()) > SEPARATION_TOLERANCE * max(float(rows.max()), 1e-30)
 
 
-def verify_separation(engine, args, kwargs, batch, sample=0):
+def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: int, sample: int = 0) -> None:
     """Refuse, once per model, the recorded modules that do not keep a batch's samples apart along
     the first dimension of their input; find the inputs shared by the batch and expand them.
 
@@ -627,7 +630,8 @@ def verify_separation(engine, args, kwargs, batch, sample=0):
     try:
         out_a, calls_a = rerun(args, kwargs, True)
         grads_a, params_a = _sample_gradients(engine, out_a, calls_a, batch, sample)
-        _, calls_b = rerun(*_map_tensors((args, kwargs), perturb), False)
+        perturbed_args, perturbed_kwargs = _map_tensors((args, kwargs), perturb)
+        _, calls_b = rerun(perturbed_args, perturbed_kwargs, False)
         mixed, shared = [], {}
         for module, calls in calls_a.items():
             after = calls_b.get(module, [])
@@ -732,7 +736,8 @@ def _sample_gradients(engine, out, calls, batch, sample):
 def _check_parameters(engine, calls, grads, params, sample):
     """Every parameter with a gradient was seen by its module's hook, and each handler's gradient of
     the sample equals autograd's (tied parameters: summed over the modules that hold them)."""
-    formed, skip, unseen = {}, set(), []
+    formed: dict[int, torch.Tensor] = {}
+    skip, unseen = set(), []
     for module, slots in engine._slots_of.items():
         found = calls.get(module, [])
         for slot in slots:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any, Optional, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 
 
 class Ingest:
     def __init__(self, max_pending: int = 8, background: bool = True):
         self.background = background
-        self._queue = queue.Queue(maxsize=max(1, max_pending))
-        self._error = None
-        self._thread = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
         self.seconds = 0.0  # time spent inside store calls (any thread)
 
     def _ensure_thread(self):
@@ -60,10 +62,11 @@ class Ingest:
             error, self._error = self._error, None
             raise RuntimeError(f"recording failed in the background store thread: {error}") from error
 
-    def submit_accumulate(self, store, keys, values, labels=None):
+    def submit_accumulate(self, store: Any, keys: ArrayLike, values: Union[torch.Tensor, np.ndarray],
+                          labels: Optional[np.ndarray] = None) -> None:
         self._submit(("accumulate", store, (np.asarray(keys), values, labels)))
 
-    def submit_members(self, store, key, samples):
+    def submit_members(self, store: Any, key: int, samples: ArrayLike) -> None:
         self._submit(("members", store, (key, np.asarray(samples))))
 
     def _submit(self, job):
@@ -74,13 +77,13 @@ class Ingest:
         self._ensure_thread()
         self._queue.put(job)
 
-    def flush(self):
+    def flush(self) -> None:
         """Wait until every submitted write reached its store (before commit, checkpoint, finalize)."""
         if self._thread is not None:
             self._queue.join()
         self._raise_pending()
 
-    def close(self):
+    def close(self) -> None:
         if self._thread is not None:
             self._queue.join()
             self._queue.put(None)

@@ -8,6 +8,8 @@ index per entry, so an entry costs little more than its L multiply-adds. The rig
 them for CPU tensors and falls back to torch gathers elsewhere (a GPU).
 """
 
+from typing import Any, Sequence
+
 import numpy as np
 from numba import njit, prange
 
@@ -16,7 +18,7 @@ from gradstore.jit import parallel_and_serial
 PARALLEL_MIN_PAIRS = 4096
 
 
-_OPTIONS = dict(cache=True, nogil=True)
+_OPTIONS: dict[str, Any] = dict(cache=True, nogil=True)  # njit's options: Any for its overloads
 # Index type inside the kernels: numba checks every signed index for Python's negative wraparound,
 # a branch that cost as much as the multiply-adds of an entry; unsigned indices skip it.
 _U = np.uint64
@@ -68,8 +70,9 @@ def _conv2d_rows_body(x, delta, positions, lo, hi, offset, values, taps_table, c
 
 
 @njit(**_OPTIONS)
-def conv_tables(height, width, out_h, out_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w,
-                per_group_in):
+def conv_tables(height: int, width: int, out_h: int, out_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                dil_h: int, dil_w: int, kernel_h: int, kernel_w: int,
+                per_group_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(taps_table [taps, 6]: shift_h, shift_w, oh_lo, oh_hi, ow_lo, ow_hi; channel_of, tap_of [per_group_in * taps])."""
     taps = kernel_h * kernel_w
     table = np.empty((taps, 6), np.int64)
@@ -119,8 +122,9 @@ _conv2d_rows_parallel, _conv2d_rows_serial = parallel_and_serial(_conv2d_rows_bo
 _linear_rows_parallel, _linear_rows_serial = parallel_and_serial(_linear_rows_body, **_OPTIONS)
 
 
-def conv2d_rows(x, delta, positions, lo, hi, offset, values, stride, padding, dilation, kernel, per_group_in,
-                per_group_out):
+def conv2d_rows(x: np.ndarray, delta: np.ndarray, positions: np.ndarray, lo: np.ndarray, hi: np.ndarray, offset: int,
+                values: np.ndarray, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                kernel: Sequence[int], per_group_in: int, per_group_out: int) -> None:
     """Add a conv weight's entries into values [B, k] in place (see ``_conv2d_rows_body``)."""
     tables = conv_tables(x.shape[2], x.shape[3], delta.shape[2], delta.shape[3], stride[0], stride[1], padding[0],
                          padding[1], dilation[0], dilation[1], kernel[0], kernel[1], per_group_in)
@@ -129,14 +133,16 @@ def conv2d_rows(x, delta, positions, lo, hi, offset, values, stride, padding, di
         x, delta, positions, lo, hi, offset, values, *tables, stride[0], stride[1], per_group_in, per_group_out)
 
 
-def linear_rows(a, delta, positions, lo, hi, offset, values):
+def linear_rows(a: np.ndarray, delta: np.ndarray, positions: np.ndarray, lo: np.ndarray, hi: np.ndarray, offset: int,
+                values: np.ndarray) -> None:
     """Add a Linear weight's entries (inputs [B, T, I]) into values [B, k] in place."""
     parallel = int((hi - lo).sum()) >= PARALLEL_MIN_PAIRS
     (_linear_rows_parallel if parallel else _linear_rows_serial)(a, delta, positions, lo, hi, offset, values, a.shape[2])
 
 
 @njit(**_OPTIONS)
-def dense_rows(dense, positions, lo, hi, offset, values):
+def dense_rows(dense: np.ndarray, positions: np.ndarray, lo: np.ndarray, hi: np.ndarray, offset: int,
+               values: np.ndarray) -> None:
     """values[r, c] += dense[r, positions[r, c] - offset] for c in lo[r]:hi[r]: a parameter whose
     per-sample gradients [B, numel] are formed whole (biases, norm affines, the probe)."""
     start = _U(offset)
@@ -147,7 +153,7 @@ def dense_rows(dense, positions, lo, hi, offset, values):
 
 
 @njit(cache=True, nogil=True)
-def row_bounds(positions, offsets):
+def row_bounds(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """bounds[r, q]: the first column of row r whose position is >= offsets[q] (rows sorted)."""
     batch, k = positions.shape
     count = offsets.shape[0]

@@ -1,10 +1,13 @@
 """Per-sample gradients with torch.func: vmap over grad, in chunks so memory stays bounded."""
 
+from typing import Callable, Optional
+
 import torch
 from torch.func import functional_call, grad, vmap
 
 
-def per_sample_grads(model, inputs, targets, loss_scale=1.0, chunk_size=64, loss_fn=None):
+def per_sample_grads(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0,
+                     chunk_size: int = 64, loss_fn: Optional[Callable] = None) -> torch.Tensor:
     """Flat per-sample gradients [B, M] (named_parameters() order) of loss_scale * loss_fn(sample).
 
     ``loss_fn(logits [1, ...], target [1, ...])`` is the loss of one sample (default:

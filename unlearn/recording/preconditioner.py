@@ -9,6 +9,8 @@ pass over the rows (a numba kernel on the CPU; torch gathers parameter by parame
 elsewhere).
 """
 
+from typing import Any, Optional, Sequence
+
 import numpy as np
 import torch
 from numba import njit, prange, typed
@@ -17,7 +19,7 @@ from gradstore.jit import parallel_and_serial
 
 from ..errors import RecordingUsageError
 
-_OPTIONS = dict(cache=True, nogil=True)
+_OPTIONS: dict[str, Any] = dict(cache=True, nogil=True)  # njit's options: Any for its overloads
 _U = np.uint64  # unsigned indices: numba skips its negative-index check (see pair_kernels)
 # CPU tensors go through the numba kernels; False forces the torch path (a GPU's) everywhere.
 USE_NUMBA = True
@@ -40,7 +42,7 @@ class Preconditioner:
     The optimizer's state is read when ``at`` runs: call it before the next step.
     """
 
-    def __init__(self, optimizer, params):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]):
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self.params = list(params)
         self.adam = _adam_like(optimizer)
@@ -71,7 +73,7 @@ class Preconditioner:
         self.rates, self.corrections, self.epsilons, self.states = rates, corrections, epsilons, states
         self.offsets = np.cumsum([0] + [p.numel() for p in self.params]).astype(np.int64)
 
-    def piece(self, index, flat_indices):
+    def piece(self, index: int, flat_indices: torch.Tensor) -> torch.Tensor:
         """m at these indices of parameter ``index`` (a tensor of indices within it)."""
         if not self.adam:
             return torch.full(flat_indices.shape, self.rates[index], device=flat_indices.device)
@@ -93,7 +95,7 @@ class Preconditioner:
         """m[positions] for [n, k] positions, each row sorted (as every mask's rows are)."""
         return self.times(positions, None)
 
-    def times(self, positions: torch.Tensor, values) -> torch.Tensor:
+    def times(self, positions: torch.Tensor, values: Optional[torch.Tensor]) -> torch.Tensor:
         """values * m[positions] ([n, k], rows sorted) in one pass; m[positions] when values is None."""
         if USE_NUMBA and positions.device.type == "cpu" and all(s.device.type == "cpu" and s.dtype == torch.float32
                                                                 for s in self.states):
@@ -109,16 +111,16 @@ class Preconditioner:
                 _constant_times(rows, self.offsets, np.array(self.rates, np.float32), factors, values is not None, out)
             return torch.from_numpy(out)
         flat_positions = positions.reshape(-1)
-        out = torch.empty(flat_positions.shape, device=positions.device)
+        gathered = torch.empty(flat_positions.shape, device=positions.device)
         index = torch.bucketize(flat_positions, torch.as_tensor(self.offsets[1:], device=positions.device), right=True)
         for q in torch.unique(index).tolist():
             where = torch.nonzero(index == q).reshape(-1)
-            out[where] = self.piece(q, flat_positions[where] - int(self.offsets[q]))
-        out = out.reshape(positions.shape)
-        return out if values is None else values * out
+            gathered[where] = self.piece(q, flat_positions[where] - int(self.offsets[q]))
+        gathered = gathered.reshape(positions.shape)
+        return gathered if values is None else values * gathered
 
 
-_STATE_LISTS = {}  # the last optimizer's state as a numba list: Adam updates its tensors in place
+_STATE_LISTS: dict[str, tuple] = {}  # the last optimizer's state as a numba list: Adam updates its tensors in place
 
 
 def _state_list(states):
@@ -130,7 +132,7 @@ def _state_list(states):
     return cached[1]
 
 
-def update_preconditioner(optimizer, params) -> torch.Tensor:
+def update_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
     """The flat [M] multiplier m of the step just taken (see ``Preconditioner``)."""
     return Preconditioner(optimizer, params).flat()
 

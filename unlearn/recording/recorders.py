@@ -18,17 +18,18 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 import gradstore
 import gradstore.shards
 from gradstore import masks
 
-from ..identity import store_identity
 from ..errors import RecordingUsageError
+from ..identity import store_identity
 from ..params import named_shapes
 from .preconditioner import Preconditioner
 
@@ -49,8 +50,10 @@ class StepContext:
     per_mask: dict = field(default_factory=dict)  # {(seed, k): (positions [B, k], gradient values [B, k])}
     preconditioner: Optional[Preconditioner] = None  # the multiplier turning g_i into the sample's update
 
-    def positions(self, seed, keys, num_params, k):
+    def positions(self, seed: int, keys: ArrayLike, num_params: int, k: int) -> torch.Tensor:
         """Mask positions [len(keys), k] on the parameters' device (a step-keyed row's mask)."""
+        if self.params_after is None:
+            raise RecordingUsageError("step-keyed rows need the step's parameters: the session passes params_after")
         return torch.from_numpy(masks.positions_many(seed, keys, num_params, k)).to(self.params_after.device)
 
 
@@ -61,23 +64,23 @@ class Recorder(ABC):
     needs_per_sample = False
     needs_preconditioner = False
 
-    def __init__(self, store):
+    def __init__(self, store: Any):
         self.store = store
 
     @property
     @abstractmethod
-    def method(self):
+    def method(self) -> str:
         """'per-sample', 'original' or 'layer'."""
 
     @abstractmethod
-    def record(self, ctx):
+    def record(self, ctx: StepContext) -> None:
         """Add this step's rows to the store."""
 
     @property
-    def mask(self):
+    def mask(self) -> tuple[int, int]:
         return (self.store.seed, self.store.k)
 
-    def finish(self):
+    def finish(self) -> None:
         """Finalize the recording; ``store`` is then the finished store (a sharded one when each rank
         recorded its own: every rank must call this)."""
         if self.store.finished:  # a resumed run may find it sealed already
@@ -95,7 +98,7 @@ class PerSampleRecorder(Recorder):
     method = "per-sample"
     FLAVOURS = ("grad", "update")
 
-    def __init__(self, store, flavour="update"):
+    def __init__(self, store: Any, flavour: str = "update"):
         if flavour not in self.FLAVOURS:
             raise RecordingUsageError(f"flavour must be one of {self.FLAVOURS}, got {flavour!r}")
         super().__init__(store)
@@ -107,10 +110,12 @@ class PerSampleRecorder(Recorder):
 
             self.router = KeyRouter(store)
 
-    def record(self, ctx):
+    def record(self, ctx: StepContext) -> None:
         store = self.store
         positions, values = ctx.per_mask[(store.seed, store.k)]
         if self.flavour == "update":
+            if ctx.preconditioner is None:
+                raise RecordingUsageError("the update flavour needs the step's preconditioner (the session gives it)")
             values = ctx.preconditioner.times(positions, values)
         keys, labels = ctx.sample_ids, ctx.labels
         if self.router is not None:
@@ -119,16 +124,18 @@ class PerSampleRecorder(Recorder):
 
 
 class StepRecorder(Recorder):
-    def __init__(self, store):
+    def __init__(self, store: Any):
         super().__init__(store)
         self._method = "original" if store.k == store.num_params else "layer"
 
     @property
-    def method(self):
+    def method(self) -> str:
         return self._method
 
-    def record(self, ctx):
+    def record(self, ctx: StepContext) -> None:
         store = self.store
+        if ctx.params_before is None or ctx.params_after is None:
+            raise RecordingUsageError("step recorders need the step's parameters before and after (the session gives them)")
         delta = ctx.params_before - ctx.params_after
         if store.k < store.num_params:
             key = np.array([ctx.step])
@@ -140,7 +147,7 @@ class StepRecorder(Recorder):
 METHODS = ("per-sample", "original", "layer")
 
 
-def recorder_for(store, method: str, flavour: str = "update") -> Recorder:
+def recorder_for(store: Any, method: str, flavour: str = "update") -> Recorder:
     """The recorder that feeds ``store`` (a new recording, a reopened one, or a finished store)."""
     if method == "per-sample":
         return PerSampleRecorder(store, flavour)
@@ -149,9 +156,9 @@ def recorder_for(store, method: str, flavour: str = "update") -> Recorder:
     raise RecordingUsageError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
+def create_recorder(path: Union[str, os.PathLike], method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
                     codec: str = "int8", flavour: str = "update", seed: int = 0, memory_budget: int = 256 << 20,
-                    buffer_dir=None, overwrite: bool = False, run_id: Optional[str] = None,
+                    buffer_dir: Optional[str] = None, overwrite: bool = False, run_id: Optional[str] = None,
                     data_sha256: Optional[str] = None) -> Recorder:
     """Create the store of one recording method and the recorder that fills it: the one place
     every method's store is laid out (per-sample: a row per sample, masked to ``keep``;
@@ -168,7 +175,7 @@ def create_recorder(path, method: str, model: torch.nn.Module, num_samples: int,
 
     num_params = sum(p.numel() for p in model.parameters())
     fingerprint = gradstore.model_fingerprint(named_shapes(model))
-    options = dict(codec=codec, seed=seed, fingerprint=fingerprint,
+    options: dict[str, Any] = dict(codec=codec, seed=seed, fingerprint=fingerprint,
                    identity=store_identity(fingerprint, seed, run_id, data_sha256),
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
     if distributed.active():

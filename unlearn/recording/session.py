@@ -24,10 +24,11 @@ integer targets) batches and a per-sample loss).
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, Dataset
 
 from gradstore import masks
@@ -67,7 +68,7 @@ class _IndexedCollate:
         return self.collate([item for item, _ in items]), torch.tensor([index for _, index in items], dtype=torch.int64)
 
 
-def labels_of(batch, size):
+def labels_of(batch: Any, size: int) -> Optional[np.ndarray]:
     """Integer class labels of a batch when it carries them: (inputs, targets) or a dict with 'labels'/'label'."""
     candidate = None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -83,7 +84,7 @@ def labels_of(batch, size):
 class RecordingLoader:
     """Iterates like the user's loader (same sampler, collate_fn, workers), telling the session each batch's keys."""
 
-    def __init__(self, loader, session):
+    def __init__(self, loader: DataLoader, session: "RecordingSession"):
         self.session = session
         options = dict(
             num_workers=loader.num_workers, collate_fn=_IndexedCollate(loader.collate_fn), pin_memory=loader.pin_memory,
@@ -109,7 +110,7 @@ class RecordingLoader:
 LABEL_KEYS = ("labels", "label", "targets", "target")
 
 
-def vmap_inputs(batch):
+def vmap_inputs(batch: Any) -> tuple[Any, torch.Tensor]:
     """(inputs, targets) of a batch the vmap engine recomputes: an (inputs, targets) pair, or a dict
     whose label entry ('labels', 'label', 'targets' or 'target') holds the targets and whose other
     tensor entries are the model's input: one is passed positionally, several as keyword arguments."""
@@ -198,23 +199,23 @@ class RecordingOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         raise TypeError("a RecordingOptimizer holds open stores; save optimizer.state_dict() instead")
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return self.original_optimizer.state_dict()
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.original_optimizer.load_state_dict(state_dict)
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise RecordingUsageError("the recorded parameters are fixed at attach(): add parameter groups before attaching")
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self._session.zero_grad()
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         return self._session.step(closure)
 
-    def set_batch(self, keys, labels=None):
+    def set_batch(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> None:
         """The keys (training indices) of the samples in the backward passes of this step, in batch order.
 
         Call it before the backward (values are then computed during it) or after it, before
@@ -223,11 +224,11 @@ class RecordingOptimizer(torch.optim.Optimizer):
         """
         self._session.set_batch(keys, labels)
 
-    def flush(self):
+    def flush(self) -> None:
         """Wait until every recorded step reached its store (before committing a store yourself)."""
         self._session.ingest.flush()
 
-    def finish(self):
+    def finish(self) -> None:
         """Record what is pending, finalize every store, remove the hooks."""
         self._session.finish()
 
@@ -235,7 +236,9 @@ class RecordingOptimizer(torch.optim.Optimizer):
 class RecordingSession:
     """The state shared by the wrapped loader and optimizer: the engine, the recorders, the ingest."""
 
-    def __init__(self, model, optimizer, recorders, engine="masked", loss_fn=None, chunk_size=64, background=True):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, recorders: Sequence[Recorder],
+                 engine: str = "masked", loss_fn: Optional[Callable] = None, chunk_size: int = 64,
+                 background: bool = True):
         if engine not in ENGINES:
             raise RecordingUsageError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
@@ -262,24 +265,24 @@ class RecordingSession:
         self.ingest = Ingest(max_pending=2 * max(1, len(self.recorders)), background=background)
         self.step_index = 0
         self.record_seconds = 0.0
-        self._batches = []  # vmap engine: (keys, labels, batch) since the last step
-        self._per_sample = None  # vmap engine: computed by backward() for this batch, reused by step()
+        self._batches: list[tuple] = []  # vmap engine: (keys, labels, batch) since the last step
+        self._per_sample: Optional[torch.Tensor] = None  # vmap engine: computed by backward() for this batch, reused by step()
 
     @property
-    def needs_per_sample(self):
+    def needs_per_sample(self) -> bool:
         return bool(self.mask_specs)
 
     @property
-    def computes_gradients(self):
+    def computes_gradients(self) -> bool:
         """Whether ``backward`` must be called instead of ``loss.backward()`` (the vmap path)."""
         return self.engine_name == "vmap" and self.needs_per_sample
 
-    def begin_batch(self, keys, labels=None, batch=None):
+    def begin_batch(self, keys: ArrayLike, labels: Optional[np.ndarray] = None, batch: Any = None) -> None:
         if self.engine is not None:
             self.engine.begin_batch(keys, labels)
         self._batches.append((np.asarray(keys, np.int64), labels, batch))
 
-    def set_batch(self, keys, labels=None):
+    def set_batch(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> None:
         keys = np.asarray(keys, np.int64)
         labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu(), np.int64)
         if self.engine is not None and not self.engine.assign_unkeyed(keys, labels):
@@ -287,20 +290,20 @@ class RecordingSession:
         if self.engine is None:
             self._batches.append((keys, labels, None))
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         if self.engine is not None:
             self.engine.reset()
         self._batches = self._batches[-1:] if self._batches else []
         self._per_sample = None
 
-    def backward(self, x, y):
+    def backward(self, x: Any, y: torch.Tensor) -> None:
         """vmap engine: set every parameter's .grad to the batch's mean-loss gradient from per-sample gradients.
 
         A loop that calls this instead of ``loss.backward()`` computes gradients once per
         step instead of twice (the sum of the per-sample gradients is the batch gradient).
         """
-        self._per_sample = self._vmap(x, y)
-        total = self._per_sample.sum(0)
+        per_sample = self._per_sample = self._vmap(x, y)
+        total = per_sample.sum(0)
         offset = 0
         for p in self.params:
             p.grad = total[offset : offset + p.numel()].view_as(p).clone()
@@ -331,9 +334,10 @@ class RecordingSession:
             result[(seed, k)] = (positions, torch.gather(per_sample, 1, positions))
         return merge_repeated_keys(keys, labels, result)
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         started = time.perf_counter()
-        per_mask, keys, labels = {}, None, None
+        per_mask: dict = {}
+        keys, labels = None, None
         if self.needs_per_sample:
             if self.engine is not None:
                 found = self.engine.step_values()
@@ -369,12 +373,12 @@ class RecordingSession:
         self.record_seconds += time.perf_counter() - started
         return result
 
-    def flush(self):
+    def flush(self) -> None:
         started = time.perf_counter()
         self.ingest.flush()
         self.record_seconds += time.perf_counter() - started
 
-    def finish(self):
+    def finish(self) -> None:
         started = time.perf_counter()
         try:
             self.ingest.close()
@@ -386,7 +390,7 @@ class RecordingSession:
         self.record_seconds += time.perf_counter() - started
 
 
-def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader=None,
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: Optional[DataLoader] = None,
            recorders: Sequence[Recorder] = (), *, engine: str = "masked", loss_fn: Optional[Callable] = None,
            chunk_size: int = 64, background: bool = True) -> tuple:
     """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
