@@ -199,20 +199,18 @@ def checksum_cost(work, repeats=5):
     store = store.finalize()
     keys = np.arange(num_keys)
     flat = np.zeros(num_params, np.float32)
-    checksums = store._checksums
     store.scatter_add(flat, keys)  # warm up the kernels and the thread pools
     times = {label: {"read_s": float("inf"), "scatter_add_s": float("inf")} for label in ("with checksums", "without")}
     for _ in range(repeats):  # alternating, best of each
-        for label, sums in (("with checksums", checksums), ("without", {})):
-            store._checksums = sums
-            started = time.perf_counter()
-            store.read(keys)
-            times[label]["read_s"] = min(times[label]["read_s"], time.perf_counter() - started)
-            started = time.perf_counter()
-            store.scatter_add(flat, keys)
-            times[label]["scatter_add_s"] = min(times[label]["scatter_add_s"], time.perf_counter() - started)
-    frames = [store._row_datasets["values"].id.read_direct_chunk((i * store.rows_per_chunk, 0))[1]
-              for i in range(-(-num_keys // store.rows_per_chunk))]
+        for label, checking in (("with checksums", contextlib.nullcontext), ("without", store.checksums_unchecked)):
+            with checking():
+                started = time.perf_counter()
+                store.read(keys)
+                times[label]["read_s"] = min(times[label]["read_s"], time.perf_counter() - started)
+                started = time.perf_counter()
+                store.scatter_add(flat, keys)
+                times[label]["scatter_add_s"] = min(times[label]["scatter_add_s"], time.perf_counter() - started)
+    frames = [store.stored_chunk("values", i) for i in range(-(-num_keys // store.rows_per_chunk))]
     started = time.perf_counter()
     for index, frame in enumerate(frames):
         chunkio.frame_checksum(index, frame)
@@ -354,7 +352,6 @@ def observe_unfinished(path, expected=None):
     Otherwise (outcome, detail) against it: the worst finding of every step up to the first
     that raises (a StoreError or verify() problems: "detected"; another exception: "UNCAUGHT").
     """
-    from gradstore.format import STAGING
 
     views, findings, held = {}, [], []
 
@@ -364,14 +361,14 @@ def observe_unfinished(path, expected=None):
             if problems:
                 raise gradstore.FormatError(f"verify(): {len(problems)} problems, first {json.dumps(problems[0])[:160]}")
             info = store.info()
-            return {"runs": list(getattr(store, "_runs", [])), "state": store.state.copy(), "labels": store.labels.copy(),
+            return {"runs": list(getattr(store, "runs", ())), "state": store.state.copy(), "labels": store.labels.copy(),
                     "finished": info["finished"], "committed_generation": info.get("committed_generation"),
                     "commit_note": info.get("commit_note")}
 
     def writable():  # what an r+ open left in the file: the runs it kept
         store = gradstore.open(path, "r+")
         held.append(store)
-        runs = sorted(store._h5[STAGING]) if STAGING in store._h5 else []
+        runs = store.runs_in_file()
         return {"runs": runs, "state": store.state.copy(), "labels": store.labels.copy()}
 
     def finalize():
@@ -396,9 +393,9 @@ def observe_unfinished(path, expected=None):
             break
         if expected is not None:
             findings += _compare(stage, views[stage], expected[stage])
-    for store in held:  # a failed finalize: close without committing anything
+    for store in held:  # a failed finalize: close (nothing was accumulated: close commits nothing)
         with contextlib.suppress(Exception):
-            store._release()
+            store.close()
     if expected is None:
         if findings:
             raise RuntimeError(f"the undamaged recording does not read back: {findings}")
