@@ -198,3 +198,13 @@ def test_format_docs_shard_check_recipe_runs_as_written(tmp_path, monkeypatch):
     shutil.copy(shards.shard_path(other / "store.h5", 0, 2), shards.shard_path(run_dir / "store.h5", 0, 2))
     with pytest.raises(AssertionError):
         exec(compile(recipe, "FORMAT.md", "exec"), {})
+
+
+def test_store_and_sharded_store_are_store_readers(tmp_path):
+    """gradstore.StoreReader: what both finished kinds offer; a recording is not one."""
+    path = record(tmp_path, 2)
+    finish(path, 2)
+    with gradstore.open(path) as joined, gradstore.open(tmp_path / "single.h5") as single:
+        assert isinstance(joined, gradstore.StoreReader) and isinstance(single, gradstore.StoreReader)
+    with gradstore.create(tmp_path / "rec.h5", M, N, KEEP) as recording:
+        assert not isinstance(recording, gradstore.StoreReader)
