@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 
 import gradstore
+import gradstore.codecs
 from unlearn.runs import data as datasets
 from unlearn.evaluation import accuracy
 from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.runs.models import build_model
 from unlearn.params import flat_params, load_flat_params
 from unlearn.recording.recorders import create_recorder
+from unlearn.runs.config import FLAVOURS, FP32, INT8, LAYER, ORIGINAL, PER_SAMPLE
 from unlearn.runs.loop import train
 
 
@@ -39,12 +41,12 @@ def make_recorders(out_dir, model, data, config):
     for flavour, keeps in (("update", config["keeps"]), ("grad", config["grad_keeps"])):
         for keep in keeps:
             for codec in config["codecs"]:
-                add(f"per-sample {flavour} p={keep} {codec}", f"ps-{flavour}-{keep}-{codec}.h5", "per-sample",
+                add(f"per-sample {flavour} p={keep} {codec}", f"ps-{flavour}-{keep}-{codec}.h5", PER_SAMPLE,
                     keep=keep, codec=codec, flavour=flavour)
     if config["original"]:
-        add("original", "original.h5", "original", codec="fp32")
+        add(ORIGINAL, "original.h5", ORIGINAL, codec=FP32)
     for keep in config["layer_keeps"]:
-        add(f"layer p={keep}", f"layer-{keep}.h5", "layer", keep=keep, codec="fp32")
+        add(f"layer p={keep}", f"layer-{keep}.h5", LAYER, keep=keep, codec=FP32)
     return recorders
 
 
@@ -83,10 +85,10 @@ def run_one(seed, cls, config, out_dir, log=print):
         with gradstore.open(recorder.store.path) as store:
             removal = plan_removal(store, recorder.method, data, cls=cls)
             info = store.info()
-        if name == "original":
+        if name == ORIGINAL:
             original_bytes = info["bytes_on_disk"]
         scales = [1.0]
-        if recorder.method == "per-sample" or config["auto_for_baselines"]:
+        if recorder.method == PER_SAMPLE or config["auto_for_baselines"]:
             scales.append("auto")
         for scale in scales:
             choice = apply_removal(model, base, removal, data, scale, seed=seed)
@@ -143,7 +145,7 @@ def summary_markdown(results, target_method="per-sample update p=0.01 int8"):
 
 
 def poisoned_request(args, out):
-    """The poisoned request under the protocol's settings: the study's poisoned run (bench/study.py), on MNIST with
+    """The poisoned request under the protocol's settings: the study's poisoned run (bench/study/), on MNIST with
     class 3 kept at its first 100 samples, int8 stores at the protocol's p, every method side by side."""
     from unlearn.evaluation import MIA_METHOD
 
@@ -151,7 +153,7 @@ def poisoned_request(args, out):
 
     config = {
         "dataset": "mnist", "data_dir": args.data_dir, "forget_class": 3, "keep_first": 100, "epochs": args.epochs,
-        "batch_size": 64, "optimizer": "adam", "keeps": [], "codecs": ["int8"], "flavours": ["grad", "update"],
+        "batch_size": 64, "optimizer": "adam", "keeps": [], "codecs": [INT8], "flavours": list(FLAVOURS),
         "layer_keep": (args.layer_keeps or [0.1])[0], "sample_fraction": 0.01, "finetune_epochs": 1,
         "finetune_samples": 10_000, "seeds": args.seeds, "mia": MIA_METHOD, "progress": False, "engine": args.engine,
         "requests": ["poisoned"], "poison": args.poison, "poison_seed": args.poison_seed,
@@ -204,7 +206,7 @@ def add_arguments(parser):
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.02], help="p of the per-sample update stores")
     parser.add_argument("--grad-keeps", type=float, nargs="*", default=[0.02], help="p of the per-sample grad stores")
-    parser.add_argument("--codecs", nargs="+", default=["int8"], choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--codecs", nargs="+", default=[INT8], choices=list(gradstore.codecs.CODECS))
     parser.add_argument("--layer-keeps", type=float, nargs="*", default=[0.1])
     parser.add_argument("--engine", choices=["masked", "vmap"], default="masked", help="per-sample gradient engine")
     parser.add_argument("--no-original", action="store_true", help="skip the original method's (large) store")

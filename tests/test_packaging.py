@@ -98,3 +98,36 @@ def test_the_quick_start_installs_every_extra_it_needs_and_nothing_offline_only(
     match = re.search(r"pip install [^\n]*-e '\.\[([a-z,]+)\]'", makefile)
     assert match, "the Makefile installs the checkout with its extras"
     assert set(match.group(1).split(",")) == {"unlearn", "bench", "test"}
+
+
+def source_packages():
+    """Every package of the source tree (a folder with an __init__.py), as a path inside the wheel."""
+    return sorted(str(init.parent.relative_to(ROOT)) for top in ("gradstore", "unlearn", "bench")
+                  for init in (ROOT / top).rglob("__init__.py") if "__pycache__" not in init.parts)
+
+
+def test_the_wheel_holds_every_package_and_both_py_typed(tmp_path):
+    """Built offline (no build isolation, no dependencies) from a copy of the sources, so the checkout is untouched."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for top in ("gradstore", "unlearn", "bench"):
+        shutil.copytree(ROOT / top, source / top, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                             "--quiet", str(source), "-w", str(tmp_path / "dist")],
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = source_packages()
+    assert {"gradstore", "unlearn", "unlearn/runs", "unlearn/cli", "bench", "bench/study"} <= set(packages)
+    missing = [package for package in packages if f"{package}/__init__.py" not in names]
+    assert not missing, f"packages left out of the wheel: {missing}"
+    modules = {str(path.relative_to(ROOT)) for top in ("gradstore", "unlearn", "bench")
+               for path in (ROOT / top).rglob("*.py") if "__pycache__" not in path.parts}
+    assert not modules - names, f"modules left out of the wheel: {sorted(modules - names)}"
+    assert {"gradstore/py.typed", "unlearn/py.typed"} <= names

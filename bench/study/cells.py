@@ -17,6 +17,7 @@ from unlearn.evaluation import accuracy, evaluate
 from unlearn.forgetting import apply_removal, plan_removal
 from unlearn.runs.models import build_model
 from unlearn.params import load_flat_params
+from unlearn.runs.config import PER_SAMPLE
 from unlearn.runs.loop import train
 
 RETAINED_EVAL = 10_000  # retained samples behind RA and the MIA's members
@@ -105,7 +106,7 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
               "keys_removed": int(removal.request.keys.size)}
     model = fresh_model(data, trained)
     modes = {"1": 1.0}
-    if entry["method"] == "per-sample":
+    if entry["method"] == PER_SAMPLE:
         modes["auto"] = "auto"
     cells = {}
     for mode, scale in modes.items():

@@ -28,7 +28,10 @@ from unlearn.runs import poison
 from unlearn.runs.models import build_model
 from unlearn.params import flat_params
 from unlearn.recording.recorders import create_recorder
+from unlearn.runs.config import FP16, FP32, INT8, LAYER, ORIGINAL, PER_SAMPLE
 from unlearn.runs.loop import train
+
+from .grid import store_name
 
 RECORDED = "recorded.json"
 # The per-sample engine of the study's one recording run (12 stores, 6 masks whose p sum to 0.455):
@@ -51,12 +54,6 @@ def forget_samples(config, seed, num_samples):
     if count > num_samples:
         raise ValueError(f"--sample-fraction {share:g} asks for {count} samples of {num_samples}")
     return np.sort(np.random.default_rng([seed, 1]).choice(num_samples, count, replace=False))
-
-
-def store_name(method, flavour=None, keep=None, codec=None):
-    if method == "per-sample":
-        return f"ours-{flavour}-p{keep}-{codec}"
-    return "original" if method == "original" else f"layer-p{keep}"
 
 
 POISON_OPTIONS = ("poison", "poison_seed", "poison_target", "poison_keeps")
@@ -104,8 +101,8 @@ def disk_needed(config, num_samples, num_params):
     """Bytes of disk the recording phase needs at its peak (scratch sums + fp32 stores + the rest)."""
     steps = config["epochs"] * math.ceil(num_samples / config["batch_size"])
     values = num_samples * num_params * sum(config["keeps"]) * len(config["flavours"])
-    codec_bytes = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05}
-    derived = sum(codec_bytes[c] for c in config["codecs"] if c != "fp32")
+    codec_bytes = {FP32: 4.0, FP16: 2.0, INT8: 1.05}
+    derived = sum(codec_bytes[c] for c in config["codecs"] if c != FP32)
     # float32 sums (in scratch files, then in the fp32 stores: each store's scratch goes as it
     # finalizes, so the two overlap by one store at most), then the transcoded codecs beside them
     overlap = values * 4 * max(config["keeps"]) / sum(config["keeps"])
@@ -134,25 +131,25 @@ def record(seed, config, seed_dir, log=print):
     stores, recorders = {}, []
     for flavour in config["flavours"]:
         for keep in config["keeps"]:
-            name = store_name("per-sample", flavour, keep, "fp32")
+            name = store_name(PER_SAMPLE, flavour, keep, FP32)
             k = gradstore.keep_to_k(keep, num_params)
-            recorders.append(create_recorder(seed_dir / f"{name}.h5", "per-sample", model, len(data), steps, keep=keep,
-                                             codec="fp32", flavour=flavour, seed=seed,
+            recorders.append(create_recorder(seed_dir / f"{name}.h5", PER_SAMPLE, model, len(data), steps, keep=keep,
+                                             codec=FP32, flavour=flavour, seed=seed,
                                              memory_budget=len(data) * k * 4, buffer_dir=scratch))
-            stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "fp32"}
+            stores[name] = {"method": PER_SAMPLE, "flavour": flavour, "keep": keep, "codec": FP32}
     recorders += step_recorders(seed, config, seed_dir, model, data, steps, stores)
     run = train_recording(seed, config, model, data, recorders, config.get("engine") or STUDY_ENGINE, log)
     shutil.rmtree(scratch)
     started = time.perf_counter()
     for name, entry in list(stores.items()):
-        if entry["method"] != "per-sample":
+        if entry["method"] != PER_SAMPLE:
             continue
         for codec in config["codecs"]:
-            if codec != "fp32":
-                derived = store_name("per-sample", entry["flavour"], entry["keep"], codec)
+            if codec != FP32:
+                derived = store_name(PER_SAMPLE, entry["flavour"], entry["keep"], codec)
                 gradstore.transcode(seed_dir / f"{name}.h5", seed_dir / f"{derived}.h5", codec)
                 stores[derived] = {**entry, "codec": codec}
-        if "fp32" not in config["codecs"]:
+        if FP32 not in config["codecs"]:
             os.remove(seed_dir / f"{name}.h5")
             del stores[name]
     np.save(seed_dir / "trained.npy", flat_params(model))
@@ -170,11 +167,11 @@ def record(seed, config, seed_dir, log=print):
 def step_recorders(seed, config, seed_dir, model, data, steps, stores):
     """The baselines' recorders (the original method's store, the layer-wise one), entered in ``stores``."""
     recorders = []
-    for method, keep in (("original", 1.0), ("layer", config["layer_keep"])):
+    for method, keep in ((ORIGINAL, 1.0), (LAYER, config["layer_keep"])):
         name = store_name(method, keep=keep)
         recorders.append(create_recorder(seed_dir / f"{name}.h5", method, model, len(data), steps, keep=keep,
-                                         codec="fp32", seed=seed))
-        stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": "fp32"}
+                                         codec=FP32, seed=seed))
+        stores[name] = {"method": method, "flavour": None, "keep": keep, "codec": FP32}
     return recorders
 
 
@@ -206,10 +203,10 @@ def record_poisoned(seed, config, seed_dir, log=print):
     stores, recorders = {}, []
     for flavour in config["flavours"]:
         for keep in config["poison_keeps"]:
-            name = store_name("per-sample", flavour, keep, "int8")
-            recorders.append(create_recorder(seed_dir / f"{name}.h5", "per-sample", model, len(data), steps, keep=keep,
-                                             codec="int8", flavour=flavour, seed=seed))
-            stores[name] = {"method": "per-sample", "flavour": flavour, "keep": keep, "codec": "int8"}
+            name = store_name(PER_SAMPLE, flavour, keep, INT8)
+            recorders.append(create_recorder(seed_dir / f"{name}.h5", PER_SAMPLE, model, len(data), steps, keep=keep,
+                                             codec=INT8, flavour=flavour, seed=seed))
+            stores[name] = {"method": PER_SAMPLE, "flavour": flavour, "keep": keep, "codec": INT8}
     recorders += step_recorders(seed, config, seed_dir, model, data, steps, stores)
     run = train_recording(seed, config, model, data, recorders, config.get("engine") or "masked", log)
     np.save(seed_dir / "trained.npy", flat_params(model))

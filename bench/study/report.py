@@ -9,6 +9,8 @@ import platform
 import statistics
 from pathlib import Path
 
+from unlearn.runs.config import FP16, FP32, GRAD, INT8, LAYER, ORIGINAL, PER_SAMPLE, UPDATE
+
 REFERENCE_ROWS = ("after train", "retrain", "finetune only")
 CLASS_FIELDS = ("forgotten", "rest", "forgotten_after_retrain", "rest_after_retrain")
 SAMPLE_FIELDS = ("ua", "ra", "ta", "mia_efficacy")
@@ -30,9 +32,9 @@ def display_name(cell):
         return "Retrain from scratch"
     if method == "finetune only":
         return "Fine-tune only (control)"
-    if method == "original":
+    if method == ORIGINAL:
         return "Original"
-    if method == "layer":
+    if method == LAYER:
         return f"Layer, p = {cell['keep']:g}"
     return f"Ours {cell['flavour']}, p = {cell['keep']:g}, {cell['codec']}"
 
@@ -41,16 +43,16 @@ def row_order(cell):
     method = cell["method"]
     if method in REFERENCE_ROWS:
         return (0, REFERENCE_ROWS.index(method))
-    if method in ("original", "layer"):
-        return (1, 0 if method == "original" else 1)
-    return (2, ["update", "grad"].index(cell["flavour"]), ["fp32", "fp16", "int8"].index(cell["codec"]), -cell["keep"])
+    if method in (ORIGINAL, LAYER):
+        return (1, 0 if method == ORIGINAL else 1)
+    return (2, [UPDATE, GRAD].index(cell["flavour"]), [FP32, FP16, INT8].index(cell["codec"]), -cell["keep"])
 
 
 def with_ratios(cells):
     """Every cell (a list), with ratio_vs_original (against the original's store of the same seed and
     task) and gap_to_retrain (mean |metric - the same seed's retrained model's|, no retrain)."""
     cells = [dict(cell) for cell in cells.values()]
-    original = {(c["seed"], c["task"]): c["bytes_on_disk"] for c in cells if c["method"] == "original"}
+    original = {(c["seed"], c["task"]): c["bytes_on_disk"] for c in cells if c["method"] == ORIGINAL}
     retrain = {(c["seed"], c["task"]): c for c in cells if c["method"] == "retrain"}
     for cell in cells:
         base = original.get((cell["seed"], cell["task"]))
@@ -175,7 +177,7 @@ def target_lines(cells):
     seeds = sorted(gold)
     verdicts = {}
     for cell in cells:
-        if cell["task"] == "class" and cell["method"] == "per-sample" and cell["codec"] == "int8" and cell["scale_mode"] == "auto":
+        if cell["task"] == "class" and cell["method"] == PER_SAMPLE and cell["codec"] == INT8 and cell["scale_mode"] == "auto":
             rest_gap = cell["rest"] - gold[cell["seed"]]["rest"]
             ratio = cell.get("ratio_vs_original", 0)
             misses = [what for what, ok in (("forgotten", cell["forgotten"] <= 0.01), ("rest", rest_gap >= -0.01),
@@ -184,7 +186,7 @@ def target_lines(cells):
                 ("met" if not misses else "missed: " + ", ".join(misses))
                 + f" ({cell['forgotten']:.3f}, {rest_gap:+.3f}, {ratio:.1f}x)")
     lines = ["| int8 store, scale auto | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
-    for (flavour, keep), by_seed in sorted(verdicts.items(), key=lambda item: (item[0][0] != "update", -item[0][1])):
+    for (flavour, keep), by_seed in sorted(verdicts.items(), key=lambda item: (item[0][0] != UPDATE, -item[0][1])):
         lines.append(f"| {flavour} p = {keep:g} | " + " | ".join(by_seed.get(seed, "") for seed in seeds) + " |")
     return lines + ["", "(forgotten-class accuracy, rest minus the retrained model's, times smaller than the original's store)"]
 
@@ -222,17 +224,17 @@ def plot(cells, out):
     import matplotlib.pyplot as plt
 
     summary = aggregate(cells)
-    colours = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green"}
-    styles = {"update": "-", "grad": "--"}
+    colours = {FP32: "tab:blue", FP16: "tab:orange", INT8: "tab:green"}
+    styles = {UPDATE: "-", GRAD: "--"}
     gold = summary.get(("class", "retrain", ""))
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for col, mode in enumerate(("1", "auto")):
-        for flavour in ("update", "grad"):
+        for flavour in (UPDATE, GRAD):
             for codec in colours:
                 points = sorted(
                     (entry["bytes_on_disk"][0], entry["forgotten"][0], entry["rest"][0])
                     for (task, _, m), entry in summary.items()
-                    if task == "class" and m == mode and entry["cell"]["method"] == "per-sample"
+                    if task == "class" and m == mode and entry["cell"]["method"] == PER_SAMPLE
                     and entry["cell"]["flavour"] == flavour and entry["cell"]["codec"] == codec
                 )
                 if points:
@@ -242,7 +244,7 @@ def plot(cells, out):
                     axes[1, col].plot(x, [r - gold["rest"][0] for r in rest] if gold else rest, styles[flavour], marker="o",
                                       color=colours[codec], label=label, ms=4)
         if mode == "1":
-            for method, marker in (("original", "s"), ("layer", "^")):
+            for method, marker in ((ORIGINAL, "s"), (LAYER, "^")):
                 for (task, _, m), entry in summary.items():
                     if task == "class" and m == "1" and entry["cell"]["method"] == method:
                         axes[0, col].plot(entry["bytes_on_disk"][0], entry["forgotten"][0], marker, color="k", label=method)
@@ -269,7 +271,7 @@ def plot(cells, out):
         for codec, colour in colours.items():
             points = []
             for (t, _, _), entry in summary.items():
-                if t == task and entry["cell"].get("codec") == codec and entry["cell"]["method"] == "per-sample":
+                if t == task and entry["cell"].get("codec") == codec and entry["cell"]["method"] == PER_SAMPLE:
                     points.append((entry["bytes_on_disk"][0], entry["gap_to_retrain"][0]))
             frontier, best = [], float("inf")
             for x, gap in sorted(points):
@@ -279,7 +281,7 @@ def plot(cells, out):
             if points:
                 ax.scatter(*zip(*points), color=colour, s=10, alpha=0.4)
                 ax.step(*zip(*frontier), where="post", color=colour, label=f"ours {codec} (frontier)")
-        for method, marker in (("original", "s"), ("layer", "^")):
+        for method, marker in ((ORIGINAL, "s"), (LAYER, "^")):
             for (t, _, _), entry in summary.items():
                 if t == task and entry["cell"]["method"] == method:
                     ax.plot(entry["bytes_on_disk"][0], entry["gap_to_retrain"][0], marker, color="k", label=method)
@@ -307,11 +309,11 @@ def plot_poisoned(summary, out, plt):
             if task != "poisoned" or f"asr{suffix}" not in entry:
                 continue
             cell = entry["cell"]
-            if cell["method"] == "per-sample":
-                marker, colour = ("o" if cell["flavour"] == "update" else "x"), ("tab:green" if mode == "auto" else "tab:blue")
+            if cell["method"] == PER_SAMPLE:
+                marker, colour = ("o" if cell["flavour"] == UPDATE else "x"), ("tab:green" if mode == "auto" else "tab:blue")
                 label = f"ours {cell['flavour']} p={cell['keep']:g} scale {mode}"
             else:
-                marker, colour, label = {"original": "s", "layer": "^"}.get(cell["method"], "*"), "k", display_name(cell)
+                marker, colour, label = {ORIGINAL: "s", LAYER: "^"}.get(cell["method"], "*"), "k", display_name(cell)
             ax.plot(entry[f"asr{suffix}"][0], entry[f"target_class_acc{suffix}"][0], marker, color=colour, ms=6)
             ax.annotate(label, (entry[f"asr{suffix}"][0], entry[f"target_class_acc{suffix}"][0]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")

@@ -9,7 +9,6 @@ never changes with the way its settings are held.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Union
 
