@@ -1,6 +1,7 @@
 """The handler registry: every registered handler's example against torch.func, handlers from outside
 the package (end to end through attach and a real store), claimed children, and the refusals' advice."""
 
+import contextlib
 import os
 import re
 
@@ -95,16 +96,22 @@ class ScaleHandler(Handler):
         return (capture.delta * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
 
 
-@pytest.fixture
-def scale_handler():
-    """ScaleHandler registered for Scale as user code would, unregistered after: the registry as before."""
+@contextlib.contextmanager
+def registered(module_type, handler_class):
+    """``handler_class`` registered for ``module_type`` as user code would, unregistered after: the registry as before."""
     before = registered_handlers()
-    register_handler(Scale)(ScaleHandler)
+    register_handler(module_type)(handler_class)
     try:
         yield
     finally:
-        unregister_handler(Scale)
+        unregister_handler(module_type)
         assert registered_handlers() == before
+
+
+@pytest.fixture
+def scale_handler():
+    with registered(Scale, ScaleHandler):
+        yield
 
 
 class ScaledNet(nn.Module):
@@ -213,11 +220,8 @@ class ProjectorNet(nn.Module):
 
 @pytest.fixture
 def projector_handler():
-    register_handler(Projector)(ProjectorHandler)
-    try:
+    with registered(Projector, ProjectorHandler):
         yield
-    finally:
-        unregister_handler(Projector)
 
 
 def test_unclaimed_children_used_without_a_call_are_refused_by_path():
@@ -308,3 +312,35 @@ def test_the_adding_a_layer_type_recipe_runs_as_written():
 def test_capture_is_exported_for_handlers():
     capture = Capture(nn.Identity(), (torch.ones(2, 1),), torch.ones(2, 1, dtype=torch.float64))
     assert capture.delta.dtype == torch.float32
+
+
+class CalledToo(nn.Module):
+    """Claims inner's parameters but also calls inner: the claim misses a use."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(x), self.inner.weight, self.inner.bias) + self.inner(x)
+
+
+class CalledTooHandler(ProjectorHandler):
+    pass
+
+
+class ValuesOnlyHandler(ProjectorHandler):
+    def dense(self, capture, name):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("handler_class", [CalledTooHandler, ValuesOnlyHandler])
+def test_a_claim_that_misses_a_use_or_cannot_be_checked_is_refused(handler_class):
+    torch.manual_seed(0)
+    model, x = CalledToo(), torch.randn(5, 2, 4)
+    target = torch.randn(5, 8)
+    with registered(CalledToo, handler_class):
+        with pytest.raises(UnsupportedModelError, match=r"inner\.weight") as refused:
+            masked(model, lambda: projection_loss(model(x), target), KEYS[:5])
+    expected = "cannot form" if handler_class is ValuesOnlyHandler else "misses a use"
+    assert expected in str(refused.value)

@@ -82,14 +82,18 @@ class Resolved:
 
     handler_of: dict[nn.Module, Handler]  # every module with a registered handler
     claims_of: dict[nn.Module, list[tuple[str, nn.Parameter]]]  # claiming module -> (dotted name, parameter)
-    claimed: dict[int, str]  # id(parameter) -> path of the module that claims it
+    claimed: dict[tuple[int, str], str]  # (id(child module), parameter name) -> path of the module that claims it
+
+    def own(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The module's own parameters less those a parent's handler claims (a tied copy elsewhere stays)."""
+        return [(n, p) for n, p in module.named_parameters(recurse=False) if (id(module), n) not in self.claimed]
 
 
 def resolve(model: nn.Module) -> Resolved:
     """Look up every module's handler (the registry, once per model: never per step) and the claims."""
     handler_of: dict[nn.Module, Handler] = {}
     claims_of: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
-    claimed: dict[int, str] = {}
+    claimed: dict[tuple[int, str], str] = {}
     for path, module in model.named_modules():
         handler = handler_for(module)
         if handler is None:
@@ -98,12 +102,14 @@ def resolve(model: nn.Module) -> Resolved:
         claims = handler.claimed(module)
         if claims:
             claims_of[module] = claims
-        for name, param in claims:
-            if id(param) in claimed:
+        for name, _ in claims:
+            owner_path, _, leaf = name.rpartition(".")
+            key = (id(module.get_submodule(owner_path)), leaf)
+            if key in claimed:
                 raise UnsupportedModelError(
-                    f"{path or 'model'}.{name} is claimed by two handlers ({claimed[id(param)]} and {path or 'model'}): "
+                    f"{path or 'model'}.{name} is claimed by two handlers ({claimed[key]} and {path or 'model'}): "
                     "rows would count it twice. Fix: claim each child parameter in one handler only")
-            claimed[id(param)] = path or "model"
+            claimed[key] = path or "model"
     return Resolved(handler_of, claims_of, claimed)
 
 
@@ -119,8 +125,7 @@ def check_model(model: nn.Module) -> Resolved:
                 problems.append(f"{path} ({type(module).__name__}: mixes the samples of a batch in training mode): "
                                 f"fix: {advice_for(module)}")
             continue
-        trainable = [n for n, p in module.named_parameters(recurse=False)
-                     if p.requires_grad and id(p) not in resolved.claimed]
+        trainable = [n for n, p in resolved.own(module) if p.requires_grad]
         handler = resolved.handler_of.get(module)
         if handler is None:
             if trainable:
@@ -270,8 +275,7 @@ class MaskedEngine:
             handler = resolved.handler_of.get(module)
             slots = []
             if handler is not None:
-                own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in resolved.claimed]
-                for name, p in own + resolved.claims_of.get(module, []):
+                for name, p in resolved.own(module) + resolved.claims_of.get(module, []):
                     if p.requires_grad:
                         slot = ParamSlot(index_of[id(p)], name, p, offset_of[id(p)])
                         slots.append(slot)
@@ -754,7 +758,12 @@ def _check_parameters(engine, calls, grads, params, sample):
                 capture = Capture(module, (a.detach()[sample:sample + 1],), grad[sample:sample + 1])
                 try:
                     mine = handler.dense(capture, slot.name)[0]
-                except Exception:
+                except Exception as error:
+                    if "." in slot.name:  # a claimed child's: only this check sees a use the claim misses
+                        raise UnsupportedModelError(
+                            f"{type(handler).__name__} claims {engine.paths[module]}.{slot.name} but cannot form its "
+                            f"dense per-sample gradient ({error!r}), so the engine cannot check the claim against "
+                            "autograd. Fix: implement dense() for the claimed parameters") from error
                     skip.add(id(slot.param))
                     continue
                 formed[id(slot.param)] = formed.get(id(slot.param), 0) + mine
@@ -778,5 +787,6 @@ def _check_parameters(engine, calls, grads, params, sample):
     if wrong:
         raise UnsupportedModelError(
             "the masked engine's per-sample gradient differs from autograd's for: " + ", ".join(wrong)
-            + ": a subclass whose forward is not its base's, or a parameter also used outside its module. "
+            + ": a subclass whose forward is not its base's, a parameter also used outside its module, or a "
+            "handler's claim that misses a use of a child's parameter. "
             f"Fix: record these modules' parameters through supported modules, freeze them, {VMAP_HELP}")
