@@ -758,12 +758,12 @@ def _check_parameters(engine, calls, grads, params, sample):
                 capture = Capture(module, (a.detach()[sample:sample + 1],), grad[sample:sample + 1])
                 try:
                     mine = handler.dense(capture, slot.name)[0]
-                except Exception as error:
+                except Exception as failure:
                     if "." in slot.name:  # a claimed child's: only this check sees a use the claim misses
                         raise UnsupportedModelError(
                             f"{type(handler).__name__} claims {engine.paths[module]}.{slot.name} but cannot form its "
-                            f"dense per-sample gradient ({error!r}), so the engine cannot check the claim against "
-                            "autograd. Fix: implement dense() for the claimed parameters") from error
+                            f"dense per-sample gradient ({failure!r}), so the engine cannot check the claim against "
+                            "autograd. Fix: implement dense() for the claimed parameters") from failure
                     skip.add(id(slot.param))
                     continue
                 formed[id(slot.param)] = formed.get(id(slot.param), 0) + mine
