@@ -7,8 +7,8 @@ the poison) and sweeps removal variants of each per-sample store over a grid of 
 - layer L: the same restricted to one parameter tensor, at 8 times the steps (one tensor alone
   moves the model less);
 - projected once: the rows projected off the retained data's mean-output gradients at w;
-- projected path: the path the sample rule walks (unlearn.projection), segment by segment;
-- auto: the sample rule's own choice (unlearn.forgetting.choose_sample_step), then the fine-tune.
+- projected path: the path the sample rule walks (unlearn.forgetting.projection), segment by segment;
+- auto: the sample rule's own choice (unlearn.forgetting.SampleRule, "samples"), then the fine-tune.
 Each point: ASR, target-class test accuracy, TA (and the poisoned samples' accuracy on their
 label). Writes backdoor.json, backdoor.md and backdoor-frontier.png (ASR against the target
 class and against TA, one line per variant) under --out.
@@ -23,7 +23,7 @@ import numpy as np
 import gradstore
 from unlearn.evaluation import backdoor_metrics
 from unlearn.evaluation import MIA_METHOD, accuracy
-from unlearn.forgetting import apply_removal, plan_removal
+from unlearn.forgetting import SampleRule, apply_removal, plan_removal
 from unlearn.params import flat_params, load_flat_params
 from unlearn.forgetting.projection import ProjectedWalk, project_off, retained_output_basis
 
@@ -59,7 +59,7 @@ def sweep_store(store_path, trained, data, config, seed, log):
     basis = retained_output_basis(model, trained, data, retained, labels, np.random.default_rng([seed, 5]))
     projected = project_off(rows, basis).astype(np.float32)
     variants["projected once"] = [(c, trained + np.float32(c) * projected) for c in grid]
-    segment = 0.07 * float(np.linalg.norm(trained)) / float(np.linalg.norm(rows))
+    segment = SampleRule().segment_share * float(np.linalg.norm(trained)) / float(np.linalg.norm(rows))
     walk = ProjectedWalk(model, trained, rows, removal.control, data, retained, labels, segment, seed=seed)
     path = []
     while walk.walked < config["path_segments"]:

@@ -99,24 +99,21 @@ def poisoned_run(tmp_path_factory):
     return run
 
 
-def auto_step(run, samples, monkeypatch=None, threshold=None):
-    import importlib
-
+def auto_step(run, samples, threshold=None):
+    """The sample rule's step on ``samples``: "auto", or a SampleRule whose evidence threshold is ``threshold``."""
     import gradstore
+    from unlearn import forgetting
     from unlearn.runs import folders as runs
     from unlearn.params import flat_params
 
-    forgetting = importlib.import_module("unlearn.forgetting.workflow")
-
-    if threshold is not None:
-        monkeypatch.setattr(forgetting, "EVIDENCE_P", threshold)
+    rule = "auto" if threshold is None else forgetting.SampleRule(evidence_p=threshold)
     config = runs.load_json(run / "train.json")
     data = runs.build_data(config)
     model = runs.load_model(run, config)
     base = flat_params(model)
     with gradstore.open(run / "store.h5") as store:
         removal = forgetting.plan_removal(store, "per-sample", data, samples=samples, seed=config["seed"])
-    choice = forgetting.apply_removal(model, base, removal, data, "auto", seed=config["seed"])
+    choice = forgetting.apply_removal(model, base, removal, data, rule, seed=config["seed"])
     return choice, model, data, base
 
 
@@ -133,15 +130,15 @@ def test_the_sample_rule_removes_nothing_where_the_samples_taught_nothing(poison
     assert np.array_equal(flat_params(model), base)  # the model is left as it was
 
 
-def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evidence(poisoned_run, monkeypatch):
+def test_the_sample_rule_removes_a_backdoor_and_its_step_is_monotone_in_the_evidence(poisoned_run):
 
     keys = datasets.read_sample_file(poisoned_run / "poisoned.txt")
     steps = []
     for threshold in (1.0, 0.05, 1e-300):  # from any evidence suffices to none does
-        choice, model, data, base = auto_step(poisoned_run, keys, monkeypatch, threshold)
+        choice, model, data, base = auto_step(poisoned_run, keys, threshold)
         steps.append(choice.scale)
         if threshold == 0.05:
-            assert choice.scale > 0 and choice.evidence["p_value"] < 0.05
+            assert choice.scale > 0 and choice.evidence["p_value"] < 0.05 and choice.evidence["threshold"] == 0.05
             before, after = backdoor_metrics(runs_model(poisoned_run), data), backdoor_metrics(model, data)
             # digits learn this backdoor weakly (ASR about 0.5) and the guards stop early: the MNIST
             # figures are bench study --request poisoned's (docs/RESULTS.md)

@@ -17,7 +17,7 @@ del _util, _MISSING
 from .recording import PerSampleRecorder, Recorder, StepRecorder, attach, create_recorder, recorder_for  # noqa: E402
 from .evaluation import evaluate, mia_efficacy  # noqa: E402
 from .runs import train  # noqa: E402
-from .forgetting import ForgetResult, Removal, apply_removal, forget, mark_applied, plan_removal  # noqa: E402
+from .forgetting import ForgetResult, Removal, apply_removal, forget, mark_applied, plan_removal, register_rule  # noqa: E402
 
 __all__ = [
     "ForgetResult",
@@ -34,5 +34,6 @@ __all__ = [
     "mia_efficacy",
     "plan_removal",
     "recorder_for",
+    "register_rule",
     "train",
 ]

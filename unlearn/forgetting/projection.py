@@ -13,9 +13,12 @@ projection holds to first order only (one projected step of the whole length bro
 of the backdoor's removal as damage on MNIST).
 """
 
+from typing import Any, Optional
+
 import numpy as np
 import torch
 
+from ..errors import UnlearnError
 from ..params import load_flat_params
 
 SAMPLES_PER_CLASS = 300  # retained samples per class behind the directions
@@ -23,7 +26,7 @@ GROUPS = 2  # random groups per class: classes * GROUPS * logits directions
 MAX_LOGITS = 16  # above this many classes only the request's labels' logits are held (the basis stays small)
 
 
-def retained_output_basis(model: torch.nn.Module, weights: np.ndarray, data, retained: np.ndarray, labels: np.ndarray,
+def retained_output_basis(model: torch.nn.Module, weights: np.ndarray, data: Any, retained: np.ndarray, labels: np.ndarray,
                           rng: np.random.Generator) -> np.ndarray:
     """Orthonormal float32 [M, d]: the gradients, at ``weights``, of the retained data's mean logits per class and group.
 
@@ -63,8 +66,8 @@ class ProjectedWalk:
     same labels: what a random set's removal does). Each segment is projected at its start.
     """
 
-    def __init__(self, model, base: np.ndarray, removal: np.ndarray, control: np.ndarray, data, retained: np.ndarray,
-                 labels: np.ndarray, segment: float, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, base: np.ndarray, removal: np.ndarray, control: np.ndarray, data: Any,
+                 retained: np.ndarray, labels: np.ndarray, segment: float, seed: int = 0):
         self.model, self.data, self.retained, self.labels = model, data, retained, labels
         self.removal, self.control, self.segment = removal, control, float(segment)
         self.rng = np.random.default_rng([seed, 5])
@@ -72,21 +75,24 @@ class ProjectedWalk:
         self.control_start = np.asarray(base, np.float32)  # the control's
         self.walked = 0  # segments completed
         self.bases = 0
-        self.direction = self.control_direction = None
+        self.direction: Optional[np.ndarray] = None
+        self.control_direction: Optional[np.ndarray] = None
 
-    def project(self):
+    def project(self) -> None:
         """Project both removals at the current segment's start."""
         basis = retained_output_basis(self.model, self.start, self.data, self.retained, self.labels, self.rng)
         self.bases += 1
         self.direction = project_off(self.removal, basis).astype(np.float32)
         self.control_direction = project_off(self.control, basis).astype(np.float32)
 
-    def within(self, fraction: float):
+    def within(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """(request weights, control weights) at ``fraction`` (0..1) of the current segment."""
+        if self.direction is None or self.control_direction is None:
+            raise UnlearnError("ProjectedWalk.within before project(): the segment has no direction yet")
         step = np.float32(fraction * self.segment)
         return self.start + step * self.direction, self.control_start + step * self.control_direction
 
-    def advance(self):
+    def advance(self) -> None:
         self.start, self.control_start = self.within(1.0)
         self.walked += 1
 
