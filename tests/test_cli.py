@@ -192,6 +192,30 @@ def test_unlearn_forget_of_a_damaged_train_json(tiny_runs, tmp_path):
     assert_one_line_error(result, "unlearn forget: error: ", "train.json", "lacks model")
 
 
+def test_unlearn_forget_of_a_train_json_with_an_unknown_method(tiny_runs, tmp_path, capsys):
+    """train.json is read into a RunConfig: a method no version wrote is refused, naming the file and the value."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["a"], run)
+    (run / "train.json").write_text(json.dumps({**json.loads((run / "train.json").read_text()), "method": "magic"}))
+    result = run_unlearn(capsys, "forget", run, "--class", "1", "--out", tmp_path / "out")
+    assert_one_line_error(result, "unlearn forget: error: ", "train.json", "'magic'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_refusals_are_typed_errors():
+    """Callers may catch the kind of error (all ValueErrors, so the one-line report is unchanged)."""
+    from unlearn.cli.options import parse_scale
+    from unlearn.errors import RunConfigError, RunFolderError
+    from unlearn.runs import folders
+
+    with pytest.raises(RunConfigError, match="--scale"):
+        parse_scale("nan", 2.0**16)
+    assert parse_scale("auto", 1.0) == "auto" and parse_scale("0.5", 1.0) == 0.5
+    with pytest.raises(RunFolderError):
+        folders.load_json(__file__)  # not JSON
+    assert issubclass(RunConfigError, ValueError) and issubclass(RunFolderError, ValueError)
+
+
 def test_unlearn_train_bad_option_value(tmp_path):
     result = run_module("unlearn", "train", "--dataset", "digits", "--model", "simple", "--method", "none",
                         "--batch-size", "0", "--out", tmp_path / "run")

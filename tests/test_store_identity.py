@@ -107,3 +107,46 @@ def test_the_data_fingerprint_sees_one_changed_sample():
     x[2, 0, 3, 3] = 1.0
     assert identity.data_fingerprint(x, y, indices) != before
     assert identity.data_fingerprint(x, y[::-1].copy(), indices) != identity.data_fingerprint(x, y, indices)
+
+
+# A train.json as `unlearn train` writes it (digits, per-sample int8, --keep-first 3:100), and the run ids the
+# identity module gave before runs carried a RunConfig: the stores' bytes depend on them.
+TRAIN_JSON = {
+    "dataset": "digits", "data_dir": None, "model": "simple", "groups": 1, "method": "per-sample", "flavour": "update",
+    "keep": 0.05, "codec": "int8", "epochs": 1, "batch_size": 64, "seed": 0, "optimizer": "adam", "lr": None,
+    "keep_first": [3, 100], "exclude_class": None, "exclude_samples": None, "engine": "masked", "checkpoint_every": 0,
+    "in_channels": 1, "num_classes": 10, "seconds": 1.97, "record_seconds": 0.51, "steps": 22, "num_samples": 1391,
+    "num_params": 95110, "resumed_from_step": 0, "test_acc": 0.76, "device": "cpu", "ranks": 1,
+    "store": {"bytes_on_disk": 4790741, "bytes_per_value": 0.72, "k": 4756, "num_keys": 1391,
+              "codec": {"block_size": 1024, "id": "int8", "rounding": "nearest"}},
+}
+POISON = {"count": 5, "seed": 1, "target": 0, "trigger": {"rows": [5, 6], "cols": [5, 6], "size": 2, "value": 1.0}}
+OLDER = ("groups", "engine", "poison", "checkpoint_every")  # settings a train.json of an older version lacks
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (TRAIN_JSON, "4c0cf3ce7908c60fff55d68eee649eb5eb638c86187bd80960f31b0f89af1bfb"),
+    ({key: value for key, value in TRAIN_JSON.items() if key not in OLDER},
+     "6eb74450eead017e2101bcf881c79257b8fab9ae2e11fbc1889c319391f16ce9"),
+    ({**TRAIN_JSON, "poison": POISON, "exclude_samples": [3, 1, 2]},
+     "02a107f6d4c648f22fa012ef5b5e4acaf6542e7496e424929eff11972358e94c"),
+])
+def test_run_id_is_the_same_from_train_json_and_from_its_run_config(payload, expected):
+    from unlearn.runs.config import RunConfig
+
+    config = RunConfig.from_json(payload)
+    assert identity.run_id(payload) == identity.run_id(config) == expected
+
+
+def test_run_config_round_trips_train_json_exactly():
+    from unlearn.runs.config import RunConfig
+
+    settings = list(TRAIN_JSON).index("in_channels")  # a poison comes after the options, as train writes it
+    poisoned = dict(list(TRAIN_JSON.items())[:settings] + [("poison", POISON)] + list(TRAIN_JSON.items())[settings:])
+    for payload in (TRAIN_JSON, {**poisoned, "a_later_key": [1]},
+                    {key: value for key, value in TRAIN_JSON.items() if key not in OLDER}):
+        written = RunConfig.from_json(payload).to_json()
+        assert written == payload and list(written) == list(payload)
+    config = RunConfig.from_json({key: value for key, value in TRAIN_JSON.items() if key not in OLDER})
+    assert config.groups == 1 and config.engine is None and config.poison is None  # as runs read them before
+    assert config.results["store"]["k"] == 4756 and config.key_kind == "sample" and config.records
