@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...errors import RequestError, UnlearnError
+from ...params import load_flat_params
 from ..requests import FinishedStore, Removal, retained_samples
 
 KINDS = ("class", "samples")
@@ -24,8 +25,8 @@ SEARCH_KEYS = ("rule", "reached", "evaluations", "seconds")  # forget.json's sca
 
 @dataclass(frozen=True)
 class RuleInput:
-    """What a rule may use. It may load other weights into ``model`` while it searches; apply_removal
-    loads the result afterwards. It reads the store, never writes it."""
+    """What a rule may use. ``model`` holds ``base`` when the rule is called; the rule may load other
+    weights while it searches (apply_removal loads the result afterwards). It reads the store, never writes it."""
 
     model: torch.nn.Module
     base: np.ndarray  # float32 [M]: the weights before removal
@@ -164,8 +165,10 @@ def rule_for(scale: Union[str, Rule], kind: str) -> tuple[str, Rule]:
 
 
 def run_rule(rule: Rule, given: RuleInput, name: str) -> ScaleChoice:
-    """Run ``rule`` and check what it returns: a finite change of the model's size and a JSON-able report."""
+    """Run ``rule`` on the model at its base weights and check what it returns: a finite change of the
+    model's size and a JSON-able report."""
     started = time.perf_counter()
+    load_flat_params(given.model, given.base)
     step = rule(given)
     seconds = time.perf_counter() - started
     if not isinstance(step, Step):
