@@ -107,6 +107,42 @@ def cells_by_key(cells):
     return {f"{c['seed']}|{c['task']}|{c['row']}" + (f"|{c['scale_mode']}" if c.get("scale_mode") else ""): c for c in cells}
 
 
+def test_the_study_package_keeps_its_names_and_default_grid_and_has_no_import_circle():
+    import argparse
+    import ast
+    from pathlib import Path
+
+    import gradstore.codecs
+    from bench import study
+
+    assert study.CODECS == list(gradstore.codecs.CODECS) == ["fp32", "fp16", "int8"]
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    config = study.build_config(parser.parse_args(["--quick"]))
+    assert (config["codecs"], config["flavours"]) == (["fp32", "fp16", "int8"], ["grad", "update"])
+    assert config["keeps"] == [0.2, 0.1, 0.075, 0.05, 0.02, 0.01] and config["requests"] == ["class", "samples"]
+    folder = Path(study.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .grid import x; from . import cells
+                targets.update([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench.study"):
+                targets.add((node.module.split(".") + ["__init__"])[2])  # bench.study itself is its __init__
+        graph[path.stem] = targets
+    assert not any("__init__" in targets for name, targets in graph.items() if name != "__init__")
+
+    def reach(start, seen):
+        for target in graph.get(start, ()):
+            assert target != "__init__" and target not in seen, f"import circle through {target}"
+            reach(target, seen | {target})
+
+    for name in graph:
+        if name != "__init__":
+            reach(name, {name})
+
+
 def test_a_phase_recorded_under_other_options_runs_again(tmp_path):
     """Markers carry the options: a stopped study restarted with other options does not reuse its files."""
     from bench.study import record
