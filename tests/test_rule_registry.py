@@ -74,7 +74,8 @@ def test_every_registered_rule_keeps_the_contract(recorded, name, kind):
         assert np.array_equal(after, base + step.change)
     else:  # a walked path: loaded as the rule computed it, which is base + change to float32 rounding
         assert np.array_equal(after, step.weights)
-        np.testing.assert_allclose(after, base + step.change, rtol=0, atol=4 * np.abs(base).max() * 2**-24)
+        largest = max(np.abs(after).max(), np.abs(base).max())
+        np.testing.assert_allclose(after, base + step.change, rtol=0, atol=4 * np.finfo(np.float32).eps * largest)
     json.dumps(choice.search(), allow_nan=False)
     assert set(choice.search()) >= {"rule", "reached", "evaluations", "seconds"}
     load_flat_params(model, base)
@@ -119,12 +120,14 @@ def external_rules():
     assert not set(names) & set(registered_rules())
 
 
+TRAIN = "train --dataset digits --model simple --method per-sample --epochs 1 --keep 0.05 --keep-first 3:60 --quiet"
+
+
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """A run written by `python -m unlearn train`: digits, per-sample rows, one epoch."""
     run = tmp_path_factory.mktemp("rules") / "run"
-    assert unlearn_main(["train", "--dataset", "digits", "--model", "simple", "--method", "per-sample", "--epochs", "1",
-                         "--keep", "0.05", "--keep-first", "3:60", "--out", str(run), "--quiet"]) == 0
+    assert unlearn_main([*TRAIN.split(), "--out", str(run)]) == 0
     return run
 
 
@@ -168,6 +171,8 @@ def test_unknown_names_and_bad_rules_are_refused_by_name(recorded, external_rule
         apply_removal(model, base, removal, data, "nope")
     with pytest.raises(RequestError, match="'class' serves class requests, not samples requests"):
         apply_removal(model, base, removal, data, "class")
+    with pytest.raises(RequestError, match="'ClassRule' serves class requests, not samples requests"):
+        apply_removal(model, base, removal, data, ClassRule(margin=1.0))  # a rule object, not a name
     with pytest.raises(UnlearnError, match="already registered"):
         unlearn.register_rule("test-dampen")(dampen)
     for bad in ("auto", "1.5", "", " spaced "):
@@ -176,8 +181,10 @@ def test_unknown_names_and_bad_rules_are_refused_by_name(recorded, external_rule
     wrong = {"test-short": lambda given: Step(np.zeros(3, np.float32)),
              "test-nan": lambda given: Step(np.full_like(given.rows, np.nan)),
              "test-report": lambda given: Step(np.zeros_like(given.rows), {"array": np.zeros(2)}),
-             "test-clash": lambda given: Step(np.zeros_like(given.rows), {"seconds": 1})}
-    messages = {"test-short": "shape", "test-nan": "not finite", "test-report": "not JSON", "test-clash": "may not use"}
+             "test-clash": lambda given: Step(np.zeros_like(given.rows), {"seconds": 1}),
+             "test-weights": lambda given: Step(np.zeros_like(given.rows), weights=given.base + np.float32(0.01))}
+    messages = {"test-short": "shape", "test-nan": "not finite", "test-report": "not JSON", "test-clash": "may not use",
+                "test-weights": "not base \\+ change"}
     for name, rule in wrong.items():
         unlearn.register_rule(name)(rule)
         try:

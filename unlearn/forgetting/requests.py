@@ -10,13 +10,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 import gradstore
-from gradstore.joined import ShardedStore
 
 from ..errors import RequestError
 
-# What gradstore.open returns: a request is only served by a finished store (finished_store).
-OpenStore = Union[gradstore.Store, gradstore.Recording, ShardedStore]
-FinishedStore = Union[gradstore.Store, ShardedStore]
+# A request is served by a finished store only (finished_store); gradstore.open may also give a recording.
+FinishedStore = gradstore.StoreReader
+OpenStore = Union[gradstore.StoreReader, gradstore.Recording]
 Indices = Union[Sequence[int], np.ndarray]  # sample indices or store keys
 
 
@@ -32,7 +31,7 @@ class Request:
 
     @property
     def kind(self) -> str:
-        """"class" or "samples": which step rule "auto" runs (unlearn.forgetting.rules)."""
+        """Which step rule "auto" runs: "class" or "samples" (unlearn.forgetting.rules)."""
         return "samples" if self.cls is None else "class"
 
     @property

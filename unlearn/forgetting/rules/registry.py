@@ -38,7 +38,7 @@ class RuleInput:
 
     @property
     def kind(self) -> str:
-        """"class" or "samples"."""
+        """The request's kind: "class" or "samples"."""
         return self.removal.request.kind
 
     @property
@@ -142,6 +142,7 @@ def registered_rules() -> dict[str, Rule]:
 
 
 def rule_names() -> list[str]:
+    """The registered rules' names, sorted: what error messages list."""
     return sorted(_RULES)
 
 
@@ -153,12 +154,13 @@ def rule_kinds(rule: Rule) -> tuple[str, ...]:
 def rule_for(scale: Union[str, Rule], kind: str) -> tuple[str, Rule]:
     """(name, rule) that ``scale`` ("auto", a registered name, or a rule itself) runs on a ``kind`` request."""
     if callable(scale):
-        return getattr(scale, "name", type(scale).__name__), scale
-    name = AUTO[kind] if scale == "auto" else scale
-    if name not in _RULES:
-        raise RequestError(f"no step rule named {scale!r}: give a number, 'auto', or one of the registered rules "
-                           f"({', '.join(rule_names())})")
-    rule = _RULES[name]
+        name, rule = getattr(scale, "__name__", type(scale).__name__), scale
+    else:
+        name = AUTO[kind] if scale == "auto" else scale
+        if name not in _RULES:
+            raise RequestError(f"no step rule named {scale!r}: give a number, 'auto', or one of the registered rules "
+                               f"({', '.join(rule_names())})")
+        rule = _RULES[name]
     if kind not in rule_kinds(rule):
         raise RequestError(f"step rule {name!r} serves {' and '.join(rule_kinds(rule))} requests, not {kind} requests")
     return name, rule
@@ -187,9 +189,20 @@ def run_rule(rule: Rule, given: RuleInput, name: str) -> ScaleChoice:
     except (TypeError, ValueError) as error:
         raise UnlearnError(f"step rule {name!r} returned a report that is not JSON: {error}") from None
     weights = np.asarray(step.weights if step.weights is not None else given.base + change, np.float32)
+    if step.weights is not None and not same_to_rounding(weights, given.base + change):
+        raise UnlearnError(f"step rule {name!r} returned weights that are not base + change")
     scale = step.scale if step.scale is not None else fitted_scale(change, given.rows)
     return ScaleChoice(float(scale), bool(step.reached), int(step.evaluations), seconds, step.rule or name, change,
                        weights, step.report, name, scale_fitted=step.scale is None)
+
+
+def same_to_rounding(weights: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether float32 ``weights`` equal ``expected`` but for a few roundings (a walk's weights against base + change)."""
+    if weights.shape != expected.shape:
+        return False
+    largest = max(float(np.abs(weights).max(initial=0.0)), float(np.abs(expected).max(initial=0.0)))
+    tolerance = 4 * float(np.finfo(np.float32).eps) * largest
+    return bool(np.all(np.abs(weights - expected) <= tolerance))
 
 
 def fitted_scale(change: np.ndarray, rows: np.ndarray) -> float:
