@@ -27,7 +27,9 @@ from unlearn.forgetting import SampleRule, apply_removal, plan_removal
 from unlearn.params import flat_params, load_flat_params
 from unlearn.forgetting.projection import ProjectedWalk, project_off, retained_output_basis
 
-from . import study_cells, study_record
+from .study import cells as study_cells
+from .study import record as study_record
+from unlearn.runs.config import PER_SAMPLE
 
 
 def figures(model, weights, data):
@@ -42,7 +44,7 @@ def sweep_store(store_path, trained, data, config, seed, log):
     model = study_cells.fresh_model(data, trained)
     keys = data.poison.keys
     with gradstore.open(store_path) as store:
-        removal = plan_removal(store, "per-sample", data, samples=keys, seed=seed)
+        removal = plan_removal(store, PER_SAMPLE, data, samples=keys, seed=seed)
         keep = store.keep
     rows = removal.vector
     grid = [g / keep for g in config["grid"]]  # steps by c * p, where the rows of every p agree (issue 11)
@@ -105,7 +107,7 @@ def main(args):
         model = study_cells.fresh_model(data, trained)
         entry = {"after train": figures(model, trained, data), "retrain": figures(model, retrained, data), "stores": {}}
         for name, store in recorded["stores"].items():
-            if store["method"] == "per-sample":
+            if store["method"] == PER_SAMPLE:
                 entry["stores"][name] = sweep_store(seed_dir / store["path"], trained, data, {**config, **sweep}, seed, print)
         results["seeds"][str(seed)] = entry
         (out / "backdoor.json").write_text(json.dumps(results, indent=1))

@@ -20,6 +20,7 @@ from unlearn.runs import data as datasets
 from unlearn.runs.models import build_model
 from unlearn.recording.recorders import create_recorder
 from unlearn.runs.loop import train
+from unlearn.runs.config import LAYER, ORIGINAL, PER_SAMPLE, STEP_METHODS
 
 RAW_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 
@@ -44,9 +45,9 @@ def record_all(data, config, out_dir):
 
     for keep in config["keeps"]:
         for codec in config["codecs"]:
-            add(f"ours p={keep} {codec}", "per-sample", keep, codec, out_dir / f"per-sample-{keep}-{codec}.h5", len(data))
-    add("original", "original", 1.0, "fp32", out_dir / "original.h5", steps)
-    add(f"layer p={config['layer_keep']}", "layer", config["layer_keep"], "fp32", out_dir / "layer.h5", steps)
+            add(f"ours p={keep} {codec}", PER_SAMPLE, keep, codec, out_dir / f"per-sample-{keep}-{codec}.h5", len(data))
+    add("original", ORIGINAL, 1.0, "fp32", out_dir / "original.h5", steps)
+    add(f"layer p={config['layer_keep']}", LAYER, config["layer_keep"], "fp32", out_dir / "layer.h5", steps)
     train(model, data.train_x, data.train_y, config["epochs"], config["batch_size"], config["seed"],
           recorders=recorders, device=torch.device("cpu"), description="recording every method")
     for recorder in recorders:
@@ -73,9 +74,9 @@ def from_study(study_dir):
         if cell["seed"] != seed or cell["task"] != "class" or cell.get("scale_mode") != "1":
             continue
         method = cell["method"]
-        name = "original" if method == "original" else (f"layer p={cell['keep']}" if method == "layer"
+        name = "original" if method == ORIGINAL else (f"layer p={cell['keep']}" if method == LAYER
                                                        else f"ours {cell['flavour']} p={cell['keep']} {cell['codec']}")
-        rows = recorded["steps"] if method in ("original", "layer") else recorded["num_samples"]
+        rows = recorded["steps"] if method in STEP_METHODS else recorded["num_samples"]
         entries.append((name, method, cell["keep"], cell["codec"], rows, cell["bytes_on_disk"]))
     return tabulate(entries, recorded["num_samples"], recorded["num_params"], config["epochs"], config["batch_size"],
                     recorded["steps"])
@@ -84,7 +85,7 @@ def from_study(study_dir):
 def tabulate(entries, n, num_params, epochs, batch, steps):
     """Analytic bytes next to measured ones; entries: (name, method, keep, codec, rows, measured bytes)."""
     break_even = epochs / batch
-    original_measured = next(measured for _, method, *_, measured in entries if method == "original")
+    original_measured = next(measured for _, method, *_, measured in entries if method == ORIGINAL)
     table = []
     for name, method, keep, codec, rows, measured in entries:
         k = gradstore.keep_to_k(keep, num_params)
@@ -94,7 +95,7 @@ def tabulate(entries, n, num_params, epochs, batch, steps):
             "measured_bytes": measured,
             "measured_vs_original": original_measured / measured,
         }
-        if method == "per-sample":
+        if method == PER_SAMPLE:
             row["predicted_smaller_fp32"] = keep < break_even
             row["analytic_smaller"] = row["analytic_bytes"] < analytic_bytes("fp32", steps, num_params)
             row["measured_smaller"] = measured < original_measured
@@ -103,7 +104,7 @@ def tabulate(entries, n, num_params, epochs, batch, steps):
         "N": n, "M": num_params, "E": epochs, "B": batch, "steps": steps, "break_even_p_fp32": break_even,
         "original_analytic_NME_over_B_bytes": n * num_params * epochs / batch * 4,
     }
-    fp32_rows = sorted((r for r in table if r["method"] == "per-sample" and r["codec"] == "fp32"), key=lambda r: r["keep"])
+    fp32_rows = sorted((r for r in table if r["method"] == PER_SAMPLE and r["codec"] == "fp32"), key=lambda r: r["keep"])
     checked = bool(fp32_rows)  # without fp32 stores there is nothing to check: None, printed "n/a"
     summary["break_even_holds_analytic"] = all(r["predicted_smaller_fp32"] == r["analytic_smaller"] for r in fp32_rows) if checked else None
     summary["break_even_holds_measured"] = all(r["predicted_smaller_fp32"] == r["measured_smaller"] for r in fp32_rows) if checked else None
@@ -139,15 +140,15 @@ def plot(table, summary, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    keeps = sorted({r["keep"] for r in table if r["method"] == "per-sample"})
+    keeps = sorted({r["keep"] for r in table if r["method"] == PER_SAMPLE})
     grid = np.geomspace(min(keeps) / 2, 1.0, 50)
     n, m = summary["N"], summary["M"]
     for codec, colour in zip(RAW_BYTES, ("tab:blue", "tab:orange", "tab:green")):
         axes.plot(grid, n * m * grid * RAW_BYTES[codec], color=colour, lw=1, ls=":", label=f"ours analytic {codec} (N·M·p·b)")
-        measured = sorted((r["keep"], r["measured_bytes"]) for r in table if r["method"] == "per-sample" and r["codec"] == codec)
+        measured = sorted((r["keep"], r["measured_bytes"]) for r in table if r["method"] == PER_SAMPLE and r["codec"] == codec)
         if measured:
             axes.plot(*zip(*measured), "o-", color=colour, label=f"ours measured {codec}")
-    original = next(r for r in table if r["method"] == "original")
+    original = next(r for r in table if r["method"] == ORIGINAL)
     axes.axhline(summary["original_analytic_NME_over_B_bytes"], color="k", ls=":", lw=1, label="original analytic (N·M·E/B·4)")
     axes.axhline(original["measured_bytes"], color="k", label="original measured (fp32 + zstd)")
     axes.axvline(summary["break_even_p_fp32"], color="grey", ls="--", lw=1, label="break-even p = E/B (fp32)")

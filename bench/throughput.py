@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from unlearn.runs.config import PER_SAMPLE
 
 ENGINES = ("plain", "masked", "vmap", "opacus")
 MODELS = ("simple", "resnet18")
@@ -84,11 +85,11 @@ def run_child(spec):
         if spec["keep"] == "study":  # as bench/study_record.py records: fp32 stores, both flavours, every p
             from bench.study import FLAVOURS, KEEPS
 
-            recorders = [create_recorder(Path(scratch.name) / f"{flavour}-{keep}.h5", "per-sample", model, len(x),
+            recorders = [create_recorder(Path(scratch.name) / f"{flavour}-{keep}.h5", PER_SAMPLE, model, len(x),
                                          keep=keep, codec="fp32", flavour=flavour, seed=0)
                          for flavour in FLAVOURS for keep in KEEPS]
         else:
-            recorders = [create_recorder(Path(scratch.name) / "store.h5", "per-sample", model, len(x),
+            recorders = [create_recorder(Path(scratch.name) / "store.h5", PER_SAMPLE, model, len(x),
                                          keep=spec["keep"], codec="int8", flavour="update", seed=0)]
         recorder = recorders[-1]
         optimizer, loader = attach(model, optimizer, loader, recorders, engine=engine)

@@ -10,7 +10,8 @@ from typing import List, Optional
 from gradstore.cli import run_reporting_errors
 
 from .forget import check_forget_inputs, check_forget_outputs, cmd_forget
-from .options import check_common_inputs, parse_scale
+from ..forgetting import parse_scale
+from .options import check_common_inputs
 from .options import build_parser as _build_parser
 from .train import cmd_train
 

@@ -3,13 +3,16 @@
 import argparse
 import math
 from pathlib import Path
-from typing import List, Union
+from typing import List
 
 import torch
 
+from gradstore.codecs import CODECS
+
 from ..errors import RunConfigError
+from ..forgetting.rules.registry import rule_names
 from ..runs import data as datasets
-from ..runs.config import ENGINES, FLAVOURS, FP16, FP32, INT8, MASKED, METHODS, MODELS, OPTIMIZERS, UPDATE
+from ..runs.config import ENGINES, FLAVOURS, MASKED, METHODS, MODELS, OPTIMIZERS, UPDATE
 
 
 def parse_keep_first(text: str) -> List[int]:
@@ -22,20 +25,6 @@ def parse_keep_first(text: str) -> List[int]:
     if count < 0:
         raise argparse.ArgumentTypeError(f"--keep-first CLASS:N wants N >= 0, got {text!r}")
     return [cls, count]
-
-
-def parse_scale(text: str, max_scale: float) -> Union[str, float]:
-    """--scale as 'auto' or a float in [0, max_scale]; RunConfigError naming --scale otherwise."""
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise RunConfigError(f"--scale must be a number or 'auto', got {text!r}") from None
-    if not math.isfinite(value) or not 0 <= value <= max_scale:
-        raise RunConfigError(f"--scale must be 'auto' or a number from 0 (no step) to {max_scale:.0f} (1: the "
-                             f"recorded rows exactly), got {text}")
-    return value
 
 
 def build_parser(max_scale: float) -> argparse.ArgumentParser:
@@ -71,8 +60,9 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="per-sample gradients: 'masked' (hooks in the backward, only the kept values; default) "
                         "or 'vmap' (torch.func, full per-sample gradients; any module)")
     t.add_argument("--keep", type=float, default=0.1, help="fraction p of values kept per row (per-sample, layer)")
-    t.add_argument("--codec", choices=[FP32, FP16, INT8],
-                   help="row codec (default int8 for per-sample, fp32 for original/layer)")
+    t.add_argument("--codec", choices=list(CODECS),
+                   help="row codec, any registered in gradstore.codecs.CODECS (default int8 for per-sample, fp32 for "
+                        "original/layer)")
     t.add_argument("--epochs", type=int, default=4)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=42)
@@ -111,7 +101,8 @@ def add_forget_arguments(f: argparse.ArgumentParser, max_scale: float) -> None:
     what.add_argument("--samples", metavar="FILE", help="training-set indices to forget, one per line (or .npy)")
     f.add_argument("--scale", default="1",
                    help=f"step size: a number from 0 (no step) to {max_scale:.0f} (default 1: the recorded rows "
-                        "exactly) or 'auto' (chosen by forward passes)")
+                        "exactly), 'auto' (the rule for the request's kind) or a step rule by name "
+                        f"({', '.join(rule_names())}: docs/DESIGN.md)")
     f.add_argument("--retrain-epochs", type=int, default=0,
                    help="fine-tune on the retained data afterwards (default 0: none; seed: 4)")
     f.add_argument("--gold", metavar="RUN_DIR", help="a model retrained without the forgotten data, to compare with")

@@ -21,6 +21,7 @@ from ..errors import RequestError
 from ..params import load_flat_params
 from .requests import FinishedStore, Indices, OpenStore, Removal, finished_store, label_matched, resolve_request
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
+from ..recording.names import PER_SAMPLE
 
 Scale = Union[float, str, Rule]  # a number, "auto", a registered rule's name, or a rule itself
 
@@ -39,7 +40,7 @@ def plan_removal(store: OpenStore, method: str, data: Any, samples: Optional[Ind
     removal = Removal(request, vector, time.perf_counter() - started)
     if cls is None and request.samples.size:
         control_samples = label_matched(data, request, max(request.samples.size, control_min), [seed, 6])
-        keys = control_samples if method == "per-sample" else np.setdiff1d(
+        keys = control_samples if method == PER_SAMPLE else np.setdiff1d(
             store.keys_covering(control_samples), np.union1d(request.keys, already_keys))
         removal.control_samples = control_samples
         removal.control = removal_vector(store, keys[store.state[keys] == gradstore.RowState.LIVE])

@@ -12,6 +12,7 @@ import numpy as np
 import gradstore
 
 from ..errors import RequestError
+from ..recording.names import PER_SAMPLE
 
 # A request is served by a finished store only (finished_store); gradstore.open may also give a recording.
 FinishedStore = gradstore.StoreReader
@@ -74,7 +75,7 @@ def resolve_request(store: FinishedStore, method: str, data: Any, samples: Optio
     applied = np.asarray(already, np.int64)
     skipped = np.intersect1d(chosen, applied)
     chosen = np.setdiff1d(chosen, skipped)
-    if method == "per-sample":
+    if method == PER_SAMPLE:
         keys = chosen
     else:
         keys = np.setdiff1d(store.keys_covering(chosen, states=tuple(gradstore.RowState.NAMES)), already_keys)

@@ -31,6 +31,7 @@ from gradstore import masks
 from ..errors import RecordingUsageError
 from ..identity import store_identity
 from ..params import named_shapes
+from .names import FLAVOURS, LAYER, ORIGINAL, PER_SAMPLE, RECORDING_METHODS, STEP_METHODS, UPDATE
 from .preconditioner import Preconditioner
 
 if TYPE_CHECKING:
@@ -95,15 +96,15 @@ class Recorder(ABC):
 
 class PerSampleRecorder(Recorder):
     needs_per_sample = True
-    method = "per-sample"
-    FLAVOURS = ("grad", "update")
+    method = PER_SAMPLE
+    FLAVOURS = FLAVOURS
 
-    def __init__(self, store: Any, flavour: str = "update"):
+    def __init__(self, store: Any, flavour: str = UPDATE):
         if flavour not in self.FLAVOURS:
             raise RecordingUsageError(f"flavour must be one of {self.FLAVOURS}, got {flavour!r}")
         super().__init__(store)
         self.flavour = flavour
-        self.needs_preconditioner = flavour == "update"
+        self.needs_preconditioner = flavour == UPDATE
         self.router = None  # one rank's recording of a sharded store: rows go to their key's owner
         if "writer" in store.config and not store.finished:
             from .distributed import KeyRouter
@@ -113,7 +114,7 @@ class PerSampleRecorder(Recorder):
     def record(self, ctx: StepContext) -> None:
         store = self.store
         positions, values = ctx.per_mask[(store.seed, store.k)]
-        if self.flavour == "update":
+        if self.flavour == UPDATE:
             if ctx.preconditioner is None:
                 raise RecordingUsageError("the update flavour needs the step's preconditioner (the session gives it)")
             values = ctx.preconditioner.times(positions, values)
@@ -126,7 +127,7 @@ class PerSampleRecorder(Recorder):
 class StepRecorder(Recorder):
     def __init__(self, store: Any):
         super().__init__(store)
-        self._method = "original" if store.k == store.num_params else "layer"
+        self._method = ORIGINAL if store.k == store.num_params else LAYER
 
     @property
     def method(self) -> str:
@@ -144,20 +145,20 @@ class StepRecorder(Recorder):
         ctx.ingest.submit_members(store, ctx.step, ctx.sample_ids)
 
 
-METHODS = ("per-sample", "original", "layer")
+METHODS = RECORDING_METHODS
 
 
-def recorder_for(store: Any, method: str, flavour: str = "update") -> Recorder:
+def recorder_for(store: Any, method: str, flavour: str = UPDATE) -> Recorder:
     """The recorder that feeds ``store`` (a new recording, a reopened one, or a finished store)."""
-    if method == "per-sample":
+    if method == PER_SAMPLE:
         return PerSampleRecorder(store, flavour)
-    if method in ("original", "layer"):
+    if method in STEP_METHODS:
         return StepRecorder(store)
     raise RecordingUsageError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def create_recorder(path: Union[str, os.PathLike], method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
-                    codec: str = "int8", flavour: str = "update", seed: int = 0, memory_budget: int = 256 << 20,
+                    codec: str = "int8", flavour: str = UPDATE, seed: int = 0, memory_budget: int = 256 << 20,
                     buffer_dir: Optional[str] = None, overwrite: bool = False, run_id: Optional[str] = None,
                     data_sha256: Optional[str] = None) -> Recorder:
     """Create the store of one recording method and the recorder that fills it: the one place
@@ -179,18 +180,18 @@ def create_recorder(path: Union[str, os.PathLike], method: str, model: torch.nn.
                    identity=store_identity(fingerprint, seed, run_id, data_sha256),
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)
     if distributed.active():
-        if method != "per-sample":
+        if method != PER_SAMPLE:
             raise RecordingUsageError(f"the {method} method records whole steps; under torch.distributed only the "
                              "per-sample method records (each rank its own samples)")
         options["writer"] = distributed.writer_options()
         os.makedirs(gradstore.shards.shard_dir(path), exist_ok=True)
         path = gradstore.shards.recording_path(path, options["writer"]["rank"], options["writer"]["ranks"])
-    if method == "per-sample":
+    if method == PER_SAMPLE:
         store = gradstore.create(path, num_params, num_samples, keep, **options)
-    elif method in ("original", "layer"):
+    elif method in STEP_METHODS:
         if steps is None:
             raise RecordingUsageError(f"the {method} method keys rows by step: give steps (epochs * batches per epoch)")
-        store = gradstore.create(path, num_params, steps, 1.0 if method == "original" else keep, key_kind="step", **options)
+        store = gradstore.create(path, num_params, steps, 1.0 if method == ORIGINAL else keep, key_kind="step", **options)
     else:
         raise RecordingUsageError(f"method must be one of {METHODS}, got {method!r}")
     return recorder_for(store, method, flavour)

@@ -38,11 +38,11 @@ from ..errors import RecordingUsageError
 from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
 from .ingest import Ingest
+from .names import ENGINES, MASKED, VMAP
 from .per_sample import per_sample_grads
 from .preconditioner import Preconditioner
 from .recorders import Recorder, StepContext
 
-ENGINES = ("masked", "vmap")
 
 
 class _IndexedDataset(Dataset):
@@ -237,7 +237,7 @@ class RecordingSession:
     """The state shared by the wrapped loader and optimizer: the engine, the recorders, the ingest."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, recorders: Sequence[Recorder],
-                 engine: str = "masked", loss_fn: Optional[Callable] = None, chunk_size: int = 64,
+                 engine: str = MASKED, loss_fn: Optional[Callable] = None, chunk_size: int = 64,
                  background: bool = True):
         if engine not in ENGINES:
             raise RecordingUsageError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -255,9 +255,9 @@ class RecordingSession:
                                  f"the model has {num_params}")
         self.num_params = num_params
         self.mask_specs = sorted({r.mask for r in self.recorders if r.needs_per_sample})
-        self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == "masked" and self.mask_specs else None
+        self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == MASKED and self.mask_specs else None
         self.share = distributed.gradient_share(model)  # 1/W under DDP: a rank's backward is W times its share
-        if self.share != 1.0 and engine == "vmap" and self.mask_specs:
+        if self.share != 1.0 and engine == VMAP and self.mask_specs:
             raise RecordingUsageError("engine='vmap' recomputes gradients outside DistributedDataParallel's backward: "
                              "record with engine='masked' under torch.distributed")
         if self.share != 1.0 and self.engine is not None:
@@ -275,7 +275,7 @@ class RecordingSession:
     @property
     def computes_gradients(self) -> bool:
         """Whether ``backward`` must be called instead of ``loss.backward()`` (the vmap path)."""
-        return self.engine_name == "vmap" and self.needs_per_sample
+        return self.engine_name == VMAP and self.needs_per_sample
 
     def begin_batch(self, keys: ArrayLike, labels: Optional[np.ndarray] = None, batch: Any = None) -> None:
         if self.engine is not None:
@@ -391,7 +391,7 @@ class RecordingSession:
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: Optional[DataLoader] = None,
-           recorders: Sequence[Recorder] = (), *, engine: str = "masked", loss_fn: Optional[Callable] = None,
+           recorders: Sequence[Recorder] = (), *, engine: str = MASKED, loss_fn: Optional[Callable] = None,
            chunk_size: int = 64, background: bool = True) -> tuple:
     """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
 

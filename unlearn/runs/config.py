@@ -13,26 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Union
 
 from ..errors import RunConfigError
+from ..recording.names import (  # noqa: F401 (re-exported: every option name from one place)
+    ENGINES, FLAVOURS, GRAD, KEEP_METHODS, LAYER, MASKED, ORIGINAL, PER_SAMPLE, RECORDING_METHODS, STEP_METHODS, UPDATE,
+    VMAP)
 
 # --method: what a run records (none: nothing; its runs cannot forget)
-PER_SAMPLE = "per-sample"
-ORIGINAL = "original"
-LAYER = "layer"
 NO_RECORDING = "none"
-RECORDING_METHODS = (PER_SAMPLE, ORIGINAL, LAYER)
 METHODS = RECORDING_METHODS + (NO_RECORDING,)
-STEP_METHODS = (ORIGINAL, LAYER)  # a row per step rather than per sample
-KEEP_METHODS = (PER_SAMPLE, LAYER)  # --keep decides their rows' width
-
-# --flavour: what a per-sample row holds
-GRAD = "grad"
-UPDATE = "update"
-FLAVOURS = (GRAD, UPDATE)
-
-# --engine: how per-sample gradients are computed
-MASKED = "masked"
-VMAP = "vmap"
-ENGINES = (MASKED, VMAP)
 
 # --codec: the row codecs (gradstore.codecs.CODECS holds their classes by these ids)
 FP32 = "fp32"
