@@ -21,6 +21,7 @@ from ..errors import RunFolderError
 from ..identity import check_identity, run_identity
 from ..params import flat_params, named_shapes
 from ..runs import folders as runs
+from ..runs.config import RunConfig
 from ..runs.loop import default_device, train
 from .removal import Scale, apply_removal, plan_removal
 from .requests import FinishedStore, Indices, Request, finished_store
@@ -38,12 +39,12 @@ def check_fingerprint(store: FinishedStore, model: torch.nn.Module) -> None:
         raise gradstore.FormatError(f"{store.path} holds {store.num_params} parameters; the model has {actual['num_params']}")
 
 
-def fine_tune(model: torch.nn.Module, data: Any, excluded: np.ndarray, epochs: int, config: dict,
+def fine_tune(model: torch.nn.Module, data: Any, excluded: np.ndarray, epochs: int, config: RunConfig,
               progress: bool = True) -> dict:
     """The seed's "retrain": a few epochs on the retained data (all but ``excluded``) with a fresh optimizer."""
     keep = np.setdiff1d(np.arange(len(data)), excluded)
-    return train(model, data.train_x[keep], data.train_y[keep], epochs, config["batch_size"], config["seed"] + 1,
-                 optimizer=config["optimizer"], lr=config.get("lr"), device=next(model.parameters()).device,
+    return train(model, data.train_x[keep], data.train_y[keep], epochs, config.batch_size, config.seed + 1,
+                 optimizer=config.optimizer, lr=config.lr, device=next(model.parameters()).device,
                  progress=progress, description="fine-tune")
 
 
@@ -76,8 +77,8 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
     run_dir = Path(run_dir)
     chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
     root = root_run(run_dir)
-    config = runs.load_json(root / "train.json")
-    if config["method"] == "none":
+    config = runs.load_run_config(root)
+    if not config.records:
         raise RunFolderError(f"{root} was trained with --method none: it has no recording to forget with")
     device = device or default_device()
     model = runs.load_model(run_dir, config, device)
@@ -90,13 +91,13 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
                                   allow_unverified_store)
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
-        removal = plan_removal(store, config["method"], data, samples=samples, cls=cls, already=already,
-                               already_keys=already_keys, seed=config["seed"])
+        removal = plan_removal(store, config.method, data, samples=samples, cls=cls, already=already,
+                               already_keys=already_keys, seed=config.seed)
         request = removal.request
-        choice = apply_removal(model, flat_params(model), removal, data, scale, seed=config["seed"], store=store)
+        choice = apply_removal(model, flat_params(model), removal, data, scale, seed=config.seed, store=store)
     removal_seconds = time.perf_counter() - started
     report = {
-        "method": config["method"],
+        "method": config.method,
         "request": {"class": cls, "num_samples": int(request.samples.size), "num_keys": int(request.keys.size),
                     "skipped_already_forgotten": int(request.skipped_samples.size)},
         "scale": choice.scale,

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..errors import RunConfigError
 from ..recording import distributed
 from ..recording.recorders import Recorder
 from ..recording.session import attach
@@ -21,7 +22,7 @@ def make_optimizer(name, params, lr=None, momentum=0.9):
         return torch.optim.SGD(params, lr=0.01 if lr is None else lr)
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=0.01 if lr is None else lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, sgd or sgd-momentum")
+    raise RunConfigError(f"unknown optimizer {name!r}; choose adam, sgd or sgd-momentum")
 
 
 def make_loader(x, y, batch_size, seed, shuffle=True):
