@@ -212,7 +212,7 @@ class RecordingOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self._session.zero_grad()
 
-    # type: ignore[override]: torch.optim.Optimizer.step is overloaded on the closure; ours takes either form
+    # mypy: torch.optim.Optimizer.step is overloaded on the closure; this one takes either form (ignore[override] below)
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         return self._session.step(closure)
 
