@@ -1,4 +1,4 @@
-# The two quick-start commands: `make demo` (the main job) and `make test`.
+# The two quick-start commands: `make demo` (the main job) and `make test` (mypy, then the tests).
 # Both create .venv on first use (pip, Python 3.10+) and reuse it afterwards.
 PYTHON ?= python3
 VENV := .venv
@@ -17,4 +17,5 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m bench study --quick --out out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/python -m mypy gradstore unlearn
 	$(VENV)/bin/python -m pytest tests
