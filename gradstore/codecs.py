@@ -63,7 +63,7 @@ class Codec(ABC):
         options = {key: value for key, value in config.items() if key != "id"}
         try:
             return cls(**options)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:  # BadInputError is a ValueError: a stored config gives FormatError
             raise FormatError(f"bad options for codec {cls.codec_id!r}: {options} ({error})") from None
 
     def __eq__(self, other: object) -> bool:
@@ -189,9 +189,9 @@ class Int8Block(Codec):
 
     def __init__(self, block_size: int = DEFAULT_INT8_BLOCK, rounding: str = "nearest"):
         if int(block_size) != block_size or block_size < 1:
-            raise ValueError(f"int8 block_size must be a positive integer, got {block_size!r}")
+            raise BadInputError(f"int8 block_size must be a positive integer, got {block_size!r}")
         if rounding not in self.ROUNDINGS:
-            raise ValueError(f"int8 rounding must be one of {self.ROUNDINGS}, got {rounding!r}")
+            raise BadInputError(f"int8 rounding must be one of {self.ROUNDINGS}, got {rounding!r}")
         self.block_size = int(block_size)
         self.rounding = rounding
 
@@ -244,6 +244,29 @@ class Int8Block(Codec):
 
 
 CODECS: dict[str, type[Codec]] = {}  # codec_id -> class: every codec a store may name
+
+
+def decoded_rows(codec: Codec, parts: Parts, rows: int, k: int) -> np.ndarray:
+    """``codec.decode(parts)``, held to its contract: float32 [rows, k]. A codec that returns another shape
+    would have its values scattered to positions drawn for another k, so it is refused, named."""
+    values = codec.decode(parts)
+    if not isinstance(values, np.ndarray) or values.shape != (rows, k) or values.dtype != np.float32:
+        raise FormatError(f"codec {codec.codec_id!r} decoded {rows} rows of {k} values to "
+                          f"{getattr(values, 'dtype', type(values).__name__)} {getattr(values, 'shape', '')}: "
+                          f"its decode must return float32 [{rows}, {k}]")
+    return values
+
+
+def scatter_operands_checked(codec: Codec, parts: Parts, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``codec.scatter_operands(parts)``, held to what the scatter kernel reads: values [rows, k], a positive
+    block and scales [rows, ceil(k / block)]; anything else is refused, the codec named."""
+    values, scales, block = codec.scatter_operands(parts)
+    ok = (isinstance(values, np.ndarray) and values.shape == (rows, k) and isinstance(block, (int, np.integer))
+          and block >= 1 and isinstance(scales, np.ndarray) and scales.shape == (rows, -(-k // int(block))))
+    if not ok:
+        raise FormatError(f"codec {codec.codec_id!r}: scatter_operands gave values {getattr(values, 'shape', None)}, "
+                          f"scales {getattr(scales, 'shape', None)}, block {block!r} for {rows} rows of {k} values")
+    return values, scales, int(block)
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:

@@ -14,6 +14,8 @@ from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no typ
 from numba import int64, njit, prange, types, uint64
 from numba.extending import intrinsic
 
+from .errors import BadInputError
+
 GOLDEN = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
 _MIX_2 = 0x94D049BB133111EB
@@ -215,7 +217,7 @@ PARALLEL_MIN_VALUES = 1 << 18
 def positions_many(seed: int, keys: Any, num_params: int, k: int) -> np.ndarray:
     """Sorted positions for each key: int64 array [len(keys), k]."""
     if num_params >= 2**32:
-        raise ValueError(f"num_params must be below 2**32, got {num_params}")
+        raise BadInputError(f"num_params must be below 2**32, got {num_params}")
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     out = np.empty((keys.shape[0], k), dtype=np.int64)
     unroll = unroll_for(num_params, k)

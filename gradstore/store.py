@@ -14,7 +14,7 @@ import numpy as np
 from . import chunkio, kernels
 from .base import StoreFile
 from .checks import check_number
-from .codecs import Parts
+from .codecs import Parts, decoded_rows, scatter_operands_checked
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError
 from .format import CHECKSUMS, ROWS, RowState, open_h5, require_room, rewrite_row_metadata
 from .writer import finished_file
@@ -112,7 +112,8 @@ class Store(StoreFile):
         order = np.argsort(keys)
         out = np.empty((keys.size, self.k), np.float32)
         for batch in self._batches(keys[order]):
-            out[order[batch]] = self.codec.decode(self._read_parts(keys[order[batch]]))
+            chunk = keys[order[batch]]
+            out[order[batch]] = decoded_rows(self.codec, self._read_parts(chunk), chunk.size, self.k)
         return out
 
     def scatter_add(self, flat_params: np.ndarray, keys: Any, alpha: float = 1.0) -> None:
@@ -134,7 +135,8 @@ class Store(StoreFile):
         self._require_states(keys, [RowState.LIVE], "scatter_add")
         for batch in self._batches(keys):
             batch_keys = keys[batch]
-            values, scales, block = self.codec.scatter_operands(self._read_parts(batch_keys))
+            values, scales, block = scatter_operands_checked(self.codec, self._read_parts(batch_keys), batch_keys.size,
+                                                           self.k)
             kernels.scatter_add(flat_params, values, scales, block, batch_keys, self.seed, self.num_params, alpha)
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -143,7 +145,7 @@ class Store(StoreFile):
         self._require_open()
         for lo in range(0, self.num_keys, block_rows):
             keys = np.arange(lo, min(self.num_keys, lo + block_rows), dtype=np.int64)
-            yield lo, self.codec.decode(self._read_parts(keys))
+            yield lo, decoded_rows(self.codec, self._read_parts(keys), keys.size, self.k)
 
     # ------------------------------------------------------------------ chunks as stored
 

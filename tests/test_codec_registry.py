@@ -204,6 +204,27 @@ def test_external_codec_end_to_end(registered, rng, tmp_path):
         assert not store.decode_rows([0, 1]).any()
 
 
+class WidePadded(TruncatedBfloat16):
+    """Decodes to one value too many a row: its rows would land on positions drawn for another k."""
+
+    codec_id = "test-wide-padded"
+
+    def decode(self, parts):
+        rows = super().decode(parts)
+        return np.concatenate([rows, np.zeros((rows.shape[0], 1), np.float32)], 1)
+
+
+def test_a_codec_that_decodes_to_the_wrong_width_is_refused_never_scattered(registered, tmp_path):
+    registered(WidePadded)
+    with record(tmp_path / "wide.h5", "test-wide-padded") as store:
+        flat = np.zeros(NUM_PARAMS, np.float32)
+        for attempt in (lambda: store.read([0, 1]), lambda: store.scatter_add(flat, [0, 1]),
+                        lambda: next(store.blocks(16))):
+            with pytest.raises(FormatError, match="test-wide-padded"):
+                attempt()
+        assert not flat.any()
+
+
 def test_external_codec_through_a_sharded_store(registered, tmp_path):
     """Shards merge and add through the registry too: ShardedStore.scatter_add goes shard by shard."""
     registered(TruncatedBfloat16)

@@ -10,7 +10,7 @@ from typing import List, Optional
 from gradstore.cli import run_reporting_errors
 
 from .forget import check_forget_inputs, check_forget_outputs, cmd_forget
-from ..forgetting import parse_scale
+from ..forgetting import ClassRule, parse_scale
 from .options import check_common_inputs
 from .options import build_parser as _build_parser
 from .train import cmd_train
@@ -20,7 +20,7 @@ from .train import cmd_train
 # exactly. A negative step adds them again, and a step beyond the largest --scale auto tries
 # (2**16, its class search's ceiling) is no removal but the weights' overflow. Read when the
 # command runs, so that a test may raise it.
-MAX_SCALE = 2.0**16
+MAX_SCALE = ClassRule.max_step
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The ready-made training loop: the seed's (cross-entropy, shuffled batches), recording through ``attach``."""
 
 import time
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -11,10 +11,13 @@ from tqdm.auto import tqdm
 from ..errors import RunConfigError
 from ..recording import distributed
 from ..recording.recorders import Recorder
+from ..recording.names import MASKED
 from ..recording.session import attach
+from .checkpoint import Checkpointer
 
 
-def make_optimizer(name, params, lr=None, momentum=0.9):
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: Optional[float] = None,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
     """'adam' (lr 1e-3), 'sgd' (lr 0.01, no momentum) or 'sgd-momentum'."""
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
@@ -25,31 +28,35 @@ def make_optimizer(name, params, lr=None, momentum=0.9):
     raise RunConfigError(f"unknown optimizer {name!r}; choose adam, sgd or sgd-momentum")
 
 
-def make_loader(x, y, batch_size, seed, shuffle=True):
+def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """(x, y) batches, shuffled by a generator seeded with ``seed`` (the seed's loader)."""
     generator = torch.Generator().manual_seed(seed)
     dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def default_device():
+def default_device() -> torch.device:
+    """The GPU when there is one: where the ready-made loop and forget() run unless told."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
-          optimizer: str = "adam", lr: Optional[float] = None, recorders: Sequence["Recorder"] = (), device=None,
-          progress: bool = True, description: str = "train", checkpoint=None, engine: str = "masked") -> dict:
+          optimizer: str = "adam", lr: Optional[float] = None, recorders: Sequence[Recorder] = (),
+          device: Optional[Union[str, torch.device]] = None,
+          progress: bool = True, description: str = "train", checkpoint: Optional[Checkpointer] = None,
+          engine: str = MASKED) -> dict:
     """Train with the seed's loop (cross-entropy, shuffled batches), recording into ``recorders``.
 
-    ``checkpoint``: an ``unlearn.checkpoint.Checkpointer``; training resumes from its file
+    ``checkpoint``: an ``unlearn.runs.checkpoint.Checkpointer``; training resumes from its file
     when there is one (the stores rolled back to it) and saves one every ``every_steps``
     steps and before the stores are finalized.
-    Under torch.distributed (``unlearn.distributed``) every rank runs this: ``batch_size`` is
+    Under torch.distributed (``unlearn.recording.distributed``) every rank runs this: ``batch_size`` is
     the global batch, each rank trains its share of it through DistributedDataParallel,
     so the run trains the single-process model (to float rounding).
     Returns {"seconds", "record_seconds", "steps", "resumed_from_step"}. Stores are finalized at the end.
     """
     torch.manual_seed(seed)
-    device = device or default_device()
+    device = torch.device(device) if device is not None else default_device()
     model.to(device)
     rank, world = distributed.rank_and_world()
     if world > 1:
