@@ -15,14 +15,18 @@ import numpy as np
 import torch
 
 import gradstore
-from gradstore.codecs import get_codec
+from gradstore.codecs import CODECS, get_codec
 from unlearn.runs import data as datasets
 from unlearn.runs.models import build_model
 from unlearn.recording.recorders import create_recorder
 from unlearn.runs.loop import train
 from unlearn.runs.config import LAYER, ORIGINAL, PER_SAMPLE, STEP_METHODS
 
-RAW_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+def raw_bytes_per_value(codec: str, k: int = 1 << 16) -> float:
+    """A registered codec's raw bytes a stored value (scales included, at a row of k values)."""
+    return analytic_bytes(codec, 1, k) / k
 
 
 def analytic_bytes(codec, rows, k):
@@ -143,8 +147,10 @@ def plot(table, summary, path):
     keeps = sorted({r["keep"] for r in table if r["method"] == PER_SAMPLE})
     grid = np.geomspace(min(keeps) / 2, 1.0, 50)
     n, m = summary["N"], summary["M"]
-    for codec, colour in zip(RAW_BYTES, ("tab:blue", "tab:orange", "tab:green")):
-        axes.plot(grid, n * m * grid * RAW_BYTES[codec], color=colour, lw=1, ls=":", label=f"ours analytic {codec} (N·M·p·b)")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    codecs = [codec for codec in CODECS if any(r["method"] == PER_SAMPLE and r["codec"] == codec for r in table)]
+    for codec, colour in zip(codecs, colours):
+        axes.plot(grid, n * m * grid * raw_bytes_per_value(codec), color=colour, lw=1, ls=":", label=f"ours analytic {codec} (N·M·p·b)")
         measured = sorted((r["keep"], r["measured_bytes"]) for r in table if r["method"] == PER_SAMPLE and r["codec"] == codec)
         if measured:
             axes.plot(*zip(*measured), "o-", color=colour, label=f"ours measured {codec}")
@@ -209,7 +215,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    parser.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "int8"], choices=list(RAW_BYTES))
+    parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--layer-keep", type=float, default=0.1)
     parser.add_argument("--from-study", metavar="DIR",
                         help="tabulate the stores a finished `bench study --out DIR` measured instead of recording anew")

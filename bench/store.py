@@ -14,11 +14,12 @@ import numpy as np
 
 import gradstore
 from gradstore import masks
+from gradstore.codecs import CODECS
 
 from .gradients import BATCH, mnist_gradients
 
-FULL_GRID = {"stages": ["init", "trained"], "keeps": [0.01, 0.05, 0.1, 0.2], "codecs": ["fp32", "fp16", "int8"]}
-QUICK_GRID = {"stages": ["trained"], "keeps": [0.1], "codecs": ["fp32", "fp16", "int8"]}
+FULL_GRID = {"stages": ["init", "trained"], "keeps": [0.01, 0.05, 0.1, 0.2], "codecs": list(CODECS)}
+QUICK_GRID = {"stages": ["trained"], "keeps": [0.1], "codecs": list(CODECS)}
 TARGETS = {"int8_bytes_per_value": 0.75, "int8_entropy_gap": 0.05, "ingest_mb_s_per_core": 1000.0,
            "forget_one_ms": 1.0, "scatter_mvalues_s": 500.0}
 

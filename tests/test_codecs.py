@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradstore import FormatError, get_codec
-from gradstore.codecs import DEFAULT_INT8_BLOCK, Float16, Float32, Int8Block
+from gradstore.codecs import CODECS, DEFAULT_INT8_BLOCK, Float16, Float32, Int8Block
 
 from conftest import gradient_rows
 
@@ -145,7 +145,7 @@ def test_int8_stochastic_is_unbiased_and_deterministic(rng):
     assert not np.array_equal(other_seed["values"], parts["values"][:50])
 
 
-@pytest.mark.parametrize("spec", ["fp32", "fp16", "int8", {"id": "int8", "rounding": "stochastic"}])
+@pytest.mark.parametrize("spec", [*CODECS, {"id": "int8", "rounding": "stochastic"}])
 def test_all_zero_rows_decode_to_zero(spec):
     codec = get_codec(spec)
     values = np.zeros((3, 700), np.float32)

@@ -335,6 +335,16 @@ def test_int8_formula(stores, name):
 # A flip that h5py cannot open at all is not kept: nothing can read that file wrongly.
 
 FLIP_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": {"id": "int8", "block_size": 64, "rounding": "nearest"}}
+
+
+def test_every_registered_codec_has_its_format_section_and_flip_config():
+    """A codec registered in the package is documented in FORMAT.md and byte-flipped here: add it to both."""
+    from gradstore.codecs import CODECS
+
+    assert set(FLIP_CODECS) == set(CODECS)
+    text = open(DOC).read()
+    for codec_id in CODECS:
+        assert f"- `{codec_id}`:" in text, f"docs/FORMAT.md has no bullet for codec {codec_id!r}"
 FLIP_PARAMS, FLIP_KEEP, FLIP_KEYS = 600, 0.5, 120  # k = 300: 3 fp32 chunks of 54 rows, 2 fp16 chunks, 1 int8 chunk
 HEADER_MESSAGES = {1: "dataspace", 3: "datatype", 8: "layout", 11: "filter pipeline"}  # HDF5 object header message types
 

@@ -10,15 +10,12 @@ import pytest
 
 import gradstore
 from gradstore import BadInputError, RowState, kernels, masks, staging
+from gradstore.codecs import CODECS as REGISTERED
 
 from conftest import EPS32, build_store, gradient_rows
 
-CODECS = {
-    "fp32": "fp32",
-    "fp16": "fp16",
-    "int8": "int8",
-    "int8-stochastic": {"id": "int8", "rounding": "stochastic"},
-}
+# every registered codec at its defaults, and int8's other rounding
+CODECS = {**{codec_id: codec_id for codec_id in REGISTERED}, "int8-stochastic": {"id": "int8", "rounding": "stochastic"}}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -203,7 +200,7 @@ def test_empty_rows_stay_empty(tmp_path):
 # ---------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("codec", list(REGISTERED))
 def test_plain_h5py_reads_what_store_reads(tmp_path, codec):
     path, sums = build_store(tmp_path / "s.h5", codec=codec)
     with gradstore.open(path) as store:
@@ -252,7 +249,7 @@ def test_info_fields(small_store):
 # ---------------------------------------------------------------------------- scatter-add
 
 
-@pytest.mark.parametrize("codec", ["fp32", "int8", "fp16"])
+@pytest.mark.parametrize("codec", list(REGISTERED))
 def test_scatter_add_matches_float64_reference(tmp_path, codec):
     path, _ = build_store(tmp_path / "s.h5", codec=codec)
     rng = np.random.default_rng(17)
