@@ -1,6 +1,6 @@
 """`python -m bench backdoor`: where a poisoned request's rows carry the trigger, and what each way of removing them costs.
 
-Per seed it reuses the study's poisoned run (bench/study_record.record_poisoned: the poisoned
+Per seed it reuses the study's poisoned run (bench/study/record.record_poisoned: the poisoned
 split, int8 per-sample stores of both flavours at --poison-keeps, the model retrained without
 the poison) and sweeps removal variants of each per-sample store over a grid of steps:
 - rows: w + c * (sum of the poisoned rows), the study's "scale c";

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradstore import masks
 
-MODELS = {"SimpleModel": 95_110, "ResNet-18": 11_175_370}  # the parameter counts of unlearn.models (GroupNorm)
+MODELS = {"SimpleModel": 95_110, "ResNet-18": 11_175_370}  # the parameter counts of unlearn.runs.models (GroupNorm)
 TARGET_VALUES = 2_000_000  # positions per timed call: about 10-30 ms
 
 

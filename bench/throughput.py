@@ -82,7 +82,7 @@ def run_child(spec):
         model = GradSampleModule(model)
     elif engine in ("masked", "vmap"):
         scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-")
-        if spec["keep"] == "study":  # as bench/study_record.py records: fp32 stores, both flavours, every p
+        if spec["keep"] == "study":  # as bench/study/record.py records: fp32 stores, both flavours, every p
             from bench.study import FLAVOURS, KEEPS
 
             recorders = [create_recorder(Path(scratch.name) / f"{flavour}-{keep}.h5", PER_SAMPLE, model, len(x),

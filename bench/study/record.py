@@ -77,7 +77,7 @@ def poison_spec(config, seed, num_samples):
 
 
 def poisoned_data(config, seed):
-    """The poisoned request's training split: the study's data with the poison applied (unlearn.poison)."""
+    """The poisoned request's training split: the study's data with the poison applied (unlearn.runs.poison)."""
     data = load_data(config)
     return poison.from_spec(data, poison_spec(config, seed, len(data)))
 

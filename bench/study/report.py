@@ -404,7 +404,7 @@ def write(cells_by_id, config, out, command=None):
             f"{spec['target']} carry a {spec['trigger']['size']}x{spec['trigger']['size']} patch of value "
             f"{spec['trigger']['value']:g} at rows {spec['trigger']['rows'][0]}-{spec['trigger']['rows'][1]}, columns "
             f"{spec['trigger']['cols'][0]}-{spec['trigger']['cols'][1]} and the label {spec['target']} "
-            "(unlearn.poison); its stores record that run, and the retrained model leaves the poisoned samples out. "
+            "(unlearn.runs.poison); its stores record that run, and the retrained model leaves the poisoned samples out. "
             "ASR: share of the triggered test images of the other classes predicted as the target. Poisoned-label "
             "acc (UA): the poisoned samples' accuracy on the label they were trained with. After fine-tune: the "
             "same model after the study's fine-tune on retained clean samples.",

@@ -143,7 +143,7 @@ class DataSplit:
 
     ``source_indices`` maps each training key to its index in the dataset's full
     training set, so a run can say exactly which samples it trained on. ``poison``: the
-    poison applied to it, if any (unlearn.poison; its keys index this split).
+    poison applied to it, if any (unlearn.runs.poison; its keys index this split).
     """
 
     def __init__(self, name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

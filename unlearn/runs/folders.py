@@ -5,8 +5,8 @@ RUN_DIR/store.h5      the recording (absent for --method none)
 RUN_DIR/train.json    settings and results; enough to rebuild the data and the model
 RUN_DIR/started.json  the options, written when training starts (a run without train.json was interrupted)
 RUN_DIR/checkpoint.pt while training with --checkpoint-every: the last checkpoint (weights_only)
-RUN_DIR/poisoned.txt  only with --poison: the poisoned training keys, one per line (see unlearn.poison)
-RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.forget)
+RUN_DIR/poisoned.txt  only with --poison: the poisoned training keys, one per line (see unlearn.runs.poison)
+RUN_DIR/forget.json   only in a forget output: the request chain (see unlearn.forgetting.run_folder)
 """
 
 import io
