@@ -149,9 +149,9 @@ def test_a_phase_recorded_under_other_options_runs_again(tmp_path):
 
     config = {"dataset": "digits", "forget_class": 3, "epochs": 2, "seeds": [0], "progress": False}
     record.write_json(tmp_path / "recorded.json", {"config": record.comparable(config), "seed": 0})
-    assert record._marker(tmp_path / "recorded.json", {**config, "seeds": [0, 1], "progress": True})["seed"] == 0
-    assert record._marker(tmp_path / "recorded.json", {**config, "forget_class": 5}) is None
-    assert record._marker(tmp_path / "missing.json", config) is None
+    assert record.read_marker(tmp_path / "recorded.json", {**config, "seeds": [0, 1], "progress": True})["seed"] == 0
+    assert record.read_marker(tmp_path / "recorded.json", {**config, "forget_class": 5}) is None
+    assert record.read_marker(tmp_path / "missing.json", config) is None
 
 
 def test_throughput_rows_measure_engines_in_child_processes(tmp_path):

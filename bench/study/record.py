@@ -82,7 +82,7 @@ def poisoned_data(config, seed):
     return poison.from_spec(data, poison_spec(config, seed, len(data)))
 
 
-def _marker(path, config, task=None):
+def read_marker(path, config, task=None):
     """A phase's marker, if it was written under these options (else the phase runs again)."""
     if not path.exists():
         return None
@@ -112,7 +112,7 @@ def disk_needed(config, num_samples, num_params):
 def record(seed, config, seed_dir, log=print):
     """Train once with every recorder attached; finalize, transcode. Returns the marker's content."""
     marker = seed_dir / RECORDED
-    saved = _marker(marker, config)
+    saved = read_marker(marker, config)
     if saved is not None:
         return saved
     if seed_dir.exists():  # interrupted before its marker, or recorded under other options: start again
@@ -191,7 +191,7 @@ def record_poisoned(seed, config, seed_dir, log=print):
     at each of ``config["poison_keeps"]``, recorded directly (no transcode), and the baselines' stores.
     The masked engine records them (their p sum to a few percent). Returns the marker's content."""
     marker = seed_dir / RECORDED
-    saved = _marker(marker, config, "poisoned")
+    saved = read_marker(marker, config, "poisoned")
     if saved is not None:
         return saved
     if seed_dir.exists():
@@ -229,7 +229,7 @@ def reference_model(kind, seed, config, seed_dir, data, log=print):
     """
     weights, marker = seed_dir / f"reference-{kind}.npy", seed_dir / f"reference-{kind}.json"
     task = "poisoned" if kind == "poisoned" else None
-    saved = _marker(marker, config, task)
+    saved = read_marker(marker, config, task)
     if saved is not None:
         return np.load(weights, allow_pickle=False), saved["seconds"]
     if kind == "poisoned":  # ``data`` is the poisoned split
