@@ -235,3 +235,109 @@ def test_vmap_engine_calls_the_model_with_a_dict_batch_keywords(tmp_path):
         rows[engine] = _rows(recorder.store)[:8]
         assert np.abs(rows[engine]).sum() > 0
     np.testing.assert_allclose(rows["masked"], rows["vmap"], rtol=1e-4, atol=1e-8)
+
+
+# ---------------------------------------------------------------- the Embedding through the values() check
+
+
+def autograd_rows(model, x, y, positions):
+    """Plain autograd, one sample at a time: sample b's share CE_b / B of the batch's mean cross-entropy,
+    at the kept positions (for what torch.func cannot run: max_norm's in-place renorm, sparse gradients)."""
+    rows = []
+    for b in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]) / len(x), list(model.parameters()))
+        flat = torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1) for g in grads])
+        rows.append(flat[positions[b]])
+    return torch.stack(rows)
+
+
+class TiedTokens(nn.Module):
+    """An embedding whose weight the head shares (tied): Embedding's values() and Linear's dense() add up."""
+
+    def __init__(self, tied, **options):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH, **options)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx))).mean(1))
+
+
+EMBEDDINGS = {
+    "padding_idx": dict(padding_idx=0),
+    "max_norm": dict(max_norm=1.0),
+    "padding_and_max_norm": dict(padding_idx=3, max_norm=0.5),
+    "sparse": dict(sparse=True),
+}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("options", EMBEDDINGS)
+def test_embedding_options_pass_the_check_and_record_as_autograd(options, tied, monkeypatch):
+    from unlearn.recording import engine as engine_module
+
+    checked = []
+    original = engine_module.check_positions
+    monkeypatch.setattr(engine_module, "check_positions", lambda theirs: checked.append(theirs.numel()) or original(theirs))
+    torch.manual_seed(0)
+    model = TiedTokens(tied, **EMBEDDINGS[options])
+    with torch.no_grad():
+        model.embed.weight.mul_(2.0)  # rows above max_norm: the forward renorms them
+    x = torch.arange(0, VOCAB, 2)[torch.randint(0, VOCAB // 2, (B, 5))]  # the perturbed check's tokens are new
+    x[0, :2] = EMBEDDINGS[options].get("padding_idx", 0)
+    y = torch.randint(0, VOCAB, (B,))
+    plain = TiedTokens(tied, **EMBEDDINGS[options])
+    plain.load_state_dict(model.state_dict())
+    positions, values = masked(model, lambda: F.cross_entropy(model(x), y), _keys(B), keep=0.3)
+    assert checked == [VOCAB * WIDTH]  # the embedding's weight went through the values() check
+    F.cross_entropy(plain(x), y)  # the same forward without recording: the same renormed weights
+    for mine, theirs in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(mine, theirs)  # the check's perturbed rerun renormed no other row
+    assert_close(values, autograd_rows(model, x, y, positions))
+
+
+class Tripled(nn.Embedding):
+    """A subclass of a supported module whose forward is not its base's: recorded as an Embedding, 3x off."""
+
+    def forward(self, idx):
+        return super().forward(idx) * 3
+
+
+class TripledModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = Tripled(VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.tok(idx)).mean(1))
+
+
+def test_an_embedding_subclass_whose_forward_scales_is_refused_by_path():
+    torch.manual_seed(0)
+    model = TripledModel()
+    x, y = torch.randint(0, VOCAB, (B, 5)), torch.randint(0, CLASSES, (B,))
+    with pytest.raises(UnsupportedModelError, match=r"differs from autograd's for: tok\.weight \(relative error 0\.67"):
+        masked(model, lambda: F.cross_entropy(model(x), y), _keys(B), keep=0.3)
+    assert all(p.grad is None for p in model.parameters())  # refused before the user's backward
+
+
+class KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(input=x)))
+
+
+def test_a_module_called_with_its_input_as_a_keyword_is_refused_by_path():
+    torch.manual_seed(0)
+    model = KeywordCall()
+    x, y = torch.randn(4, 4), torch.randint(0, 2, (4,))
+    with pytest.raises(UnsupportedModelError, match=r"cannot see the input of: body \(Linear\).*positional"):
+        masked(model, lambda: F.cross_entropy(model(x), y), _keys(4))

@@ -344,3 +344,157 @@ def test_a_claim_that_misses_a_use_or_cannot_be_checked_is_refused(handler_class
             masked(model, lambda: projection_loss(model(x), target), KEYS[:5])
     expected = "cannot form" if handler_class is ValuesOnlyHandler else "misses a use"
     assert expected in str(refused.value)
+
+
+# ---------------------------------------------------------------- the one-time check sees every handler
+
+
+class ScaleValuesHandler(Handler):
+    """Scale's weight entry by entry only (no dense): g_b[j] = sum_t delta[b, t, j] * x[b, t, j]."""
+
+    factor = 1.0
+
+    @classmethod
+    def example(cls, module_type):
+        return ScaleHandler.example(module_type)
+
+    def values(self, capture, name, b, j):
+        x = capture.inputs[0].float()
+        sums = (capture.delta * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+        return self.factor * sums[b, j]
+
+
+class WrongScaleValuesHandler(ScaleValuesHandler):
+    factor = 2.0  # a wrong formula
+
+
+def test_a_values_only_handler_records_as_torch_func():
+    torch.manual_seed(0)
+    with registered(Scale, ScaleValuesHandler):
+        values, expected = example_rows(*ScaleValuesHandler.example(Scale))
+        assert_close(values, expected)
+        model, x = ScaledNet(), torch.randn(6, 6)
+        y = torch.randint(0, 3, (6,))
+        positions, values = masked(model, lambda: F.cross_entropy(model(x), y), KEYS, keep=0.4)
+    assert_close(values, torch.gather(per_sample_grads(model, x, y, loss_scale=1.0 / 6), 1, positions))
+
+
+def test_a_values_only_handler_with_a_wrong_formula_is_refused_by_path():
+    torch.manual_seed(0)
+    model, x = ScaledNet(), torch.randn(6, 6)
+    y = torch.randint(0, 3, (6,))
+    with registered(Scale, WrongScaleValuesHandler):
+        with pytest.raises(UnsupportedModelError, match=r"differs from autograd's for: scale\.weight \(relative error 1"):
+            masked(model, lambda: F.cross_entropy(model(x), y), KEYS, keep=0.4)
+
+
+class FailingHandler(ScaleHandler):
+    def dense(self, capture, name):
+        raise ValueError("shapes do not fit")
+
+
+class BiasValuesHandler(ScaleValuesHandler):
+    def formed_whole(self, name):  # says recording forms it whole, but gives no dense()
+        return True
+
+
+@pytest.mark.parametrize("handler_class, message", [
+    (FailingHandler, r"FailingHandler cannot form the per-sample gradient of scale\.weight .*ValueError"),
+    (BiasValuesHandler, r"BiasValuesHandler forms no dense\(\) for scale\.weight.*formed_whole"),
+], ids=["raises", "formed_whole_without_dense"])
+def test_a_handler_that_fails_on_the_call_is_refused_naming_it_and_the_path(handler_class, message):
+    torch.manual_seed(0)
+    model, x = ScaledNet(), torch.randn(6, 6)
+    y = torch.randint(0, 3, (6,))
+    with registered(Scale, handler_class):
+        with pytest.raises(UnsupportedModelError, match=message):
+            masked(model, lambda: F.cross_entropy(model(x), y), KEYS)
+
+
+class Gate(nn.Module):
+    """y = x * g * w: reads its second positional input."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x, g):
+        return x * g * self.weight
+
+
+class GateHandler(Handler):
+    def formed_whole(self, name):
+        return True
+
+    def dense(self, capture, name):
+        x, g = capture.inputs[0].float(), capture.inputs[1].float()
+        return (capture.delta * x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+
+
+class GatedNet(nn.Module):
+    def __init__(self, shared):
+        super().__init__()
+        self.shared = shared
+        self.body = nn.Linear(6, 5)
+        self.gate = Gate(5)
+        self.head = nn.Linear(5, 3)
+        self.register_buffer("fixed", torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.tanh(self.gate(h, self.fixed if self.shared else torch.sigmoid(h))))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
+def test_the_check_hands_the_handler_every_input_as_recording_does(shared):
+    torch.manual_seed(0)
+    model, x = GatedNet(shared), torch.randn(6, 6)
+    with torch.no_grad():
+        model.gate.weight.add_(0.5 * torch.randn(5))
+    y = torch.randint(0, 3, (6,))
+    with registered(Gate, GateHandler):
+        positions, values = masked(model, lambda: F.cross_entropy(model(x), y), KEYS, keep=0.4)
+    assert_close(values, torch.gather(per_sample_grads(model, x, y, loss_scale=1.0 / 6), 1, positions))
+
+
+class Paired(nn.Module):
+    """Returns a tuple, as nn.MultiheadAttention does: never hooked."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return x * self.weight, x
+
+
+def test_a_handled_module_returning_a_tuple_is_refused_by_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    model.add_module("pair", Paired())
+    head = nn.Linear(5, 3)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    with registered(Paired, ScaleHandler):
+        with pytest.raises(UnsupportedModelError, match=r"pair\.weight \(pair returns a tuple, not a tensor"):
+            masked(model, lambda: F.cross_entropy(head(model(x)[0]), y), KEYS)
+
+
+def test_the_multihead_attention_advice_names_what_works_today():
+    advice = ADVICE[nn.MultiheadAttention]
+    assert "scaled_dot_product_attention" in advice and "planned" in advice and "claims" not in advice
+
+
+class SquaredGateHandler(GateHandler):
+    def dense(self, capture, name):  # reads inputs[1], with a wrong formula (g squared)
+        x, g = capture.inputs[0].float(), capture.inputs[1].float()
+        return (capture.delta * x * g * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
+def test_a_wrong_handler_reading_the_second_input_is_refused_by_path(shared):
+    torch.manual_seed(0)
+    model, x = GatedNet(shared), torch.randn(6, 6)
+    y = torch.randint(0, 3, (6,))
+    with registered(Gate, SquaredGateHandler):
+        with pytest.raises(UnsupportedModelError, match=r"differs from autograd's for: gate\.weight"):
+            masked(model, lambda: F.cross_entropy(model(x), y), KEYS)

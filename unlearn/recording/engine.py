@@ -50,17 +50,23 @@ SEPARATION_TOLERANCE = 1e-5
 
 SEQUENCE_FIRST_HELP = ("run it on batch-first tensors: the samples must be the first dimension of its input "
                        "(batch_first=True for nn.Transformer*/nn.MultiheadAttention, or transpose before calling it)")
+# The check of a handler without dense() (_check_parameters): at most this many of the positions where
+# autograd's gradient of the sample is non-zero, this many others at random, nonzero() on chunks this long.
+CHECK_NONZERO = 4096
+CHECK_RANDOM = 256
+CHECK_CHUNK = 1 << 22
+
 SHARED_HELP = ("give it its input per sample: expand the shared input to the batch before the call, e.g. "
                "pos(position_ids.expand(B, -1)) or pos(torch.arange(T).expand(B, -1))")
 
 # What to do about a module the masked engine refuses, by type: the nearest class along the
 # module's MRO wins; a type with none gets the advice of ``advice_for``'s last line.
 ADVICE: dict[type[nn.Module], str] = {
-    nn.modules.batchnorm._BatchNorm: ("replace BatchNorm with GroupNorm (unlearn.models.resnet18 does), or use it "
+    nn.modules.batchnorm._BatchNorm: ("replace BatchNorm with GroupNorm (unlearn.runs.models.resnet18 does), or use it "
                                       "in eval mode with its affine parameters frozen"),
     nn.MultiheadAttention: ("build the attention from nn.Linear projections and F.scaled_dot_product_attention "
-                            "(batch-first), or register a handler that claims out_proj's parameters "
-                            "(Handler.claims), freeze its parameters"),
+                            "(batch-first), freeze its parameters (a handler for it cannot serve yet: it returns a "
+                            "tuple, and the engine hooks modules whose output is one tensor; support is planned)"),
     nn.RNNBase: "write the recurrence with nn.Linear layers called at each step, freeze its parameters",
 }
 
@@ -222,7 +228,7 @@ class Probe:
         self.slot = slot
         self.total: Optional[torch.Tensor] = None
         self.warned = False
-        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # under DDP: what .grad holds of the ranks' sums (unlearn.distributed)
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # under DDP: what .grad holds of the ranks' sums (unlearn.recording.distributed)
 
     def add(self, dense_batch_sum: torch.Tensor) -> None:
         self.total = dense_batch_sum if self.total is None else self.total + dense_batch_sum
@@ -294,7 +300,8 @@ class MaskedEngine:
         self.root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.verified = False
         self.verify_seconds = 0.0
-        self._verifying: Optional[dict[nn.Module, list]] = None  # {module: [(input, output)]} while the check reruns the forward
+        self._verifying: Optional[dict[nn.Module, list]] = None  # {module: [(inputs, output)]} while the check reruns the forward
+        self._untensored: dict[nn.Module, str] = {}  # hooked modules whose output the check saw is not a tensor: its type
         self._verify_grads: dict[tuple[nn.Module, int], torch.Tensor] = {}  # (module, call) -> gradient at its output, in the check's backward
         self._expanding = False  # the check's last rerun: shared inputs expanded
         self.expand: dict[nn.Module, str] = {}  # module -> "prepend" | "replace": its input is shared by the batch (see verify_separation)
@@ -377,16 +384,18 @@ class MaskedEngine:
 
     def _forward_hook(self, module, inputs, output):
         mode = self.expand.get(module)
-        if self._verifying is not None and isinstance(output, torch.Tensor) and inputs \
-                and isinstance(inputs[0], torch.Tensor):  # the one-time check's rerun: keep what it compares
-            if mode is not None and self._expanding:
+        if self._verifying is not None:  # the one-time check's rerun: keep what it compares, hook nothing else
+            if not isinstance(output, torch.Tensor):  # never hooked while recording (see _check_parameters)
+                self._untensored[module] = type(output).__name__
+                return None
+            if mode is not None and self._expanding and inputs and isinstance(inputs[0], torch.Tensor):
                 inputs, output = (_expanded(inputs[0], mode, self._forward_batch), *inputs[1:]), \
                     _expanded(output, mode, self._forward_batch)
             calls = self._verifying.setdefault(module, [])
             if output.requires_grad:  # a hook, not autograd.grad on the tensor: an in-place op may follow (ReLU)
                 key = (module, len(calls))
                 output.register_hook(lambda grad: self._verify_grads.__setitem__(key, grad))
-            calls.append((inputs[0], output))
+            calls.append((tuple(inputs), output))  # every positional input, as recording's Capture gets them
             return output
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
@@ -560,6 +569,28 @@ def _changed(before, after):
     return differs.reshape(differs.shape[0], -1).any(1) if differs.dim() else differs
 
 
+def _first_shape(calls):
+    """The shape of a module's first call's first input, for messages."""
+    return list(calls[0][0][0].shape)
+
+
+def _others_apart(before, after, batch, sample):
+    """Whether a module's other inputs (after the first) kept the samples apart when sample ``sample``
+    was perturbed: each tensor with the batch along its first dimension changed in that sample's slice
+    at most (one without it is shared by the batch: recording hands it to the handler as it is)."""
+    if len(before) != len(after):
+        return False
+    for a, b in zip(before, after):
+        if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != batch:
+            continue
+        if not isinstance(b, torch.Tensor):
+            return False
+        changed = _changed(a.detach(), b.detach())
+        if changed is None or bool(torch.cat([changed[:sample], changed[sample + 1:]]).any()):
+            return False
+    return True
+
+
 def _leaks(grad, batch, sample):
     """Whether the gradient of sample ``sample``'s outputs alone reaches another sample's slice."""
     if grad.dim() == 0 or grad.shape[0] != batch:
@@ -591,7 +622,10 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
     output then per sample: each sample's row holds its own share of the shared module's gradient.
     Last, on A's (or C's) gradients: a trainable parameter that received a gradient while no hook
     saw its module run is refused, and each module's gradient for that sample, as its handler
-    forms it, must equal autograd's (a subclass whose forward is not its base's is refused).
+    forms it from the Capture recording would hand it (every positional input, sliced to the
+    sample), must equal autograd's: whole through ``dense``, or through ``values`` at
+    ``check_positions`` for a handler without ``dense`` (a subclass whose forward is not its
+    base's, or a wrong handler, is refused; so is a handler that fails on the call).
     """
     root = engine.root
     inputs = [t for t in _tensors((args, kwargs)) if t.dim() >= 1 and t.shape[0] == batch]
@@ -617,6 +651,14 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     buffers = [(b, b.detach().clone()) for b in root.buffers()]
+    # Embedding(max_norm=...) renorms the rows it looks up in place, in every forward: the perturbed
+    # rerun would renorm rows the batch never uses. Put back after the reruns (not between them: the
+    # first rerun's graph is still to be differentiated).
+    renormed = []
+    for module in root.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "max_norm", None) is not None and isinstance(weight, torch.Tensor):
+            renormed.append((weight, weight.detach().clone()))
 
     def rerun(call_args, call_kwargs, grad, expanding=False):
         torch.set_rng_state(cpu_rng)
@@ -636,16 +678,22 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
         grads_a, params_a = _sample_gradients(engine, out_a, calls_a, batch, sample)
         perturbed_args, perturbed_kwargs = _map_tensors((args, kwargs), perturb)
         _, calls_b = rerun(perturbed_args, perturbed_kwargs, False)
-        mixed, shared = [], {}
+        mixed, shared, unpositional = [], {}, []
         for module, calls in calls_a.items():
             after = calls_b.get(module, [])
             kinds = set()
-            for index, (a, out) in enumerate(calls):
-                changed = _changed(a.detach(), after[index][0].detach()) if index < len(after) else None
+            for index, (ins, out) in enumerate(calls):
+                if not ins or not isinstance(ins[0], torch.Tensor):
+                    unpositional.append(module)
+                    break
+                a = ins[0]
+                then = after[index][0] if index < len(after) else ()
+                changed = _changed(a.detach(), then[0].detach()) \
+                    if then and isinstance(then[0], torch.Tensor) else None
                 leaks = grads_a is not None and grads_a.get((module, index)) is not None \
                     and _leaks(grads_a[(module, index)], batch, sample)
                 batch_first = a.dim() >= 1 and a.shape[0] == batch
-                if changed is None:
+                if changed is None or not _others_apart(ins[1:], then[1:], batch, sample):
                     kinds.add("mixed")
                 elif not bool(changed.any()) and (leaks or not batch_first):
                     kinds.add("replace" if a.dim() >= 1 and a.shape[0] == 1 and out.dim() >= 1
@@ -658,11 +706,17 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
                 mixed.append(module)
             elif kinds:
                 shared[module] = kinds.pop()
+        if unpositional:
+            raise UnsupportedModelError(
+                "the masked engine cannot see the input of: "
+                + ", ".join(f"{engine.paths[m]} ({type(m).__name__})" for m in dict.fromkeys(unpositional))
+                + ": called without a tensor as its first positional argument, and its hooks see positional "
+                "arguments only. Fix: call it with its input first and positional, module(x, ...), not module(input=x)")
         if mixed:
             raise UnsupportedModelError(
                 "the masked engine would record wrong rows: these modules do not keep the samples of a batch apart "
                 "along the first dimension of their input (checked by perturbing one sample): "
-                + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {list(calls_a[m][0][0].shape)})"
+                + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {_first_shape(calls_a[m])})"
                             for m in mixed)
                 + f", for a batch of {batch}. Fix: {SEQUENCE_FIRST_HELP}")
         grads, params = grads_a, params_a
@@ -681,12 +735,13 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
                 raise UnsupportedModelError(
                     "the masked engine cannot attribute per sample the modules whose input is shared by the batch "
                     "and whose output is not combined with each sample's own: "
-                    + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {list(calls_a[m][0][0].shape)})"
+                    + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {_first_shape(calls_a[m])})"
                                 for m in shared) + f". Fix: {SHARED_HELP}")
             calls_a = calls_c
         if params is not None:
-            _check_parameters(engine, calls_a, grads, params, sample)
+            _check_parameters(engine, calls_a, grads, params, batch, sample)
     finally:
+        _restore(renormed)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -734,59 +789,134 @@ def _sample_gradients(engine, out, calls, batch, sample):
         at_outputs = engine._verify_grads
     finally:
         engine._verify_grads = {}
-    return at_outputs, dict(zip(params, grads))
+    return at_outputs, {key: g.to_dense() if g is not None and g.is_sparse else g  # Embedding(sparse=True)
+                        for key, g in zip(params, grads)}
 
 
-def _check_parameters(engine, calls, grads, params, sample):
+def _sample_capture(module, inputs, grad, batch, sample):
+    """The Capture recording hands the handler, restricted to one sample: every positional input, those with
+    the batch along their first dimension sliced to the sample (an input shared by the batch as it is)."""
+    sliced = tuple(t.detach()[sample:sample + 1] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch
+                   else t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return Capture(module, sliced, grad[sample:sample + 1])
+
+
+def check_positions(theirs: torch.Tensor) -> torch.Tensor:
+    """Where a handler without ``dense`` is compared with autograd: the flat positions where autograd's
+    gradient of the sample is non-zero (every ``ceil(count / CHECK_NONZERO)``-th of them when there are
+    more), and ``CHECK_RANDOM`` others drawn with a fixed seed; sorted, int64, on ``theirs``' device.
+    Never more than a chunk of [numel] indices at once."""
+    numel = theirs.numel()
+    nonzero = theirs.ne(0)
+    count = int(nonzero.sum())
+    step = max(1, -(-count // CHECK_NONZERO))
+    picked, seen = [], 0
+    for start in range(0, numel, CHECK_CHUNK):
+        here = nonzero[start:start + CHECK_CHUNK].nonzero().reshape(-1)
+        picked.append(here[(-seen) % step::step] + start)
+        seen += here.numel()
+    generator = torch.Generator().manual_seed(2)
+    picked.append(torch.randint(0, numel, (min(CHECK_RANDOM, numel),), generator=generator).to(theirs.device))
+    return torch.unique(torch.cat(picked))
+
+
+def _cannot_form(handler, where, failure):
+    return UnsupportedModelError(
+        f"{type(handler).__name__} cannot form the per-sample gradient of {where} ({failure}), so the engine cannot "
+        "check it against autograd and would not record it right. Fix: make the handler's dense() (small "
+        "parameters) or values() (entry by entry) serve this module's call, freeze the parameter "
+        f"(requires_grad_(False)), {VMAP_HELP}")
+
+
+@torch.no_grad()
+def _check_parameters(engine, calls, grads, params, batch, sample):
     """Every parameter with a gradient was seen by its module's hook, and each handler's gradient of
-    the sample equals autograd's (tied parameters: summed over the modules that hold them)."""
-    formed: dict[int, torch.Tensor] = {}
-    skip, unseen = set(), []
+    the sample equals autograd's (tied parameters: summed over the modules that hold them).
+
+    A handler's ``dense`` is compared whole; where it raises NotImplementedError (a handler that gives
+    ``values`` only, as the Embedding's) ``values`` is compared at ``check_positions``. Any other failure
+    refuses the parameter by path: no handler goes unchecked."""
+    uses: dict[int, list] = {}  # id(param) -> [(handler, sample capture, name, dotted path)]
+    unseen = []
     for module, slots in engine._slots_of.items():
         found = calls.get(module, [])
         for slot in slots:
+            where = f"{engine.paths[module]}.{slot.name}"
             theirs = params.get(id(slot.param))
             if not found:
                 if theirs is not None and bool(theirs.ne(0).any()):
-                    unseen.append(f"{engine.paths[module]}.{slot.name}")
+                    unseen.append(where if module not in engine._untensored else
+                                  f"{where} ({engine.paths[module]} returns a {engine._untensored[module]}, not a "
+                                  "tensor: the engine hooks modules whose output is one tensor)")
                 continue
-            handler = engine._handler_of[module]
-            for index, (a, out) in enumerate(found):
+            for index, (inputs, out) in enumerate(found):
                 grad = grads.get((module, index))
-                if grad is None or a.dim() == 0:
+                if grad is None:  # this call's output does not reach the sample's loss
                     continue
-                capture = Capture(module, (a.detach()[sample:sample + 1],), grad[sample:sample + 1])
-                try:
-                    mine = handler.dense(capture, slot.name)[0]
-                except Exception as failure:
-                    if "." in slot.name:  # a claimed child's: only this check sees a use the claim misses
-                        raise UnsupportedModelError(
-                            f"{type(handler).__name__} claims {engine.paths[module]}.{slot.name} but cannot form its "
-                            f"dense per-sample gradient ({failure!r}), so the engine cannot check the claim against "
-                            "autograd. Fix: implement dense() for the claimed parameters") from failure
-                    skip.add(id(slot.param))
-                    continue
-                formed[id(slot.param)] = formed.get(id(slot.param), 0) + mine
+                if grad.dim() == 0 or grad.shape[0] != batch:
+                    raise UnsupportedModelError(
+                        f"{where}: the gradient at the output of {engine.paths[module]} ({type(module).__name__}) "
+                        f"has shape {list(grad.shape)}, without the batch of {batch} first, so the engine cannot "
+                        f"attribute it per sample. Fix: {SEQUENCE_FIRST_HELP}, {VMAP_HELP}")
+                capture = _sample_capture(module, inputs, grad, batch, sample)
+                uses.setdefault(id(slot.param), []).append((engine._handler_of[module], capture, slot.name, where))
     if unseen:
         raise UnsupportedModelError(
             "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
             f"would stay empty: {', '.join(unseen)} (nn.MultiheadAttention uses out_proj's weight without calling "
             "out_proj). Fix: build the computation from modules that are called (nn.Linear projections and "
             "F.scaled_dot_product_attention for attention), register a handler for the module that uses them which "
-            f"claims them (Handler.claims, docs/RECORDING.md), freeze these parameters, {VMAP_HELP}")
+            "claims them (Handler.claims, docs/RECORDING.md; the module must return one tensor), freeze these "
+            f"parameters, {VMAP_HELP}")
     wrong = []
-    names = {id(slot.param): f"{engine.paths[m]}.{slot.name}" for m, slots in engine._slots_of.items() for slot in slots}
-    for key, mine in formed.items():
+    for key, found in uses.items():
         theirs = params.get(key)
-        if key in skip or theirs is None:
+        if theirs is None:
             continue
         theirs = theirs.detach().reshape(-1).float()
-        error = float((mine.reshape(-1) - theirs).norm()) / max(float(theirs.norm()), 1e-30)
+        whole, by_entry = [], []
+        for handler, capture, name, where in found:
+            try:
+                whole.append((handler.dense(capture, name), where))
+            except NotImplementedError:
+                by_entry.append((handler, capture, name, where))
+            except Exception as failure:
+                raise _cannot_form(handler, where, f"dense() raised {failure!r}") from failure
+        for mine, where in whole:
+            if mine.numel() != theirs.numel():
+                raise UnsupportedModelError(
+                    f"{where}: its handler's dense() gives {mine.numel()} entries for one sample, the parameter has "
+                    f"{theirs.numel()}. Fix: dense() returns [B, numel] (docs/RECORDING.md), {VMAP_HELP}")
+        if not by_entry:
+            mine = sum(m.reshape(-1).float() for m, _ in whole)
+        else:
+            positions = check_positions(theirs)
+            mine = sum(m.reshape(-1).float().index_select(0, positions.to(m.device)).to(theirs.device)
+                       for m, _ in whole) if whole else torch.zeros(positions.numel(), device=theirs.device)
+            for handler, capture, name, where in by_entry:
+                if handler.formed_whole(name) or handler.dense_is_cheap(name):
+                    raise UnsupportedModelError(
+                        f"{type(handler).__name__} forms no dense() for {where}, but its formed_whole() or "
+                        "dense_is_cheap() says it does: recording would call dense(). Fix: implement dense(), or "
+                        "return False from both for this parameter")
+                device = capture.delta.device
+                try:
+                    got = handler.values(capture, name, torch.zeros_like(positions, device=device),
+                                         positions.to(device))
+                except Exception as failure:
+                    raise _cannot_form(handler, where, f"values() raised {failure!r}") from failure
+                if got.numel() != positions.numel():
+                    raise UnsupportedModelError(
+                        f"{where}: its handler's values() gives {got.numel()} values for {positions.numel()} pairs. "
+                        f"Fix: values() returns one value per (b, j) pair, {VMAP_HELP}")
+                mine = mine + got.reshape(-1).float().to(theirs.device)
+            theirs = theirs.index_select(0, positions)
+        error = float((mine - theirs).norm()) / max(float(theirs.norm()), 1e-30)
         if error > 1e-3:
-            wrong.append(f"{names[key]} (relative error {error:.2g})")
+            wrong.append(f"{', '.join(dict.fromkeys(w for *_, w in found))} (relative error {error:.2g})")
     if wrong:
         raise UnsupportedModelError(
             "the masked engine's per-sample gradient differs from autograd's for: " + ", ".join(wrong)
-            + ": a subclass whose forward is not its base's, a parameter also used outside its module, or a "
-            "handler's claim that misses a use of a child's parameter. "
+            + ": a subclass whose forward is not its base's, a parameter also used outside its module, a "
+            "handler's claim that misses a use of a child's parameter, or a wrong handler. "
             f"Fix: record these modules' parameters through supported modules, freeze them, {VMAP_HELP}")

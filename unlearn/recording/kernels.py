@@ -4,8 +4,8 @@ They walk each sample's sorted mask positions within one parameter and add the
 entries straight into the batch's [B, k] values, reading the layer's input and output
 gradient in place: no im2col, no pair arrays, no temporaries, no division and no signed
 index per entry, so an entry costs little more than its L multiply-adds. The right tool when few entries per sample are kept;
-``layers`` switches to a dense per-sample product when the kept share is large. ``layers`` uses
-them for CPU tensors and falls back to torch gathers elsewhere (a GPU).
+the layer handlers (``unlearn.recording.handlers``) switch to a dense per-sample product when the
+kept share is large; they use these kernels for CPU tensors and torch gathers elsewhere (a GPU).
 """
 
 from typing import Any, Sequence

@@ -20,7 +20,7 @@ from gradstore.jit import parallel_and_serial
 from ..errors import RecordingUsageError
 
 _OPTIONS: dict[str, Any] = dict(cache=True, nogil=True)  # njit's options: Any for its overloads
-_U = np.uint64  # unsigned indices: numba skips its negative-index check (see pair_kernels)
+_U = np.uint64  # unsigned indices: numba skips its negative-index check (see unlearn.recording.kernels)
 # CPU tensors go through the numba kernels; False forces the torch path (a GPU's) everywhere.
 USE_NUMBA = True
 # Below this many entries a step's rows are scaled on one thread.

@@ -75,7 +75,8 @@ def on_cpu(*tensors: torch.Tensor) -> bool:
 
 
 class Capture:
-    """One call of a module: its input and the gradient at its output, as float32."""
+    """One call of a module: its positional inputs (``inputs[0]`` the first) and the gradient at its
+    output, as float32."""
 
     def __init__(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor):
         self.module = module
@@ -104,7 +105,10 @@ class Handler:
     """Per-sample gradient entries of one module type (register one with ``register_handler``).
 
     A subclass implements ``dense`` (enough for small parameters) and, for weights,
-    ``values`` (entry by entry, cost per pair); the rest are optional speed-ups. Names are
+    ``values`` (entry by entry, cost per pair); the rest are optional speed-ups. A handler may
+    give ``values`` only (``dense`` raising NotImplementedError, as the Embedding's): the engine's
+    one-time check then compares ``values`` with autograd at a few thousand positions of one
+    sample; any other failure there refuses the module by path. Names are
     the parameter's name within the module ("weight", "bias"), or a claimed child's dotted
     name ("out_proj.weight", see ``claims``). Every handler gives an ``example`` that the
     contract test (tests/test_handler_registry.py) checks against torch.func.
@@ -113,6 +117,7 @@ class Handler:
     # Dotted names, relative to the module, of child parameters this handler computes rows for:
     # parameters the module's forward uses without calling the child that holds them (as
     # nn.MultiheadAttention uses out_proj.weight). The child's own handler then leaves them alone.
+    # The module must return one tensor: a module returning a tuple (nn.MultiheadAttention) is not hooked.
     claims: ClassVar[tuple[str, ...]] = ()
 
     def claimed(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -126,7 +131,7 @@ class Handler:
                 raise UnsupportedModelError(
                     f"{type(self).__name__} claims {name!r}, but the {type(module).__name__} it records has no "
                     f"submodule {owner_path!r}. Fix: the handler's claims name the module's own children") from error
-            param = owner._parameters.get(leaf)
+            param = dict(owner.named_parameters(recurse=False, remove_duplicate=False)).get(leaf)
             if param is not None:  # an absent bias claims nothing
                 found.append((name, param))
         return found
