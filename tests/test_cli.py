@@ -204,16 +204,18 @@ def test_unlearn_forget_of_a_train_json_with_an_unknown_method(tiny_runs, tmp_pa
 
 def test_the_cli_refusals_are_typed_errors():
     """Callers may catch the kind of error (all ValueErrors, so the one-line report is unchanged)."""
-    from unlearn.cli.options import parse_scale
-    from unlearn.errors import RunConfigError, RunFolderError
+    from unlearn.errors import RequestError, RunConfigError, RunFolderError
+    from unlearn.forgetting import parse_scale
     from unlearn.runs import folders
 
-    with pytest.raises(RunConfigError, match="--scale"):
+    with pytest.raises(RequestError, match="--scale"):
         parse_scale("nan", 2.0**16)
-    assert parse_scale("auto", 1.0) == "auto" and parse_scale("0.5", 1.0) == 0.5
+    with pytest.raises(RequestError, match="class, samples"):  # the registered rules, named
+        parse_scale("cls", 2.0**16)
+    assert parse_scale("auto", 1.0) == "auto" and parse_scale("0.5", 1.0) == 0.5 and parse_scale("class") == "class"
     with pytest.raises(RunFolderError):
         folders.load_json(__file__)  # not JSON
-    assert issubclass(RunConfigError, ValueError) and issubclass(RunFolderError, ValueError)
+    assert all(issubclass(kind, ValueError) for kind in (RequestError, RunConfigError, RunFolderError))
 
 
 def test_unlearn_train_bad_option_value(tmp_path):
