@@ -171,6 +171,10 @@ def test_unknown_names_and_bad_rules_are_refused_by_name(recorded, external_rule
         apply_removal(model, base, removal, data, "nope")
     with pytest.raises(RequestError, match="'class' serves class requests, not samples requests"):
         apply_removal(model, base, removal, data, "class")
+    as_text = apply_removal(model, base, removal, data, "0.5")  # a number given as text is that number
+    assert as_text.scale == 0.5 and np.array_equal(as_text.weights, base + np.float32(0.5) * removal.vector)
+    with pytest.raises(RequestError, match="from 0"):
+        apply_removal(model, base, removal, data, "nan")
     with pytest.raises(RequestError, match="'ClassRule' serves class requests, not samples requests"):
         apply_removal(model, base, removal, data, ClassRule(margin=1.0))  # a rule object, not a name
     with pytest.raises(UnlearnError, match="already registered"):

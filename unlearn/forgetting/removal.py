@@ -56,6 +56,14 @@ def removal_vector(store: FinishedStore, keys: np.ndarray) -> np.ndarray:
     return removal
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, data: Any, scale: Scale,
                   seed: int = 0, *, store: Optional[FinishedStore] = None, retained_loader: Optional[Any] = None) -> ScaleChoice:
     """The pipeline's last two stages: choose the change and load ``base + change`` into ``model``.
@@ -63,8 +71,8 @@ def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, da
     ``scale``: a number (change = scale * removal), "auto" (the rule of the request's kind),
     a registered rule's name, or a rule. ``store`` and ``retained_loader`` reach the rule
     (RuleInput), for rules that read more rows or train."""
-    if isinstance(scale, str):
-        scale = parse_scale(scale)  # "0.5" is the number it reads as; a name, the rule
+    if isinstance(scale, str) and _is_number(scale):
+        scale = parse_scale(scale)  # "0.5" is the number it reads as (checked as --scale is); a name, the rule
     if isinstance(scale, str) or callable(scale):
         name, rule = rule_for(scale, removal.request.kind)
         given = RuleInput(model, base, removal, data, store=store, retained_loader=retained_loader, seed=seed)
