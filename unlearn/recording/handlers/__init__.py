@@ -3,11 +3,11 @@
 One module per layer type (``linear``, ``conv``, ``embedding``, ``norm``), each registered
 with ``register_handler`` (``registry``) on the ``Handler`` interface (``base``, which also
 holds the tunables: ``base.USE_NUMBA``, ``base.DENSE_SHARE``...). Importing this package
-registers the built-in handlers, in this order: Linear, Conv1d, Conv2d, Embedding,
-LayerNorm, GroupNorm.
+registers the built-in handlers, in this order: Linear, transformers' Conv1D (by its qualified
+name: transformers is not imported), Conv1d, Conv2d, Embedding, RMSNorm, LayerNorm, GroupNorm.
 """
 
-from . import linear, conv, embedding, norm  # noqa: F401  (registration, in this order)
+from . import linear, conv1d, conv, embedding, rmsnorm, norm  # noqa: F401  (registration, in this order)
 from .base import Capture, Handler
 from .conv import ConvHandler
 from .embedding import EmbeddingHandler

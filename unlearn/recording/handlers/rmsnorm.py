@@ -1,0 +1,38 @@
+"""nn.RMSNorm: its weight (elementwise_affine) as small as a channel, formed whole.
+
+g_b = sum over the sample's positions of delta * x / sqrt(mean(x^2 over normalized_shape) + eps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Capture, Handler
+from .registry import register_handler
+
+
+@register_handler(nn.RMSNorm)
+class RMSNormHandler(Handler):
+    """As norm.NormHandler (not imported from there: this registers before LayerNorm and GroupNorm)."""
+
+    def formed_whole(self, name: str) -> bool:
+        return True
+
+    def dense_is_cheap(self, name: str) -> bool:
+        return True
+
+    @classmethod
+    def example(cls, module_type: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+        return nn.RMSNorm((3, 5)), torch.randn(4, 2, 3, 5, generator=torch.Generator().manual_seed(0))
+
+    def dense(self, capture: Capture, name: str) -> torch.Tensor:
+        module: Any = capture.module
+        x = capture.inputs[0].float()
+        batch = x.shape[0]
+        shape = tuple(module.normalized_shape)
+        delta = capture.delta * F.rms_norm(x, shape, eps=module.eps)  # eps None: torch's default, as the module's
+        return delta.reshape(batch, -1, *shape).sum(1).reshape(batch, -1)
