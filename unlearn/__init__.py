@@ -17,9 +17,11 @@ del _util, _MISSING
 from .recording import PerSampleRecorder, Recorder, StepRecorder, attach, create_recorder, recorder_for  # noqa: E402
 from .evaluation import evaluate, mia_efficacy  # noqa: E402
 from .runs import train  # noqa: E402
-from .forgetting import ForgetResult, Removal, apply_removal, forget, mark_applied, plan_removal, register_rule  # noqa: E402
+from .forgetting import (ForgetKeysResult, ForgetResult, Removal, apply_removal, forget, forget_keys,  # noqa: E402
+                         mark_applied, plan_removal, register_rule)
 
 __all__ = [
+    "ForgetKeysResult",
     "ForgetResult",
     "PerSampleRecorder",
     "Recorder",
@@ -30,6 +32,7 @@ __all__ = [
     "create_recorder",
     "evaluate",
     "forget",
+    "forget_keys",
     "mark_applied",
     "mia_efficacy",
     "plan_removal",
