@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 import gradstore
-from unlearn.errors import UnsupportedModelError
 from test_engine import PATHS, SEED, _rows, _store
 from unlearn import attach
 from unlearn.recording.handlers import base, handler_for, registered_handlers
@@ -177,17 +176,9 @@ class Texts(torch.utils.data.Dataset):
 
 # Attention's key bias adds q . b_k to every score of a query: softmax does not see it, its gradient is 0 and
 # autograd's is rounding noise (~1e-10 against ~1e-3 for the query bias). The engine's one-time check compares
-# the handler's gradient with autograd's relative to autograd's own norm, so noise against noise reads as a wrong
-# handler and the model is refused at its first forward (the message names the key biases by path). Fixing it
-# needs the engine (engine._check_parameters: an error floor on the scale of the module's gradient, not of this
-# parameter's alone). Until then: strict xfail, and the same model with the key biases frozen (the fix the
-# refusal names; their gradient is 0, so training is the same) records every other row as torch.func does.
-KEY_BIAS_REFUSED = pytest.mark.xfail(
-    strict=True, raises=UnsupportedModelError,
-    reason="engine check: key bias gradient is rounding noise, refused as a wrong handler")
-
-
-@pytest.mark.parametrize("freeze_key_bias", [pytest.param(False, marks=KEY_BIAS_REFUSED), True],
+# on the scale of the sample's whole gradient (engine.NOISE_FLOOR), so the model records as built; frozen key
+# biases (what a user may also choose) record zeros.
+@pytest.mark.parametrize("freeze_key_bias", [False, True],
                          ids=["as-built", "key-bias-frozen"])
 def test_bert_sequence_classification_through_the_wrapped_loader(tmp_path, freeze_key_bias):
     model, reference = bert(), bert()

@@ -801,6 +801,12 @@ def _sample_capture(module, inputs, grad, batch, sample):
     return Capture(module, sliced, grad[sample:sample + 1])
 
 
+# Relative to the sample's whole gradient: a parameter whose gradient is below this share of it is compared on that
+# scale, not its own (both sides are rounding noise there). A handler that is wrong by any factor on a parameter
+# carrying more than ~1e-9 of the gradient is still refused.
+NOISE_FLOOR = 1e-6
+
+
 def check_positions(theirs: torch.Tensor) -> torch.Tensor:
     """Where a handler without ``dense`` is compared with autograd: the flat positions where autograd's
     gradient of the sample is non-zero (every ``ceil(count / CHECK_NONZERO)``-th of them when there are
@@ -868,6 +874,11 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
             "F.scaled_dot_product_attention for attention), register a handler for the module that uses them which "
             "claims them (Handler.claims, docs/RECORDING.md; the module must return one tensor), freeze these "
             f"parameters, {VMAP_HELP}")
+    # The sample's whole gradient sets the scale below which a parameter's gradient is rounding noise: an
+    # attention key bias moves every score of a query alike, softmax ignores it, and autograd's gradient for
+    # it is ~1e-10 where the rest is ~1e-3; compared with itself alone, noise against noise read as a wrong handler.
+    whole_norm = float(torch.stack([g.detach().float().norm() for g in params.values() if g is not None]).norm()) \
+        if any(g is not None for g in params.values()) else 0.0
     wrong = []
     for key, found in uses.items():
         theirs = params.get(key)
@@ -911,7 +922,7 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                         f"Fix: values() returns one value per (b, j) pair, {VMAP_HELP}")
                 mine = mine + got.reshape(-1).float().to(theirs.device)
             theirs = theirs.index_select(0, positions)
-        error = float((mine - theirs).norm()) / max(float(theirs.norm()), 1e-30)
+        error = float((mine - theirs).norm()) / max(float(theirs.norm()), NOISE_FLOOR * whole_norm, 1e-30)
         if error > 1e-3:
             wrong.append(f"{', '.join(dict.fromkeys(w for *_, w in found))} (relative error {error:.2g})")
     if wrong:
