@@ -203,3 +203,39 @@ def test_a_forward_the_dataloader_did_not_feed_is_refused(tmp_path):
         trainer.train()
     callback.abandon()  # no exception callback in transformers: the user rolls the store back
     assert not callback.store.finished
+
+
+def test_fp16_grad_scaler_steps_through_the_recording_optimizer(tmp_path):
+    """accelerate's AcceleratedOptimizer under a GradScaler steps through methods built at prepare time from the
+    wrapped optimizer's step: the callback re-points them, so the step records, with the unscaled gradient."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from unlearn.integrations.huggingface import _point_scaler_steps
+    from unlearn.recording import attach, create_recorder
+
+    accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    recorder = create_recorder(tmp_path / "fp16.h5", "per-sample", model, 4, keep=0.5, codec="fp32", flavour="grad",
+                               seed=SEED)
+    recording, _ = attach(model, inner, None, [recorder])
+    accelerated.optimizer = recording
+    _point_scaler_steps(accelerated, recording)
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recording.set_batch(np.arange(4))
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    accelerated.step()
+    assert recording.session.step_index == 1 and not accelerated.step_was_skipped
+    recording.finish()
+    full = torch.stack([torch.cat([g.reshape(-1) for g in grad(
+        lambda p: F.cross_entropy(functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]) / 4)(weights).values()])
+        for i in range(4)])
+    with gradstore.open(recorder.store.path) as opened:
+        rows, k = opened.read(np.arange(4)), opened.k
+    positions = torch.from_numpy(gradstore.masks.positions_many(SEED, np.arange(4), full.shape[1], k))
+    np.testing.assert_allclose(rows, full.gather(1, positions).numpy(), rtol=1e-4, atol=1e-7)
