@@ -81,23 +81,32 @@ def labels_of(batch: Any, size: int) -> Optional[np.ndarray]:
     return None
 
 
+def indexed_loader(loader: DataLoader, loader_class: type = DataLoader) -> DataLoader:
+    """A loader drawing the same batches as ``loader`` (same sampler, collate_fn, workers) that yields
+    (the user's batch, int64 indices of its samples in ``loader.dataset``); ``loader_class``: a DataLoader subclass."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise RecordingUsageError("an IterableDataset has no sample indices to key rows by: use a map-style "
+                                  "dataset, or name each batch's samples with optimizer.set_batch(keys)")
+    options = dict(
+        num_workers=loader.num_workers, collate_fn=_IndexedCollate(loader.collate_fn), pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context,
+    )
+    if loader.num_workers:
+        options.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+    if loader.batch_size is None:  # the user gave a batch_sampler
+        options["batch_sampler"] = loader.batch_sampler
+    else:
+        options.update(batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last)
+    return loader_class(_IndexedDataset(loader.dataset), **options)
+
+
 class RecordingLoader:
     """Iterates like the user's loader (same sampler, collate_fn, workers), telling the session each batch's keys."""
 
     def __init__(self, loader: DataLoader, session: "RecordingSession"):
         self.session = session
-        options = dict(
-            num_workers=loader.num_workers, collate_fn=_IndexedCollate(loader.collate_fn), pin_memory=loader.pin_memory,
-            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-            multiprocessing_context=loader.multiprocessing_context,
-        )
-        if loader.num_workers:
-            options.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
-        if loader.batch_size is None:  # the user gave a batch_sampler
-            options["batch_sampler"] = loader.batch_sampler
-        else:
-            options.update(batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last)
-        self._loader = DataLoader(_IndexedDataset(loader.dataset), **options)
+        self._loader = indexed_loader(loader)
 
     def __len__(self):
         return len(self._loader)
@@ -214,6 +223,18 @@ class RecordingOptimizer(torch.optim.Optimizer):
 
     # mypy: torch.optim.Optimizer.step is overloaded on the closure; this one takes either form (ignore[override] below)
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Step the wrapped optimizer, then record; returns what its ``step`` returns.
+
+        With a ``closure`` (closure-based optimizers, Lightning's automatic optimization), the
+        closure is called first, once, with grad enabled, as torch's optimizers do: its backward
+        is recorded, then the wrapped optimizer steps and gets the closure's loss from that
+        first call, and the step returns it. An optimizer that evaluates the closure again
+        within the step (LBFGS) gets real re-evaluations, but they are not recorded: a
+        sample's row holds the first evaluation's gradient only (at the weights the step
+        started from), never a sum over evaluations. A closure that runs no backward (a
+        manual-optimization loop's no-op closure) records the backward passes run before the
+        call, as ``step()`` does.
+        """
         return self._session.step(closure)
 
     def set_batch(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> None:
@@ -336,6 +357,20 @@ class RecordingSession:
         return merge_repeated_keys(keys, labels, result)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Gather this step's values, step the optimizer, record (``RecordingOptimizer.step``)."""
+        if closure is None:
+            return self._step(None)
+        with torch.enable_grad():
+            loss = closure()
+        return self._step(_FirstEvaluation(closure, loss, self))
+
+    def _pause_engine(self) -> None:
+        """Forget what the engine holds of this step: its values are gathered, and re-evaluations of the
+        closure (LBFGS) must not record (their captures wait unkeyed until this clears them)."""
+        if self.engine is not None:
+            self.engine.end_step()
+
+    def _step(self, closure: Optional["_FirstEvaluation"]) -> Optional[float]:
         started = time.perf_counter()
         per_mask: dict = {}
         keys, labels = None, None
@@ -343,6 +378,12 @@ class RecordingSession:
             if self.engine is not None:
                 found = self.engine.step_values()
                 factor = self.engine.probe.factor() * self.share
+                if found is None and closure is not None and all(p.grad is None for p in self.params):
+                    # the closure ran no backward and no gradient is there (Lightning skips a step whose
+                    # training_step returned None): the optimizer moves nothing, nothing is recorded
+                    self._pause_engine()
+                    self.record_seconds += time.perf_counter() - started
+                    return self.optimizer.step(closure)
                 if found is None:
                     raise RuntimeError("optimizer.step() with no recorded backward: iterate the wrapped loader "
                                        "or call optimizer.set_batch(keys) for each batch")
@@ -358,7 +399,12 @@ class RecordingSession:
             keys = np.unique(np.concatenate([b[0] for b in steps_batches]))
         before = flat_view(self.params).clone() if any(not r.needs_per_sample for r in self.recorders) else None
         self.record_seconds += time.perf_counter() - started
-        result = self.optimizer.step(closure)
+        if closure is None:
+            result = self.optimizer.step()
+        else:
+            self._pause_engine()
+            result = self.optimizer.step(closure)
+            self._pause_engine()
         started = time.perf_counter()
         context = StepContext(step=self.step_index, sample_ids=keys, labels=labels, params_before=before,
                               params_after=flat_view(self.params) if before is not None else None,
@@ -389,6 +435,24 @@ class RecordingSession:
             if self.engine is not None:
                 self.engine.close()
         self.record_seconds += time.perf_counter() - started
+
+
+class _FirstEvaluation:
+    """The closure the wrapped optimizer gets: the first call returns the loss of the evaluation the
+    session recorded; later calls (LBFGS) evaluate the user's closure again, unrecorded."""
+
+    def __init__(self, closure: Callable[[], Any], loss: Any, session: RecordingSession):
+        self.closure, self.loss, self.session = closure, loss, session
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self.loss
+        try:
+            return self.closure()
+        finally:
+            self.session._pause_engine()
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: Optional[DataLoader] = None,
