@@ -239,3 +239,21 @@ def test_fp16_grad_scaler_steps_through_the_recording_optimizer(tmp_path):
         rows, k = opened.read(np.arange(4)), opened.k
     positions = torch.from_numpy(gradstore.masks.positions_many(SEED, np.arange(4), full.shape[1], k))
     np.testing.assert_allclose(rows, full.gather(1, positions).numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_docs_example_runs_as_written(tmp_path, monkeypatch):
+    import os
+    import re
+
+    doc = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "RECORDING.md")
+    with open(doc, encoding="utf-8") as handle:
+        text = handle.read()
+    section = text[text.index("\n## Hugging Face Trainer\n"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, doc, "exec"), namespace)  # noqa: S102
+    store = namespace["callback"].store
+    assert store.finished and store.num_keys == 8
+    with gradstore.open(store.path) as opened:
+        assert opened.info()["rows_live"] == 8
