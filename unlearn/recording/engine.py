@@ -64,9 +64,10 @@ SHARED_HELP = ("give it its input per sample: expand the shared input to the bat
 ADVICE: dict[type[nn.Module], str] = {
     nn.modules.batchnorm._BatchNorm: ("replace BatchNorm with GroupNorm (unlearn.runs.models.resnet18 does), or use it "
                                       "in eval mode with its affine parameters frozen"),
-    nn.MultiheadAttention: ("build the attention from nn.Linear projections and F.scaled_dot_product_attention "
-                            "(batch-first), freeze its parameters (a handler for it cannot serve yet: it returns a "
-                            "tuple, and the engine hooks modules whose output is one tensor; support is planned)"),
+    nn.MultiheadAttention: ("record it through its handler (unlearn.recording.handlers.attention, registered by "
+                            "default: self- and cross-attention, batch_first True or False, masks; not dropout "
+                            "inside the attention while training), or build the attention from nn.Linear "
+                            "projections and F.scaled_dot_product_attention, or freeze its parameters"),
     nn.RNNBase: "write the recurrence with nn.Linear layers called at each step, freeze its parameters",
 }
 
@@ -290,7 +291,10 @@ class MaskedEngine:
             if handler is not None and slots:
                 slots_of[module] = slots
                 self._handler_of[module] = handler
-                self._handles.append(module.register_forward_hook(self._forward_hook))
+                if handler.tuple_output:  # its whole call: keyword arguments, a tuple output (handlers.base)
+                    self._handles.append(module.register_forward_hook(self._call_hook, with_kwargs=True))
+                else:
+                    self._handles.append(module.register_forward_hook(self._forward_hook))
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(_RefuseTrainingBatchNorm(paths[module])))
         self._slots_of = slots_of
@@ -381,6 +385,25 @@ class MaskedEngine:
             finally:
                 self.verify_seconds += time.perf_counter() - started
             self.verified = True
+
+    def _call_hook(self, module, args, kwargs, output):
+        """A ``tuple_output`` handler's module: its Capture inputs are ``handler.inputs(module, args, kwargs)``,
+        its output the first tensor of a tuple, batch first: a sequence-first output is handed on as the
+        transpose of a batch-first view, whose gradient is then batch-first (the user's output keeps its values)."""
+        handler = self._handler_of[module]
+        first = output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else output
+        if not isinstance(first, torch.Tensor):
+            return self._forward_hook(module, args, output)  # the check names what it returns
+        if self._verifying is None and (not torch.is_grad_enabled() or not first.requires_grad
+                                        or torch._C._functorch.peek_interpreter_stack() is not None):
+            return None  # nothing to record (as _forward_hook): the call's inputs are not even looked at
+        dim = handler.batch_dim(module)
+        seen = first.transpose(0, dim) if dim else first
+        replaced = self._forward_hook(module, handler.inputs(module, args, kwargs), seen)
+        if replaced is None and not dim:
+            return None
+        out = (seen if replaced is None else replaced).transpose(0, dim) if dim else replaced
+        return (out, *output[1:]) if isinstance(output, tuple) else out
 
     def _forward_hook(self, module, inputs, output):
         mode = self.expand.get(module)
@@ -853,7 +876,8 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                 if theirs is not None and bool(theirs.ne(0).any()):
                     unseen.append(where if module not in engine._untensored else
                                   f"{where} ({engine.paths[module]} returns a {engine._untensored[module]}, not a "
-                                  "tensor: the engine hooks modules whose output is one tensor)")
+                                  "tensor: the engine hooks modules whose output is one tensor, or a tuple for a "
+                                  "handler that declares tuple_output)")
                 continue
             for index, (inputs, out) in enumerate(found):
                 grad = grads.get((module, index))
@@ -869,11 +893,11 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
     if unseen:
         raise UnsupportedModelError(
             "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
-            f"would stay empty: {', '.join(unseen)} (nn.MultiheadAttention uses out_proj's weight without calling "
-            "out_proj). Fix: build the computation from modules that are called (nn.Linear projections and "
-            "F.scaled_dot_product_attention for attention), register a handler for the module that uses them which "
-            "claims them (Handler.claims, docs/RECORDING.md; the module must return one tensor), freeze these "
-            f"parameters, {VMAP_HELP}")
+            f"would stay empty: {', '.join(unseen)} (as nn.MultiheadAttention uses out_proj's weight without calling "
+            "out_proj, which its handler claims). Fix: build the computation from modules that are called "
+            "(nn.Linear projections and F.scaled_dot_product_attention for attention), register a handler for the "
+            "module that uses them which claims them (Handler.claims, docs/RECORDING.md; the module returns one "
+            f"tensor, or a tuple with Handler.tuple_output), freeze these parameters, {VMAP_HELP}")
     # The sample's whole gradient sets the scale below which a parameter's gradient is rounding noise: an
     # attention key bias moves every score of a query alike, softmax ignores it, and autograd's gradient for
     # it is ~1e-10 where the rest is ~1e-3; compared with itself alone, noise against noise read as a wrong handler.

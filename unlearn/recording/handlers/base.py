@@ -117,8 +117,22 @@ class Handler:
     # Dotted names, relative to the module, of child parameters this handler computes rows for:
     # parameters the module's forward uses without calling the child that holds them (as
     # nn.MultiheadAttention uses out_proj.weight). The child's own handler then leaves them alone.
-    # The module must return one tensor: a module returning a tuple (nn.MultiheadAttention) is not hooked.
     claims: ClassVar[tuple[str, ...]] = ()
+    # Whether the engine hooks the module's whole call: its keyword arguments too (the Capture's inputs are
+    # ``inputs(module, args, kwargs)``) and an output that is a tuple by its first tensor (nn.MultiheadAttention's
+    # (output, weights)), that tensor's batch along ``batch_dim(module)``. False: the module must return one
+    # tensor (a module returning a tuple is not hooked) and the Capture gets its positional inputs.
+    tuple_output: ClassVar[bool] = False
+
+    def inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """The Capture's inputs for one call (``tuple_output`` handlers only): every tensor with the batch
+        along its first dimension, or shared by the batch (no batch dimension); the first the main input."""
+        return args
+
+    def batch_dim(self, module: nn.Module) -> int:
+        """Where the batch is in the first tensor of the module's output (``tuple_output`` handlers only):
+        the engine hands the handler, and checks, that tensor and its gradient with the batch moved first."""
+        return 0
 
     def claimed(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """(dotted name, parameter) of the children's parameters this handler computes rows for."""
