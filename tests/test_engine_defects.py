@@ -122,14 +122,23 @@ class Attention(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
+class Borrower(nn.Module):
+    """Reads its child Linear's weight without calling the child, as MultiheadAttention does with out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        return F.linear(x.mean(1), self.inner.weight, self.inner.bias)
+
+
 def test_a_parameter_used_without_calling_its_module_is_refused_by_path():
-    """MultiheadAttention reads out_proj's weight without calling out_proj: never an empty row."""
+    """No hook sees such a use, so no handler computes it: refused by path, never an empty row."""
     torch.manual_seed(0)
-    model = Attention()
-    model.attn.in_proj_weight.requires_grad_(False)
-    model.attn.in_proj_bias.requires_grad_(False)
+    model = Borrower()
     x, y = torch.randn(4, 5, WIDTH), torch.randint(0, CLASSES, (4,))
-    with pytest.raises(UnsupportedModelError, match=r"attn\.out_proj\.weight.*without calling"):
+    with pytest.raises(UnsupportedModelError, match=r"inner\.weight.*without calling"):
         masked(model, lambda: F.cross_entropy(model(x), y), _keys(4), keep=0.3)
 
 
@@ -159,7 +168,8 @@ def test_refusals_name_the_path_with_advice_that_fits_the_module():
         MaskedEngine(bn, [(0, 3)], sum(p.numel() for p in bn.parameters()))
 
     attention = Attention()
-    with pytest.raises(UnsupportedModelError, match=r"attn \(MultiheadAttention.*nn\.Linear") as refused:
+    attention.attn.dropout = 0.1  # what its handler refuses: dropout inside the attention while training
+    with pytest.raises(UnsupportedModelError, match=r"attn \(MultiheadAttention: its dropout.*dropout = 0\.0") as refused:
         MaskedEngine(attention, [(0, 3)], sum(p.numel() for p in attention.parameters()))
     assert "BatchNorm" not in str(refused.value)
 
