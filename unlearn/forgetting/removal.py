@@ -21,6 +21,7 @@ from ..errors import RequestError
 from ..params import load_flat_params
 from .requests import FinishedStore, Indices, OpenStore, Removal, finished_store, label_matched, resolve_request
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
+from .rules.registry import is_number
 from ..recording.names import PER_SAMPLE
 
 Scale = Union[float, str, Rule]  # a number, "auto", a registered rule's name, or a rule itself
@@ -56,14 +57,6 @@ def removal_vector(store: FinishedStore, keys: np.ndarray) -> np.ndarray:
     return removal
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, data: Any, scale: Scale,
                   seed: int = 0, *, store: Optional[FinishedStore] = None, retained_loader: Optional[Any] = None) -> ScaleChoice:
     """The pipeline's last two stages: choose the change and load ``base + change`` into ``model``.
@@ -71,7 +64,7 @@ def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, da
     ``scale``: a number (change = scale * removal), "auto" (the rule of the request's kind),
     a registered rule's name, or a rule. ``store`` and ``retained_loader`` reach the rule
     (RuleInput), for rules that read more rows or train."""
-    if isinstance(scale, str) and _is_number(scale):
+    if isinstance(scale, str) and is_number(scale):
         scale = parse_scale(scale)  # "0.5" is the number it reads as (checked as --scale is); a name, the rule
     if isinstance(scale, str) or callable(scale):
         name, rule = rule_for(scale, removal.request.kind)

@@ -48,6 +48,7 @@ from ..errors import RecordingUsageError
 from ..recording import RecordingOptimizer, attach, create_recorder
 from ..recording.names import PER_SAMPLE, UPDATE
 from ..recording.session import indexed_loader, labels_of
+from .common import abandon_recording
 
 try:
     import transformers
@@ -248,23 +249,8 @@ class RecordingCallback(transformers.TrainerCallback):
         """After a ``train()`` that raised: roll the recording back to before any row, close it (an
         unfinished store holding nothing; record again from the start), put the Trainer's optimizer
         and dataloader back and remove the hooks."""
-        session = self.optimizer.session if self.optimizer is not None else None
-        self.optimizer = None
+        optimizer, self.optimizer = self.optimizer, None
         try:
-            if session is not None:
-                try:
-                    session.ingest.close()
-                except Exception:  # noqa: BLE001 - the training's own exception is the one to see
-                    pass
+            abandon_recording(optimizer, self.recorder)
         finally:
-            try:
-                if session is not None and session.engine is not None:
-                    session.engine.close()
-                store = self.recorder.store if self.recorder is not None else None
-                if store is not None and not store.finished:
-                    try:
-                        store.rollback(store.committed_generation)
-                    finally:
-                        store.close()
-            finally:
-                self._restore()
+            self._restore()

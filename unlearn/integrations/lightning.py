@@ -34,6 +34,7 @@ from ..errors import RecordingUsageError
 from ..recording import RecordingOptimizer, attach, create_recorder
 from ..recording.names import PER_SAMPLE, UPDATE
 from ..recording.session import indexed_loader, labels_of
+from .common import abandon_recording
 
 try:
     import lightning.pytorch as pl
@@ -245,20 +246,5 @@ class RecordingCallback(pl.Callback):
 
     def _abandon(self) -> None:
         """Roll the recording back to before any row and close it: no half-recorded store is finalized."""
-        session = self.optimizer.session if self.optimizer is not None else None
-        self.optimizer = None
-        try:
-            if session is not None:
-                try:
-                    session.ingest.close()
-                except Exception:  # noqa: BLE001 - the training's own exception is the one to see
-                    pass
-        finally:
-            if session is not None and session.engine is not None:
-                session.engine.close()
-            store = self.recorder.store if self.recorder is not None else None
-            if store is not None and not store.finished:
-                try:
-                    store.rollback(store.committed_generation)
-                finally:
-                    store.close()
+        optimizer, self.optimizer = self.optimizer, None
+        abandon_recording(optimizer, self.recorder)

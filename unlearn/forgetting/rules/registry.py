@@ -113,7 +113,7 @@ def register_rule(name: str, *, replace: bool = False) -> Callable[[R], R]:
     fields all have defaults (registered as its default instance); or call it on an instance
     (``register_rule("strict")(SampleRule(evidence_p=0.01))``). Returns what it decorates.
     """
-    if not isinstance(name, str) or not name.strip() or name != name.strip() or name == "auto" or _is_number(name):
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or name == "auto" or is_number(name):
         raise UnlearnError(f"a step rule's name must be a word other than 'auto' and not a number, got {name!r}")
 
     def decorate(rule: R) -> R:
@@ -211,7 +211,8 @@ def fitted_scale(change: np.ndarray, rows: np.ndarray) -> float:
     return float(np.dot(change.astype(np.float64), rows.astype(np.float64)) / norm) if norm else 0.0
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether text reads as a number: a step given as text, never a rule's name."""
     try:
         float(text)
     except ValueError:

@@ -200,3 +200,14 @@ class Handler:
     def dense_is_cheap(self, name: str) -> bool:
         """Whether ``dense`` is cheap enough for this parameter to serve as the engine's probe (engine.Probe)."""
         return name == "bias"
+
+
+class NormHandler(Handler):
+    """Affine parameters of a normalization (LayerNorm, GroupNorm, RMSNorm): as small as a channel, always
+    formed whole."""
+
+    def formed_whole(self, name: str) -> bool:
+        return True
+
+    def dense_is_cheap(self, name: str) -> bool:
+        return True

@@ -8,18 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Capture, Handler
+from .base import Capture, NormHandler
 from .registry import register_handler
-
-
-class NormHandler(Handler):
-    """Affine parameters of a normalization: as small as a channel, always formed whole."""
-
-    def formed_whole(self, name: str) -> bool:
-        return True
-
-    def dense_is_cheap(self, name: str) -> bool:
-        return True
 
 
 @register_handler(nn.LayerNorm)

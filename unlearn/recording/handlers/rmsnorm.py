@@ -11,20 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Capture, Handler
+from .base import Capture, NormHandler
 from .registry import register_handler
 
 
 @register_handler(nn.RMSNorm)
-class RMSNormHandler(Handler):
-    """As norm.NormHandler (not imported from there: this registers before LayerNorm and GroupNorm)."""
-
-    def formed_whole(self, name: str) -> bool:
-        return True
-
-    def dense_is_cheap(self, name: str) -> bool:
-        return True
-
+class RMSNormHandler(NormHandler):
     @classmethod
     def example(cls, module_type: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
         return nn.RMSNorm((3, 5)), torch.randn(4, 2, 3, 5, generator=torch.Generator().manual_seed(0))
