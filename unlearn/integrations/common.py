@@ -1,10 +1,31 @@
-"""What every framework's callback shares: giving a half-recorded run up without finalizing it."""
+"""What every framework's callback shares: its recording options, its store, and giving a half-recorded run up."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Union
 
 from ..recording import RecordingOptimizer
+from ..recording.names import UPDATE
+
+
+class RecordingSettings:
+    """A framework callback's recording: ``create_recorder``'s options for the per-sample method, the recorder
+    once training began, and the optimizer that records. ``num_samples`` defaults to the train dataset's size."""
+
+    def __init__(self, path: Union[str, os.PathLike], *, keep: float = 0.1, codec: str = "int8",
+                 flavour: str = UPDATE, seed: int = 0, num_samples: Optional[int] = None,
+                 memory_budget: int = 256 << 20, buffer_dir: Optional[str] = None, overwrite: bool = False,
+                 run_id: Optional[str] = None, data_sha256: Optional[str] = None, background: bool = True):
+        super().__init__()
+        self.path = path
+        self.options: dict[str, Any] = dict(keep=keep, codec=codec, flavour=flavour, seed=seed,
+                                            memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite,
+                                            run_id=run_id, data_sha256=data_sha256)
+        self.num_samples = num_samples
+        self.background = background
+        self.recorder: Any = None
+        self.optimizer: Optional[RecordingOptimizer] = None
 
 
 def abandon_recording(optimizer: Optional[RecordingOptimizer], recorder: Any) -> None:

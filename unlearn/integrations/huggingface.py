@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 
 from ..errors import RecordingUsageError
 from ..recording import RecordingOptimizer, attach, create_recorder
-from ..recording.names import PER_SAMPLE, UPDATE
+from ..recording.names import PER_SAMPLE
 from ..recording.session import indexed_loader, labels_of
-from .common import abandon_recording
+from .common import RecordingSettings, abandon_recording
 
 try:
     import transformers
@@ -106,7 +106,7 @@ class _KeyedDataLoader(DataLoader):
             yield batch
 
 
-class RecordingCallback(transformers.TrainerCallback):
+class RecordingCallback(RecordingSettings, transformers.TrainerCallback):
     """Record each training sample's masked gradient (the per-sample method) while a ``Trainer`` trains.
 
     ``path`` and the options are ``create_recorder``'s (``keep``, ``codec``, ``flavour``, ``seed``,
@@ -124,19 +124,9 @@ class RecordingCallback(transformers.TrainerCallback):
     has no exception callback): call ``abandon()`` to roll the store back and remove them.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, keep: float = 0.1, codec: str = "int8",
-                 flavour: str = UPDATE, seed: int = 0, num_samples: Optional[int] = None,
-                 memory_budget: int = 256 << 20, buffer_dir: Optional[str] = None, overwrite: bool = False,
-                 run_id: Optional[str] = None, data_sha256: Optional[str] = None, background: bool = True):
-        super().__init__()
-        self.path = path
-        self.options: dict[str, Any] = dict(keep=keep, codec=codec, flavour=flavour, seed=seed,
-                                            memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite,
-                                            run_id=run_id, data_sha256=data_sha256)
-        self.num_samples = num_samples
-        self.background = background
-        self.recorder: Any = None
-        self.optimizer: Optional[RecordingOptimizer] = None
+    def __init__(self, path: Union[str, os.PathLike], **options: Any):
+        """``options``: ``RecordingSettings``' (create_recorder's: keep, codec, flavour, seed, num_samples ...)."""
+        super().__init__(path, **options)
         self._loader: Optional[_KeyedDataLoader] = None
         self._shard: Any = None  # accelerate's DataLoaderShard whose base_dataloader was swapped
         self._base: Optional[DataLoader] = None  # the original base_dataloader

@@ -211,3 +211,8 @@ class NormHandler(Handler):
 
     def dense_is_cheap(self, name: str) -> bool:
         return True
+
+    @classmethod
+    def example(cls, module_type: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+        """A norm over the last two dimensions (LayerNorm's and RMSNorm's signature; GroupNorm has its own)."""
+        return module_type((3, 5)), torch.randn(4, 2, 3, 5, generator=torch.Generator().manual_seed(0))

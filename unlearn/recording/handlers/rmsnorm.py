@@ -17,10 +17,6 @@ from .registry import register_handler
 
 @register_handler(nn.RMSNorm)
 class RMSNormHandler(NormHandler):
-    @classmethod
-    def example(cls, module_type: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
-        return nn.RMSNorm((3, 5)), torch.randn(4, 2, 3, 5, generator=torch.Generator().manual_seed(0))
-
     def dense(self, capture: Capture, name: str) -> torch.Tensor:
         module: Any = capture.module
         x = capture.inputs[0].float()
