@@ -144,7 +144,7 @@ def test_refuses_batchnorm_and_unsupported_modules_naming_them():
         MaskedEngine(_with_bn(), [(0, 3)], 1)
     frozen = _with_bn().eval()
     frozen.bn.requires_grad_(False)  # frozen statistics and affine: samples do not interact
-    MaskedEngine(frozen, [(0, 3)], 1).close()
+    MaskedEngine(frozen, [(0, 3)], 20).close()  # the conv's 20 parameters: frozen ones are not indexed
 
     class Scale(nn.Module):
         def __init__(self):
@@ -156,9 +156,9 @@ def test_refuses_batchnorm_and_unsupported_modules_naming_them():
 
     model = nn.Sequential(nn.Linear(3, 3), Scale())
     with pytest.raises(UnsupportedModelError, match=r"1 \(Scale, parameters gain\)"):
-        MaskedEngine(model, [(0, 3)], 15)
-    model[1].gain.requires_grad_(False)  # frozen: nothing to attribute
-    MaskedEngine(model, [(0, 3)], 15).close()
+        MaskedEngine(model, [(0, 3)], 15, generic=False)  # without the generic path (tests/test_generic_path.py)
+    model[1].gain.requires_grad_(False)  # frozen: nothing to attribute, and not indexed
+    MaskedEngine(model, [(0, 3)], 12, generic=False).close()
 
 
 def _with_bn():

@@ -156,7 +156,7 @@ def test_refusals_name_the_path_with_advice_that_fits_the_module():
     model.add_module("body", nn.Sequential(nn.Linear(3, 4), Scale()))
     model.add_module("rnn", nn.GRU(4, 4))
     with pytest.raises(UnsupportedModelError) as refused:
-        MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters()))
+        MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters()), generic=False)
     message = str(refused.value)
     assert "body.1 (Scale" in message and "rnn (GRU" in message
     assert "BatchNorm" not in message and "GroupNorm instead" not in message

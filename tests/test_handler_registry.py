@@ -156,13 +156,13 @@ def test_the_external_handler_passes_the_contract_and_is_listed_in_messages(scal
     assert_close(values, expected)
     model = nn.Sequential(Scale(3), nn.GRU(3, 3))
     with pytest.raises(UnsupportedModelError, match=r"Supported: .*GroupNorm.*, Scale and their subclasses"):
-        MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters()))
+        MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters()), generic=False)
 
 
 def test_without_its_handler_the_custom_module_is_refused_with_the_registration_fix():
     model = nn.Sequential(nn.Linear(3, 3), Scale(3))
     with pytest.raises(UnsupportedModelError, match=r"1 \(Scale, parameters weight\).*register a handler for Scale"):
-        MaskedEngine(model, [(0, 3)], 15)
+        MaskedEngine(model, [(0, 3)], 15, generic=False)  # the generic path off (on, it records: test_generic_path.py)
 
 
 def test_registering_checks_its_arguments():
@@ -286,8 +286,8 @@ def test_a_handlers_refusal_names_the_module():
     model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Linear(3, 2))
     with pytest.raises(UnsupportedModelError, match=r"0 \(Embedding: scale_grad_by_freq.*fix: construct it"):
         MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters()))
-    model[0].requires_grad_(False)  # frozen: nothing to attribute
-    MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters())).close()
+    model[0].requires_grad_(False)  # frozen: nothing to attribute, and not indexed
+    MaskedEngine(model, [(0, 3)], sum(p.numel() for p in model.parameters() if p.requires_grad)).close()
 
 
 # ---------------------------------------------------------------- docs/RECORDING.md

@@ -58,17 +58,18 @@ def record(tmp_path, name, model, batches, keep):
     return _rows(recorder.store)[:N], positions
 
 
-def func_rows(model, sample_loss, batches, positions):
+def func_rows(model, sample_loss, batches, positions, names=None):
     """torch.func's gradient of each sample's share of its batch's loss, flat in named_parameters() order
-    (tied parameters once: their gradient sums every use), at the sample's kept positions."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    (tied parameters once: their gradient sums every use), at the sample's kept positions; of the parameters
+    ``names`` only (the store's index space), every one for None."""
+    params = {name: p.detach() for name, p in model.named_parameters() if names is None or name in names}
     rows = np.zeros(positions.shape, np.float32)
     for keys, batch in batches:
         for row, key in enumerate(keys):
             one = {name: value[row:row + 1] for name, value in batch.items()}
             grads = grad(lambda p: sample_loss(functional_call(model, p, (), one), one, batch))(params)
             flat = torch.cat([g.reshape(-1) for g in grads.values()])
-            rows[key] = flat[torch.from_numpy(positions[key])].numpy()
+            rows[key] = flat[torch.from_numpy(positions[key])].detach().numpy()
     return rows
 
 
@@ -82,22 +83,14 @@ def assert_rows_close(rows, expected):
 
 
 def covered(model, positions, prefixes):
-    """Whether the kept positions reach each named parameter (so the comparison checks its rows)."""
-    offsets = np.cumsum([0] + [p.numel() for p in model.parameters()])
-    names = [n for n, _ in model.named_parameters()]
+    """Whether the kept positions reach each named parameter (so the comparison checks its rows); positions in the
+    store's index space, the trainable parameters."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    offsets = np.cumsum([0] + [p.numel() for _, p in trainable])
+    names = [n for n, _ in trainable]
     for prefix in prefixes:
         index = next(i for i, n in enumerate(names) if n.startswith(prefix))
         assert ((positions >= offsets[index]) & (positions < offsets[index + 1])).any(), prefix
-
-
-def frozen_positions(model, positions):
-    """Bool [N, k]: where the kept positions fall in a parameter that does not require grad."""
-    offsets = np.cumsum([0] + [p.numel() for p in model.parameters()])
-    where = np.zeros(positions.shape, bool)
-    for index, p in enumerate(model.parameters()):
-        if not p.requires_grad:
-            where |= (positions >= offsets[index]) & (positions < offsets[index + 1])
-    return where
 
 
 def gpt2(attn_implementation):
@@ -177,7 +170,7 @@ class Texts(torch.utils.data.Dataset):
 # Attention's key bias adds q . b_k to every score of a query: softmax does not see it, its gradient is 0 and
 # autograd's is rounding noise (~1e-10 against ~1e-3 for the query bias). The engine's one-time check compares
 # on the scale of the sample's whole gradient (engine.NOISE_FLOOR), so the model records as built; frozen key
-# biases (what a user may also choose) record zeros.
+# biases (what a user may also choose) are not indexed.
 @pytest.mark.parametrize("freeze_key_bias", [False, True],
                          ids=["as-built", "key-bias-frozen"])
 def test_bert_sequence_classification_through_the_wrapped_loader(tmp_path, freeze_key_bias):
@@ -185,7 +178,7 @@ def test_bert_sequence_classification_through_the_wrapped_loader(tmp_path, freez
     reference.load_state_dict(model.state_dict())
     if freeze_key_bias:
         for layer in model.bert.encoder.layer:
-            layer.attention.self.key.bias.requires_grad_(False)  # frozen parameters record zeros
+            layer.attention.self.key.bias.requires_grad_(False)  # frozen parameters are not indexed
     input_ids, attention_mask = token_data()
     labels = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(5))
     recorder = _store(tmp_path, model, "bert", keep=0.05, num_samples=N)
@@ -210,9 +203,11 @@ def test_bert_sequence_classification_through_the_wrapped_loader(tmp_path, freez
     covered(model, positions, ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings",
                                "bert.embeddings.LayerNorm", "bert.encoder.layer.0.attention.self.query.weight",
                                "bert.pooler.dense", "classifier"])
-    expected = func_rows(reference, classification_share, batches, positions)
-    if freeze_key_bias:  # frozen: zeros in the rows, as the gradient of the parameter (0 up to rounding) would be
-        expected[frozen_positions(model, positions)] = 0.0
+    # frozen key biases are not indexed: the store's index space is the trainable parameters, in order
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert recorder.store.config["fingerprint"]["names"] == trainable
+    assert len(trainable) == len(list(model.parameters())) - (2 if freeze_key_bias else 0)
+    expected = func_rows(reference, classification_share, batches, positions, trainable)
     assert_rows_close(rows, expected)
     with gradstore.open(recorder.store.path) as store:
         np.testing.assert_array_equal(store.labels[:N], labels.numpy())

@@ -14,7 +14,8 @@ if _MISSING:
                       "(the store alone, gradstore, needs none of them)")
 del _util, _MISSING
 
-from .recording import PerSampleRecorder, Recorder, StepRecorder, attach, create_recorder, recorder_for  # noqa: E402
+from .recording import (PerSampleRecorder, Recorder, StepRecorder, attach, create_recorder, recorder_for,  # noqa: E402
+                        recording_plan)
 from .evaluation import evaluate, mia_efficacy  # noqa: E402
 from .runs import train  # noqa: E402
 from .forgetting import (ForgetKeysResult, ForgetResult, Removal, apply_removal, forget, forget_keys,  # noqa: E402
@@ -37,6 +38,7 @@ __all__ = [
     "mia_efficacy",
     "plan_removal",
     "recorder_for",
+    "recording_plan",
     "register_rule",
     "train",
 ]

@@ -19,7 +19,7 @@ import torch
 import gradstore
 
 from ..errors import RequestError
-from ..params import flat_params, load_flat_params
+from ..params import flat_params, load_flat_params, store_parameter_names
 from .removal import Scale, removal_vector
 from .requests import FinishedStore, Indices, OpenStore, Removal, Request, finished_store
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
@@ -107,19 +107,20 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
     samples = chosen if store.config.get("key_kind", "sample") == "sample" else _members(store, chosen)
     request = Request(samples=samples, keys=chosen, excluded=samples)
     removal = Removal(request, removal_vector(store, chosen), time.perf_counter() - started)
-    base = flat_params(model)
+    names = store_parameter_names(store, model)  # the store's index space: the parameters it recorded, in order
+    base = flat_params(model, names)
     if number is not None:
         change = np.float32(number) * removal.vector
         choice = ScaleChoice(number, True, 0, 0.0, "given", change, base + change)
     else:
-        given = RuleInput(model, base, removal, None, store=store, retained_loader=retained)
+        given = RuleInput(model, base, removal, None, store=store, retained_loader=retained, names=names)
         with _model_kept(model):  # the rule may load other weights, train, switch modes: none of it stays
             choice = run_rule(rule, given, name)
     if not np.all(np.isfinite(choice.weights)):
         raise RequestError(f"the change of scale {choice.scale} overflows the weights (not finite): "
                            "nothing was changed")
     saved = _snapshot(model)
-    load_flat_params(model, choice.weights)
+    load_flat_params(model, choice.weights, names)
     try:
         store.mark_forgotten(chosen)
     except BaseException:

@@ -17,9 +17,9 @@ import torch
 
 import gradstore
 
-from ..errors import RunFolderError
+from ..errors import RunFolderError, UnlearnError
 from ..identity import check_identity, run_identity
-from ..params import flat_params, named_shapes
+from ..params import flat_params, named_shapes, store_parameter_names
 from ..runs import folders as runs
 from ..runs.config import RunConfig
 from ..runs.loop import default_device, train
@@ -30,7 +30,11 @@ from .requests import FinishedStore, Indices, Request, finished_store
 def check_fingerprint(store: FinishedStore, model: torch.nn.Module) -> None:
     """FormatError where the store was recorded for another model than ``model``."""
     expected = (store.config.get("fingerprint") or {}).get("sha256")
-    actual = gradstore.model_fingerprint(named_shapes(model))
+    names = store_parameter_names(store, model)
+    try:
+        actual = gradstore.model_fingerprint(named_shapes(model, names))
+    except UnlearnError as missing:
+        raise gradstore.FormatError(f"{store.path} was recorded for another model: {missing}") from missing
     if expected is not None and expected != actual["sha256"]:
         raise gradstore.FormatError(
             f"{store.path} was recorded for another model (fingerprint {expected[:12]}..., model {actual['sha256'][:12]}...)"

@@ -10,11 +10,11 @@ from .threads import hold_torch_threads
 
 hold_torch_threads()  # at import: before this package runs any numba kernel on this thread
 
-from .engine import MaskedEngine, UnsupportedModelError  # noqa: E402
+from .engine import MaskedEngine, UnsupportedModelError, recording_plan  # noqa: E402
 from .handlers import Capture, Handler, register_handler, registered_handlers, unregister_handler  # noqa: E402
 from .recorders import PerSampleRecorder, Recorder, StepRecorder, create_recorder, recorder_for  # noqa: E402
 from .session import ENGINES, RecordingOptimizer, RecordingSession, attach  # noqa: E402
 
 __all__ = ["ENGINES", "Capture", "Handler", "MaskedEngine", "PerSampleRecorder", "Recorder", "RecordingOptimizer",
            "RecordingSession", "StepRecorder", "UnsupportedModelError", "attach", "create_recorder",
-           "hold_torch_threads", "recorder_for", "register_handler", "registered_handlers", "unregister_handler"]
+           "hold_torch_threads", "recorder_for", "recording_plan", "register_handler", "registered_handlers", "unregister_handler"]

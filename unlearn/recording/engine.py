@@ -22,7 +22,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +32,12 @@ from torch import nn
 from gradstore import masks
 
 from ..errors import RecordingUsageError, UnsupportedModelError
+from ..params import recorded_parameters
 from . import kernels
 from .handlers import Capture, Handler, handler_for, supported
 from .handlers import base as handler_base
 from .handlers.base import VMAP_HELP
+from .handlers.generic import GENERIC, GenericHandler
 
 # The gradient the optimizer stepped with must be this close to a multiple of the
 # backward's (see Probe); farther, the engine warns once.
@@ -96,8 +98,11 @@ class Resolved:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if (id(module), n) not in self.claimed]
 
 
-def resolve(model: nn.Module) -> Resolved:
-    """Look up every module's handler (the registry, once per model: never per step) and the claims."""
+def resolve(model: nn.Module, generic: bool = True, recorded: Optional[set[int]] = None) -> Resolved:
+    """Look up every module's handler (the registry, once per model: never per step) and the claims; with
+    ``generic``, a module no registered handler serves that has trainable parameters of its own (claimed by
+    no parent) takes the generic path (``handlers.generic``), BatchNorm aside. ``recorded``: ids of the parameters
+    recorded (None: every trainable one)."""
     handler_of: dict[nn.Module, Handler] = {}
     claims_of: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
     claimed: dict[tuple[int, str], str] = {}
@@ -117,22 +122,55 @@ def resolve(model: nn.Module) -> Resolved:
                     f"{path or 'model'}.{name} is claimed by two handlers ({claimed[key]} and {path or 'model'}): "
                     "rows would count it twice. Fix: claim each child parameter in one handler only")
             claimed[key] = path or "model"
-    return Resolved(handler_of, claims_of, claimed)
+    resolved = Resolved(handler_of, claims_of, claimed)
+    if generic:
+        for module in model.modules():
+            if module in handler_of or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            names = [n for n, p in resolved.own(module) if _records(p, recorded)]
+            if names:
+                handler_of[module] = GenericHandler(names)
+    return resolved
 
 
-def check_model(model: nn.Module) -> Resolved:
+def handler_label(handler: Handler) -> str:
+    """How a module is recorded, for recording_plan(): its handler's class, or the generic path."""
+    return GENERIC if isinstance(handler, GenericHandler) else type(handler).__name__
+
+
+def _records(param: nn.Parameter, recorded: Optional[set[int]]) -> bool:
+    return param.requires_grad if recorded is None else id(param) in recorded
+
+
+def recording_plan(model: nn.Module, generic: bool = True, modules: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """{module path: how the masked engine records it}, for every module with trainable parameters it records:
+    a registered handler's class name ("LinearHandler"), or ``GENERIC`` (torch.func on that module: slower).
+    ``modules``: the subset create_recorder(modules=...) would record. Refuses, as ``attach`` does, a model it
+    cannot record (UnsupportedModelError naming the modules)."""
+    recorded = {id(p) for _, p in recorded_parameters(model, modules)}
+    resolved = check_model(model, generic, recorded)
+    plan = {}
+    for path, module in model.named_modules():
+        handler = resolved.handler_of.get(module)
+        params = [p for _, p in resolved.own(module) + resolved.claims_of.get(module, [])]
+        if handler is not None and any(id(p) in recorded for p in params):
+            plan[path or "model"] = handler_label(handler)
+    return plan
+
+
+def check_model(model: nn.Module, generic: bool = True, recorded: Optional[set[int]] = None) -> Resolved:
     """Refuse, naming them by path with advice that fits each, the modules whose per-sample
     gradients the engine cannot form; the handlers and claims it resolved on the way."""
-    resolved = resolve(model)
+    resolved = resolve(model, generic, recorded)
     problems = []
     for name, module in model.named_modules():
         path = name or "model"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.training or any(p.requires_grad for p in module.parameters(recurse=False)):
+            if module.training or any(_records(p, recorded) for p in module.parameters(recurse=False)):
                 problems.append(f"{path} ({type(module).__name__}: mixes the samples of a batch in training mode): "
                                 f"fix: {advice_for(module)}")
             continue
-        trainable = [n for n, p in resolved.own(module) if p.requires_grad]
+        trainable = [n for n, p in resolved.own(module) if _records(p, recorded)]
         handler = resolved.handler_of.get(module)
         if handler is None:
             if trainable:
@@ -140,7 +178,7 @@ def check_model(model: nn.Module) -> Resolved:
                                 f"fix: {advice_for(module)}")
             continue
         refusal = handler.refusal(module)
-        if refusal is not None and (trainable or any(p.requires_grad for _, p in resolved.claims_of.get(module, []))):
+        if refusal is not None and (trainable or any(_records(p, recorded) for _, p in resolved.claims_of.get(module, []))):
             problems.append(f"{path} ({type(module).__name__}: {refusal})")
     if problems:
         raise UnsupportedModelError(
@@ -259,18 +297,26 @@ class Probe:
 class MaskedEngine:
     """Hooks that fill each batch's per-mask values during the user's backward."""
 
-    def __init__(self, model: nn.Module, mask_specs: Iterable[tuple[int, int]], num_params: int):
-        resolved = check_model(model)
+    def __init__(self, model: nn.Module, mask_specs: Iterable[tuple[int, int]], num_params: int,
+                 generic: bool = True, params: Optional[Sequence[nn.Parameter]] = None):
+        """``params``: the recorded parameters in the store's index order (default: every trainable one, in
+        named_parameters() order); ``num_params`` must be their size. ``generic``: modules no registered handler
+        serves take the generic path (False: they are refused)."""
+        recorded = list(params) if params is not None else [p for _, p in recorded_parameters(model)]
+        resolved = check_model(model, generic, {id(p) for p in recorded})
+        if sum(p.numel() for p in recorded) != num_params:
+            raise RecordingUsageError(f"the recorded parameters hold {sum(p.numel() for p in recorded)} values, "
+                                      f"the store indexes {num_params}")
         self.model = model
         self.mask_specs = sorted(set(mask_specs))  # (seed, k)
         self.num_params = num_params
         offsets = [0]
         slots_of: dict[nn.Module, list[ParamSlot]] = {}
         names = {id(p): n for n, p in model.named_parameters()}
-        for p in model.parameters():
+        for p in recorded:
             offsets.append(offsets[-1] + p.numel())
-        offset_of = {id(p): offsets[i] for i, p in enumerate(model.parameters())}
-        index_of = {id(p): i for i, p in enumerate(model.parameters())}
+        offset_of = {id(p): offsets[i] for i, p in enumerate(recorded)}
+        index_of = {id(p): i for i, p in enumerate(recorded)}
         self.offsets = np.array(offsets, np.int64)
         paths: dict[nn.Module, str] = {}
         for path, module in model.named_modules():
@@ -283,12 +329,14 @@ class MaskedEngine:
             slots = []
             if handler is not None:
                 for name, p in resolved.own(module) + resolved.claims_of.get(module, []):
-                    if p.requires_grad:
+                    if id(p) in index_of:
                         slot = ParamSlot(index_of[id(p)], name, p, offset_of[id(p)])
                         slots.append(slot)
                         if handler.dense_is_cheap(name):
                             dense_candidates.append(slot)
             if handler is not None and slots:
+                if isinstance(handler, GenericHandler):
+                    handler.names = tuple(slot.name for slot in slots)
                 slots_of[module] = slots
                 self._handler_of[module] = handler
                 if handler.tuple_output:  # its whole call: keyword arguments, a tuple output (handlers.base)
@@ -321,6 +369,11 @@ class MaskedEngine:
         self.unkeyed: list = []  # (capture, slots) of backward passes whose keys are not known yet
         self.compute_seconds = 0.0  # inside the hooks, on the training thread
         self.prepare_seconds = 0.0  # mask positions and their split, in the background thread
+
+    @property
+    def plan(self) -> dict[str, str]:
+        """{module path: how it is recorded} (``recording_plan``): a handler's class name, or the generic path."""
+        return {self.paths[module]: handler_label(self._handler_of[module]) for module in self._slots_of}
 
     # ------------------------------------------------------------------ batches
 
@@ -849,7 +902,15 @@ def check_positions(theirs: torch.Tensor) -> torch.Tensor:
     return torch.unique(torch.cat(picked))
 
 
-def _cannot_form(handler, where, failure):
+def _cannot_form(handler, where, failure, module=None):
+    if isinstance(handler, GenericHandler):
+        return UnsupportedModelError(
+            f"{where} takes the generic path (no registered handler serves {type(module).__name__}: torch.func reruns "
+            f"the module's forward per sample), which cannot recompute it ({failure}). A forward that draws random "
+            "numbers (dropout while training, in the module or a module inside it) cannot be drawn again; vmap "
+            "cannot run data-dependent control flow or .item(). Fix: set those dropouts to 0 or record in eval "
+            "mode, hold bare parameters in a small module of their own (its forward adds or concatenates them: "
+            f"only it is rerun), {advice_for(module) if module is not None else VMAP_HELP}")
     return UnsupportedModelError(
         f"{type(handler).__name__} cannot form the per-sample gradient of {where} ({failure}), so the engine cannot "
         "check it against autograd and would not record it right. Fix: make the handler's dense() (small "
@@ -916,7 +977,7 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
             except NotImplementedError:
                 by_entry.append((handler, capture, name, where))
             except Exception as failure:
-                raise _cannot_form(handler, where, f"dense() raised {failure!r}") from failure
+                raise _cannot_form(handler, where, f"dense() raised {failure!r}", capture.module) from failure
         for mine, where in whole:
             if mine.numel() != theirs.numel():
                 raise UnsupportedModelError(
@@ -939,7 +1000,7 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                     got = handler.values(capture, name, torch.zeros_like(positions, device=device),
                                          positions.to(device))
                 except Exception as failure:
-                    raise _cannot_form(handler, where, f"values() raised {failure!r}") from failure
+                    raise _cannot_form(handler, where, f"values() raised {failure!r}", capture.module) from failure
                 if got.numel() != positions.numel():
                     raise UnsupportedModelError(
                         f"{where}: its handler's values() gives {got.numel()} values for {positions.numel()} pairs. "

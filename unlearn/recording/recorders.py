@@ -18,7 +18,7 @@ weights to undo its key's contribution. Forgetting is then ``w + scale * sum(row
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from gradstore import masks
 
 from ..errors import RecordingUsageError
 from ..identity import store_identity
-from ..params import named_shapes
+from ..params import recorded_parameters
 from .names import FLAVOURS, LAYER, ORIGINAL, PER_SAMPLE, RECORDING_METHODS, STEP_METHODS, UPDATE
 from .preconditioner import Preconditioner
 
@@ -160,7 +160,7 @@ def recorder_for(store: Any, method: str, flavour: str = UPDATE) -> Recorder:
 def create_recorder(path: Union[str, os.PathLike], method: str, model: torch.nn.Module, num_samples: int, steps: Optional[int] = None, *, keep: float = 0.1,
                     codec: str = "int8", flavour: str = UPDATE, seed: int = 0, memory_budget: int = 256 << 20,
                     buffer_dir: Optional[str] = None, overwrite: bool = False, run_id: Optional[str] = None,
-                    data_sha256: Optional[str] = None) -> Recorder:
+                    data_sha256: Optional[str] = None, modules: Optional[Sequence[str]] = None) -> Recorder:
     """Create the store of one recording method and the recorder that fills it: the one place
     every method's store is laid out (per-sample: a row per sample, masked to ``keep``;
     original: a dense row per step; layer: a row per step masked to ``keep``).
@@ -171,11 +171,17 @@ def create_recorder(path: Union[str, os.PathLike], method: str, model: torch.nn.
 
     ``run_id`` and ``data_sha256`` name the run and its data in the store's identity
     (``unlearn.identity``); the mask seed and the model's fingerprint are always there.
+
+    The store indexes the recorded parameters (``unlearn.params.recorded_parameters``): the trainable ones in
+    named_parameters() order, or those at or under the names in ``modules`` ("encoder.layer.0", "classifier");
+    frozen parameters never. Their names and shapes are the fingerprint: ``attach`` and ``forget_keys`` read the
+    index space back from it.
     """
     from . import distributed
 
-    num_params = sum(p.numel() for p in model.parameters())
-    fingerprint = gradstore.model_fingerprint(named_shapes(model))
+    recorded = recorded_parameters(model, modules)
+    num_params = sum(p.numel() for _, p in recorded)
+    fingerprint = gradstore.model_fingerprint([(name, tuple(p.shape)) for name, p in recorded])
     options: dict[str, Any] = dict(codec=codec, seed=seed, fingerprint=fingerprint,
                    identity=store_identity(fingerprint, seed, run_id, data_sha256),
                    memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite)

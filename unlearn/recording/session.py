@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gradstore import masks
 
-from ..params import flat_view
+from ..params import flat_view, parameters_named
 from ..errors import RecordingUsageError
 from . import distributed
 from .engine import MaskedEngine, merge_repeated_keys
@@ -139,15 +139,16 @@ def vmap_inputs(batch: Any) -> tuple[Any, torch.Tensor]:
     raise RecordingUsageError(f"engine='vmap' needs (inputs, targets) batches or dicts with a label entry, got {type(batch).__name__}")
 
 
-def _per_sample_grads_kwargs(model, inputs, targets, loss_scale, chunk_size, loss_fn):
+def _per_sample_grads_kwargs(model, inputs, targets, loss_scale, chunk_size, loss_fn, names):
     """``per_sample_grads`` for a model called with keyword inputs: flat [B, M] per-sample gradients."""
     from torch.func import functional_call, grad, vmap
 
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    every = dict(model.named_parameters())
+    params = {name: every[name].detach() for name in names}
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
 
     def sample_loss(p, x, y):
-        logits = functional_call(model, p, (), {name: value.unsqueeze(0) for name, value in x.items()})
+        logits = functional_call(model, p, (), {name: value.unsqueeze(0) for name, value in x.items()}, strict=False)
         return loss_fn(logits, y.unsqueeze(0)) * loss_scale
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
@@ -237,6 +238,14 @@ class RecordingOptimizer(torch.optim.Optimizer):
         """
         return self._session.step(closure)
 
+    def recording_plan(self) -> dict[str, str]:
+        """{module path: how it is recorded}: a registered handler's class name, or the generic path (torch.func
+        on that module, slower); with engine='vmap', the whole model through torch.func."""
+        session = self._session
+        if session.engine is not None:
+            return session.engine.plan
+        return {"model": "vmap (torch.func on the whole model)"} if session.computes_gradients else {}
+
     def set_batch(self, keys: ArrayLike, labels: Optional[ArrayLike] = None) -> None:
         """The keys (training indices) of the samples in the backward passes of this step, in batch order.
 
@@ -255,12 +264,43 @@ class RecordingOptimizer(torch.optim.Optimizer):
         self._session.finish()
 
 
+def recorded_by(model: torch.nn.Module, recorders: Sequence[Recorder]) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """(names, parameters) the stores index, in their order: their fingerprint's names, looked up in ``model``
+    (or in the module a DistributedDataParallel wraps, when the store was created from it). Every store must
+    index the same parameters, each still trainable."""
+    root = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    found: Optional[list[str]] = None
+    for recorder in recorders:
+        names = (recorder.store.config.get("fingerprint") or {}).get("names")
+        names = list(names) if names is not None else [n for n, _ in model.named_parameters()]
+        if found is not None and names != found:
+            raise RecordingUsageError(f"{recorder.store.path} indexes other parameters than {recorders[0].store.path}: "
+                                      "record every store of one session with the same modules")
+        found = names
+    if found is None:
+        return [n for n, _ in model.named_parameters()], list(model.parameters())
+    own = dict(model.named_parameters())
+    holder = model if all(n in own for n in found) else root
+    params = parameters_named(holder, found)
+    frozen = [n for n, p in zip(found, params) if not p.requires_grad]
+    if frozen:
+        raise RecordingUsageError(f"{recorders[0].store.path} records {', '.join(frozen[:5])}, which the model has "
+                                  "frozen now (requires_grad=False): create the store after freezing, so that it "
+                                  "indexes the trainable parameters only")
+    total = sum(p.numel() for p in params)
+    for recorder in recorders:
+        if recorder.store.num_params != total:
+            raise RecordingUsageError(f"{recorder.store.path} holds {recorder.store.num_params} parameters; the "
+                                      f"parameters it names have {total}")
+    return found, params
+
+
 class RecordingSession:
     """The state shared by the wrapped loader and optimizer: the engine, the recorders, the ingest."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, recorders: Sequence[Recorder],
                  engine: str = MASKED, loss_fn: Optional[Callable] = None, chunk_size: int = 64,
-                 background: bool = True):
+                 background: bool = True, generic: bool = True):
         if engine not in ENGINES:
             raise RecordingUsageError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
@@ -269,15 +309,13 @@ class RecordingSession:
         self.engine_name = engine
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
-        self.params = list(model.parameters())
+        self.names, self.params = recorded_by(model, self.recorders)
+        self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # what the vmap engine trains
         num_params = sum(p.numel() for p in self.params)
-        for recorder in self.recorders:
-            if recorder.store.num_params != num_params:
-                raise RecordingUsageError(f"{recorder.store.path} holds {recorder.store.num_params} parameters; "
-                                 f"the model has {num_params}")
         self.num_params = num_params
         self.mask_specs = sorted({r.mask for r in self.recorders if r.needs_per_sample})
-        self.engine = MaskedEngine(model, self.mask_specs, num_params) if engine == MASKED and self.mask_specs else None
+        self.engine = MaskedEngine(model, self.mask_specs, num_params, generic, self.params) \
+            if engine == MASKED and self.mask_specs else None
         self.share = distributed.gradient_share(model)  # 1/W under DDP: a rank's backward is W times its share
         if self.share != 1.0 and engine == VMAP and self.mask_specs:
             raise RecordingUsageError("engine='vmap' recomputes gradients outside DistributedDataParallel's backward: "
@@ -327,17 +365,30 @@ class RecordingSession:
         per_sample = self._per_sample = self._vmap(x, y)
         total = per_sample.sum(0)
         offset = 0
-        for p in self.params:
+        for _, p in self._trainable:
             p.grad = total[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
     def _vmap(self, x, y):
+        """[B, M'] per-sample gradients of every trainable parameter (the recorded ones among them: ``_columns``)."""
         device = self.params[0].device
+        names = [name for name, _ in self._trainable]
         if isinstance(x, Mapping):  # keyword inputs of a dict batch
             return _per_sample_grads_kwargs(self.model, {name: v.to(device) for name, v in x.items()}, y.to(device),
-                                            1.0 / len(y), self.chunk_size, self.loss_fn)
+                                            1.0 / len(y), self.chunk_size, self.loss_fn, names)
         return per_sample_grads(self.model, x.to(device), y.to(device), loss_scale=1.0 / len(y),
-                                chunk_size=self.chunk_size, loss_fn=self.loss_fn)
+                                chunk_size=self.chunk_size, loss_fn=self.loss_fn, names=names)
+
+    def _recorded_columns(self, device: torch.device) -> Optional[torch.Tensor]:
+        """Where each recorded position sits among ``_vmap``'s columns; None when they are the same."""
+        if [name for name, _ in self._trainable] == list(self.names):
+            return None
+        start, at = 0, {}
+        for name, p in self._trainable:
+            at[name] = start
+            start += p.numel()
+        return torch.cat([torch.arange(at[name], at[name] + p.numel())
+                          for name, p in zip(self.names, self.params)]).to(device)
 
     def _vmap_values(self):
         """The vmap path's per-mask values of this step's batches: full per-sample gradients, gathered."""
@@ -351,9 +402,11 @@ class RecordingSession:
         else:
             per_sample = torch.cat([self._vmap(*vmap_inputs(b[2])) for b in batches])
         result = {}
+        columns = self._recorded_columns(per_sample.device)
         for seed, k in self.mask_specs:
             positions = torch.from_numpy(masks.positions_many(seed, keys, self.num_params, k)).to(per_sample.device)
-            result[(seed, k)] = (positions, torch.gather(per_sample, 1, positions))
+            at = positions if columns is None else columns[positions]
+            result[(seed, k)] = (positions, torch.gather(per_sample, 1, at))
         return merge_repeated_keys(keys, labels, result)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -457,7 +510,7 @@ class _FirstEvaluation:
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: Optional[DataLoader] = None,
            recorders: Sequence[Recorder] = (), *, engine: str = MASKED, loss_fn: Optional[Callable] = None,
-           chunk_size: int = 64, background: bool = True) -> tuple:
+           chunk_size: int = 64, background: bool = True, generic: bool = True) -> tuple:
     """Wrap (optimizer, data_loader) so that every step records into ``recorders``.
 
     Returns (a ``torch.optim.Optimizer`` that records, the wrapped loader or None).
@@ -465,9 +518,12 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader
     per-sample terms; refuses BatchNorm in training mode and modules it cannot attribute,
     naming them) or 'vmap' (torch.func; ``loss_fn(logits, targets)`` per sample, default
     cross-entropy, scaled by 1/B as a mean-reduced loss is). ``background``: store writes
-    in a thread overlapping the next step.
+    in a thread overlapping the next step. ``generic``: modules no registered handler serves record through
+    torch.func on that module (``recording_plan()`` says which path each module takes); False refuses them.
+    The parameters recorded are those the stores index (``create_recorder(modules=...)``: the trainable ones,
+    or a named subset).
     """
     session = RecordingSession(model, optimizer, recorders, engine=engine, loss_fn=loss_fn, chunk_size=chunk_size,
-                               background=background)
+                               background=background, generic=generic)
     loader = RecordingLoader(data_loader, session) if data_loader is not None else None
     return RecordingOptimizer(optimizer, session), loader

@@ -9,7 +9,7 @@ option; ``"auto"`` runs the rule registered for the request's kind (``AUTO``).
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, TypeVar, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ class RuleInput:
     store: Optional[FinishedStore] = None  # the open store, where the caller has one (forget() does)
     retained_loader: Optional[Any] = None  # batches of retained data, where the caller gives one (for rules that train)
     seed: int = 0
+    names: Optional[Sequence[str]] = None  # the parameters ``base`` and ``rows`` index, in order (None: every one)
+
+    def load(self, weights: np.ndarray) -> None:
+        """Load a flat vector of the store's index space into ``model`` (what a rule that evaluates weights calls)."""
+        load_flat_params(self.model, weights, self.names)
 
     @property
     def kind(self) -> str:
@@ -170,7 +175,7 @@ def run_rule(rule: Rule, given: RuleInput, name: str) -> ScaleChoice:
     """Run ``rule`` on the model at its base weights and check what it returns: a finite change of the
     model's size and a JSON-able report."""
     started = time.perf_counter()
-    load_flat_params(given.model, given.base)
+    given.load(given.base)
     step = rule(given)
     seconds = time.perf_counter() - started
     if not isinstance(step, Step):
