@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from ..recording import RecordingOptimizer
 from ..recording.names import UPDATE
@@ -11,17 +11,19 @@ from ..recording.names import UPDATE
 
 class RecordingSettings:
     """A framework callback's recording: ``create_recorder``'s options for the per-sample method, the recorder
-    once training began, and the optimizer that records. ``num_samples`` defaults to the train dataset's size."""
+    once training began, and the optimizer that records. ``num_samples`` defaults to the train dataset's size;
+    ``modules`` names the part of the model to record (default: every trainable parameter; frozen ones never)."""
 
     def __init__(self, path: Union[str, os.PathLike], *, keep: float = 0.1, codec: str = "int8",
                  flavour: str = UPDATE, seed: int = 0, num_samples: Optional[int] = None,
                  memory_budget: int = 256 << 20, buffer_dir: Optional[str] = None, overwrite: bool = False,
-                 run_id: Optional[str] = None, data_sha256: Optional[str] = None, background: bool = True):
+                 run_id: Optional[str] = None, data_sha256: Optional[str] = None, background: bool = True,
+                 modules: Optional[Sequence[str]] = None):
         super().__init__()
         self.path = path
         self.options: dict[str, Any] = dict(keep=keep, codec=codec, flavour=flavour, seed=seed,
                                             memory_budget=memory_budget, buffer_dir=buffer_dir, overwrite=overwrite,
-                                            run_id=run_id, data_sha256=data_sha256)
+                                            run_id=run_id, data_sha256=data_sha256, modules=modules)
         self.num_samples = num_samples
         self.background = background
         self.recorder: Any = None
