@@ -1,5 +1,11 @@
 """`python -m bench throughput`: what recording costs against plain training, engine by engine.
 
+Models: ``simple`` (SimpleModel) and ``resnet18`` on MNIST images; ``lm``, a small byte-level GPT-2
+(``bench.language.build_gpt2``, 1.85 M parameters, transformers' Conv1D, tied wte/lm_head) trained as a
+causal LM on windows of the Python stdlib's own ``.py`` files, and ``bert``, a small BERT classifier
+(``build_bert``) on padded windows of the same files (attention_mask of varying lengths). The text
+models are called as users call them: dict batches, ``model(**batch).loss``.
+
 Four engines run the same model, data, batches and loop: ``plain`` training, recording
 with the ``masked`` engine (hooks in the backward, kept values only), recording with the
 ``vmap`` engine (torch.func full per-sample gradients), and Opacus' ``GradSampleModule``
@@ -8,7 +14,9 @@ with the ``masked`` engine (hooks in the backward, kept values only), recording 
 children are interleaved (A, B, A, B, ... over ``--repeats``) and every figure is a
 median. ``overhead`` is against ``plain`` of the same model in the same run. Recording
 rows: update flavour, int8 store. Recording rows also report where their time goes and,
-from their finished store, how fast it forgets.
+from their finished store, how fast it forgets. An engine that cannot run a model (Opacus on a
+module it does not support, vmap through control flow it cannot trace) gives a row whose note is
+the error its child caught; the benchmark goes on.
 """
 
 import json
@@ -26,7 +34,9 @@ import torch
 from unlearn.runs.config import PER_SAMPLE
 
 ENGINES = ("plain", "masked", "vmap", "opacus")
-MODELS = ("simple", "resnet18")
+MODELS = ("simple", "resnet18", "lm", "bert")
+IMAGE_MODELS = ("simple", "resnet18")
+TEXT_MODELS = ("lm", "bert")
 OPACUS_MISSING = "opacus is not installed: pip install 'amnesiac-gradstore[peers]' (an optional extra)"
 
 
@@ -35,10 +45,10 @@ def configurations(args):
     cells = []
     for model in args.models:
         for engine in args.engines:
-            if args.quick and model == "resnet18" and engine == "vmap":
+            if args.quick and model in ("resnet18", *TEXT_MODELS) and engine == "vmap":
                 continue  # several seconds a step on 2 cores: only the full run has it
             keeps = args.keeps if engine in ("masked", "vmap") else [None]
-            if args.quick and model == "resnet18":
+            if args.quick and model in ("resnet18", *TEXT_MODELS):
                 keeps = keeps[:1]
             cells += [(model, engine, keep) for keep in keeps]
     if args.study:  # the study's one recording run: 12 stores, 6 masks, on SimpleModel
@@ -60,17 +70,82 @@ def load_batches(samples, batch_size):
     return split.train_x[:count], split.train_y[:count], split.in_channels, split.num_classes, source
 
 
+class TextDataset(torch.utils.data.Dataset):
+    """Dict samples (``input_ids``, ``labels``, ``attention_mask`` for BERT): the default collate stacks them
+    into the dict batches a Hugging Face model takes as ``model(**batch)``."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index):
+        return {name: value[index] for name, value in self.tensors.items()}
+
+
+def text_data(model, samples, seq_len):
+    """(tensors of the dataset, a description of the text).
+
+    ``lm``: non-overlapping windows of the stdlib's bytes, labels = input_ids (the model shifts them), an
+    attention_mask of ones (as a tokenizer gives it; without one transformers checks the ids for padding
+    tokens, which torch.func's vmap cannot trace). ``bert``: a CLS token and seq_len - 1 bytes, labelled by
+    whether the file is private, right-padded to a length drawn uniformly in [seq_len / 4, seq_len]
+    (attention_mask 0 on the padding)."""
+    from bench import language
+
+    corpus = language.stdlib_corpus()
+    where = f"stdlib .py, {len(corpus.files)} files, sha256 {corpus.sha256[:12]}"
+    if model == "lm":
+        ids = torch.from_numpy(language.windows(language.encode(corpus.text), seq_len, samples))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}, where
+    ids, labels = language.classification_windows(corpus, seq_len, samples, seed=0)
+    lengths = np.random.default_rng(1).integers(max(2, seq_len // 4), seq_len + 1, samples)
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]
+    ids = np.where(mask, ids, language.PAD)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "labels": torch.from_numpy(labels)}, where
+
+
+def build_text_model(model, seq_len):
+    from bench import language
+
+    if model == "lm":
+        return language.build_gpt2(seed=0, n_positions=max(128, seq_len))
+    return language.build_bert(seed=0, max_positions=max(128, seq_len))
+
+
+def lm_sample_loss(out, labels):
+    """The vmap engine's per-sample loss of the LM: the mean next-token cross-entropy over its window (the
+    engine scales it by 1/B: the batch's mean over its B * (T - 1) tokens, as the model's own loss)."""
+    logits = out.logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def bert_sample_loss(out, labels):
+    return torch.nn.functional.cross_entropy(out.logits, labels)
+
+
 def run_child(spec):
     """One cell: time ``steps`` training steps after ``warmup``; returns the row's measurements."""
     from unlearn import attach, create_recorder
-    from unlearn.runs.models import build_model
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    x, y, channels, classes, source = load_batches(spec["samples"], spec["batch_size"])
-    model = build_model(spec["model"], channels, classes, seed=0).to(device)
+    text = spec["model"] in TEXT_MODELS
+    loss_fn = None
+    if text:
+        tensors, source = text_data(spec["model"], spec["samples"], spec["seq_len"])
+        model = build_text_model(spec["model"], spec["seq_len"]).to(device).train()
+        dataset, count = TextDataset(tensors), len(tensors["labels"])
+        loss_fn = lm_sample_loss if spec["model"] == "lm" else bert_sample_loss
+    else:
+        from unlearn.runs.models import build_model
+
+        x, y, channels, classes, source = load_batches(spec["samples"], spec["batch_size"])
+        model = build_model(spec["model"], channels, classes, seed=0).to(device)
+        dataset, count = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), len(x)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True,
                                          generator=torch.Generator().manual_seed(0), drop_last=True)
     engine, result = spec["engine"], {"inputs": source}
@@ -78,7 +153,8 @@ def run_child(spec):
     if engine == "opacus":
         from opacus import GradSampleModule
 
-        out_of_place(model)
+        if not text:
+            out_of_place(model)
         model = GradSampleModule(model)
     elif engine in ("masked", "vmap"):
         scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-")
@@ -89,24 +165,30 @@ def run_child(spec):
                                          keep=keep, codec="fp32", flavour=flavour, seed=0)
                          for flavour in FLAVOURS for keep in KEEPS]
         else:
-            recorders = [create_recorder(Path(scratch.name) / "store.h5", PER_SAMPLE, model, len(x),
+            recorders = [create_recorder(Path(scratch.name) / "store.h5", PER_SAMPLE, model, count,
                                          keep=spec["keep"], codec="int8", flavour="update", seed=0)]
         recorder = recorders[-1]
-        optimizer, loader = attach(model, optimizer, loader, recorders, engine=engine)
+        optimizer, loader = attach(model, optimizer, loader, recorders, engine=engine, loss_fn=loss_fn)
         session = optimizer.session
     total = spec["warmup"] + spec["steps"]
-    times, done, at_warmup = [], 0, None
+    times, cpu_times, done, at_warmup = [], [], 0, None
     while done < total:
-        for batch_x, batch_y in loader:
+        for batch in loader:
             if done == total:
                 break
-            started = time.perf_counter()
-            batch_x, batch_y = batch_x.to(device), batch_y.to(device)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            if text:  # a dict batch, called as users call a Hugging Face model
+                batch = {name: value.to(device) for name, value in batch.items()}
+                inputs, targets = vmap_inputs(batch) if engine == "vmap" else (None, None)
+            else:
+                inputs, targets = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad()
             if engine == "vmap":
-                session.backward(batch_x, batch_y)  # the vmap engine's one gradient computation
+                session.backward(inputs, targets)  # the vmap engine's one gradient computation
+            elif text:
+                model(**batch).loss.backward()  # the model's own loss
             else:
-                torch.nn.functional.cross_entropy(model(batch_x), batch_y).backward()
+                torch.nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
             if engine == "opacus":
                 for p in model.parameters():
@@ -114,16 +196,21 @@ def run_child(spec):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
             done += 1
             if done == spec["warmup"] and session is not None:  # first calls load numba kernels: not counted
                 session.flush()
                 at_warmup = counters(session)
     if session is not None:  # the background store writes of the timed steps count
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         session.flush()
         times[-1] += time.perf_counter() - started
+        cpu_times[-1] += time.process_time() - cpu_started
     timed = times[spec["warmup"]:]
     result["seconds_per_step"] = statistics.median(timed)
+    # CPU seconds of the whole process (every thread: torch's, numba's, the background positions and
+    # ingest): the work a step costs, less sensitive than wall time to other processes sharing the cores
+    result["cpu_seconds_per_step"] = statistics.median(cpu_times[spec["warmup"]:])
     result["mean_seconds_per_step"] = sum(timed) / len(timed)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
@@ -136,6 +223,28 @@ def run_child(spec):
         result.update(forget_figures(recorder.store.path))
         scratch.cleanup()
     return result
+
+
+def vmap_inputs(batch):
+    from unlearn.recording.session import vmap_inputs as split
+
+    return split(batch)
+
+
+def run_child_reporting(spec):
+    """``run_child``, with an error it raises (an engine that cannot run the model) as the row's measurement:
+    {"error": "<engine> cannot run <model>: <exception>"}, so the benchmark goes on and the row says why."""
+    try:
+        return run_child(spec)
+    except Exception as error:  # noqa: BLE001: any failure of the engine on this model is the row's finding
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        if len(message) > 300:
+            message = message[:297] + "..."
+        who = "Opacus" if spec["engine"] == "opacus" else f"the {spec['engine']} engine"
+        return {"error": f"{who} cannot run {spec['model']}: {type(error).__name__}: {message}"}
 
 
 def out_of_place(model):
@@ -179,15 +288,20 @@ def forget_figures(path):
             started = time.perf_counter()
             store.scatter_add(flat, [key], -1.0)
             one.append(time.perf_counter() - started)
-        label = int(np.bincount(store.labels[live]).argmax())
-        class_keys = store.keys_with_label(label)
-        started = time.perf_counter()
-        store.scatter_add(flat, class_keys, -1.0)
-        class_seconds = time.perf_counter() - started
+        labelled = store.labels[live]
+        labelled = labelled[labelled >= 0]
+        class_keys, class_seconds = np.zeros(0, np.int64), None
+        if labelled.size:  # an LM's rows have no class label: no class request
+            label = int(np.bincount(labelled).argmax())
+            class_keys = store.keys_with_label(label)
+            started = time.perf_counter()
+            store.scatter_add(flat, class_keys, -1.0)
+            class_seconds = time.perf_counter() - started
         started = time.perf_counter()
         store.scatter_add(flat, live, -1.0)
         all_seconds = time.perf_counter() - started
-        return {"forget_one_sample_ms": statistics.median(one) * 1e3, "forget_class_ms": class_seconds * 1e3,
+        return {"forget_one_sample_ms": statistics.median(one) * 1e3,
+                "forget_class_ms": None if class_seconds is None else class_seconds * 1e3,
                 "class_rows": int(class_keys.size),
                 "scatter_add_values_per_s": live.size * store.k / all_seconds}
 
@@ -220,9 +334,12 @@ def measure(args, log=print):
         for model, engine, keep in cells:
             if engine == "opacus" and not have_opacus:
                 continue
-            steps = args.steps if model == "simple" else args.resnet_steps
-            spec = {"model": model, "engine": engine, "keep": keep, "device": device, "samples": args.samples,
-                    "batch_size": args.batch_size, "warmup": args.warmup, "steps": steps}
+            steps = {"simple": args.steps, "resnet18": args.resnet_steps}.get(model, args.text_steps)
+            text = model in TEXT_MODELS
+            spec = {"model": model, "engine": engine, "keep": keep, "device": device,
+                    "samples": args.text_samples if text else args.samples,
+                    "batch_size": args.text_batch_size if text else args.batch_size, "warmup": args.warmup,
+                    "steps": steps, "seq_len": args.seq_len}
             result = measure_cell(spec, args.timeout)
             runs[(model, engine, keep)].append(result)
             if "error" in result:
@@ -239,7 +356,7 @@ def rows_from(runs, have_opacus):
     for (model, engine, keep), results in runs.items():
         good = [r for r in results if "error" not in r]
         row = {"model": model, "engine": engine, "keep": keep, "seconds_per_step": None, "overhead": None,
-               "peak_rss_mb": None, "note": ""}
+               "cpu_seconds_per_step": None, "cpu_overhead": None, "peak_rss_mb": None, "rss_ratio": None, "note": ""}
         if engine == "opacus" and not have_opacus:
             row["note"] = OPACUS_MISSING
         elif not good:
@@ -250,17 +367,23 @@ def rows_from(runs, have_opacus):
                 row[key] = statistics.median(values) if values else good[0][key]
             row["repeats"] = len(good)
             if engine == "plain":
-                plain[model] = row["seconds_per_step"]
+                plain[model] = row
         rows.append(row)
     for row in rows:
-        if row["seconds_per_step"] is not None and plain.get(row["model"]):
-            row["overhead"] = row["seconds_per_step"] / plain[row["model"]]
+        reference = plain.get(row["model"])
+        if row["seconds_per_step"] is None or reference is None:
+            continue
+        for key, ratio in (("seconds_per_step", "overhead"), ("cpu_seconds_per_step", "cpu_overhead"),
+                           ("peak_rss_mb", "rss_ratio")):
+            if isinstance(row.get(key), (int, float)) and reference.get(key):
+                row[ratio] = row[key] / reference[key]
     return rows
 
 
 def table(rows):
-    lines = ["| model | engine | p | ms / step | overhead vs plain | peak RSS (MB) | hooks / positions / store (ms / step) | note |",
-             "|---|---|---|---:|---:|---:|---|---|"]
+    lines = ["| model | engine | p | ms / step | overhead vs plain | CPU ms / step (vs plain) | peak RSS (MB) (vs plain) "
+             "| hooks / positions / store (ms / step) | note |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     for row in rows:
         parts = [f"{row[key]:.1f}" if isinstance(row.get(key), float) else "-"
                  for key in ("hooks_ms_per_step", "positions_ms_per_step", "store_ms_per_step")]
@@ -268,43 +391,59 @@ def table(rows):
         step = f"{row['seconds_per_step'] * 1e3:.1f}" if row["seconds_per_step"] is not None else "-"
         overhead = f"{row['overhead']:.2f}x" if row["overhead"] is not None else "-"
         rss = f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] is not None else "-"
+        if row.get("rss_ratio") is not None:
+            rss += f" ({row['rss_ratio']:.2f}x)"
+        cpu = f"{row['cpu_seconds_per_step'] * 1e3:.1f}" if row.get("cpu_seconds_per_step") is not None else "-"
+        if row.get("cpu_overhead") is not None:
+            cpu += f" ({row['cpu_overhead']:.2f}x)"
         lines.append(f"| {row['model']} | {row['engine']} | {row['keep'] if row['keep'] is not None else '-'} | {step} | "
-                     f"{overhead} | {rss} | {where} | {row['note']} |")
+                     f"{overhead} | {cpu} | {rss} | {where} | {row['note']} |")
     return "\n".join(lines)
 
 
 def main(args):
     if args.child:
-        print(json.dumps(run_child(json.loads(args.child))))
+        print(json.dumps(run_child_reporting(json.loads(args.child))))
         return 0
     if args.quick:
         args.repeats, args.steps, args.resnet_steps, args.warmup = 1, min(args.steps, 12), min(args.resnet_steps, 2), 2
+        args.text_steps = min(args.text_steps, 2)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     started = time.perf_counter()
     rows, device = measure(args, log)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "repeats": args.repeats, "steps": args.steps, "resnet_steps": args.resnet_steps,
+            "repeats": args.repeats, "steps": args.steps, "resnet_steps": args.resnet_steps, "models": args.models,
+            "text_batch_size": args.text_batch_size, "seq_len": args.seq_len, "text_steps": args.text_steps,
+            "text_samples": args.text_samples, "warmup": args.warmup,
             "seconds": time.perf_counter() - started}
     (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"\n{device}, {meta['threads']} threads, batch {args.batch_size}, update rows, int8; medians of "
+        batches = []
+        if any(m in IMAGE_MODELS for m in args.models):
+            batches.append(f"batch {args.batch_size} images")
+        if any(m in TEXT_MODELS for m in args.models):
+            batches.append(f"batch {args.text_batch_size} x {args.seq_len} tokens")
+        print(f"\n{device}, {meta['threads']} threads, {', '.join(batches)}, update rows, int8; medians of "
               f"{args.repeats} interleaved child processes ({meta['seconds']:.0f} s)")
         print(table(rows))
         for row in rows:
             if row.get("scatter_add_values_per_s"):
+                a_class = (f"a class ({row['class_rows']} rows) {row['forget_class_ms']:.1f} ms, "
+                           if row.get("forget_class_ms") is not None else "")
                 print(f"  {row['model']} {row['engine']} p={row['keep']}: forget one sample "
-                      f"{row['forget_one_sample_ms']:.2f} ms, a class ({row['class_rows']} rows) "
-                      f"{row['forget_class_ms']:.1f} ms, scatter-add {row['scatter_add_values_per_s'] / 1e6:.0f} M values/s")
+                      f"{row['forget_one_sample_ms']:.2f} ms, {a_class}"
+                      f"scatter-add {row['scatter_add_values_per_s'] / 1e6:.0f} M values/s")
     return 0
 
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help="a few minutes: every engine on SimpleModel; plain, masked, opacus on ResNet-18; 1 repeat")
+                        help="a few minutes: every engine on SimpleModel; plain, masked (first p), opacus on ResNet-18, "
+                        "lm and bert (2 timed steps each); 1 repeat")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.1], help="p of the recording engines")
@@ -312,6 +451,11 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per SimpleModel child")
     parser.add_argument("--resnet-steps", type=int, default=6, help="timed steps per ResNet-18 child")
+    parser.add_argument("--text-steps", type=int, default=8, help="timed steps per lm / bert child")
+    parser.add_argument("--text-batch-size", type=int, default=16, help="windows per batch of lm and bert")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window of lm and bert")
+    parser.add_argument("--text-samples", type=int, default=2048,
+                        help="stdlib windows the lm and bert batches are drawn from (the stores' rows)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per child")
