@@ -241,10 +241,25 @@ def run_child_reporting(spec):
 
         traceback.print_exc(file=sys.stderr)
         message = " ".join(str(error).split()) or type(error).__name__
-        if len(message) > 300:
-            message = message[:297] + "..."
+        if len(message) > 200:
+            message = message[:197] + "..."
         who = "Opacus" if spec["engine"] == "opacus" else f"the {spec['engine']} engine"
-        return {"error": f"{who} cannot run {spec['model']}: {type(error).__name__}: {message}"}
+        return {"error": f"{who} cannot run {spec['model']}: {type(error).__name__}: {message}{raised_at(error)}"}
+
+
+def raised_at(error):
+    """" (raised in <package path>:<line> <function>)": the innermost frame outside torch, where the model's
+    or the library's code met the failure (torch's own frames say only how it failed)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    parts = Path(frame.filename).parts
+    anchor = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] == "site-packages"), None)
+    where = "/".join(parts[anchor + 1:]) if anchor is not None else "/".join(parts[-2:])
+    return f" (raised in {where}:{frame.lineno} {frame.name})"
 
 
 def out_of_place(model):
@@ -366,6 +381,7 @@ def rows_from(runs, have_opacus):
                 values = [r[key] for r in good if isinstance(r.get(key), (int, float))]
                 row[key] = statistics.median(values) if values else good[0][key]
             row["repeats"] = len(good)
+            row["each_seconds_per_step"] = [r["seconds_per_step"] for r in good]  # every repeat's: the spread
             if engine == "plain":
                 plain[model] = row
         rows.append(row)

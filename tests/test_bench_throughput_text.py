@@ -54,6 +54,7 @@ def test_an_engine_that_cannot_run_a_model_gives_a_row_saying_why():
             "warmup": 1, "steps": 1, "seq_len": 16}
     result = throughput.run_child_reporting(spec)
     assert result["error"].startswith("the vmap engine cannot run bert: RuntimeError: vmap"), result
+    assert "(raised in transformers/masking_utils.py" in result["error"]  # where: the mask code, not the model
     rows = throughput.rows_from({("bert", "plain", None): [{"seconds_per_step": 0.01, "peak_rss_mb": 900.0}],
                                  ("bert", "vmap", 0.01): [result]}, have_opacus=False)
     assert rows[1]["seconds_per_step"] is None and rows[1]["note"] == result["error"]
