@@ -168,7 +168,15 @@ def run_seed(seed, config, args, out, log):
     seed_dir.mkdir(parents=True, exist_ok=True)
     data = study_record.poisoned_data(config, seed)
     keys = np.asarray(data.poison.keys, np.int64)
-    trained, dense, seconds = train_watching(seed, config, data, seed_dir, log)
+    marker = seed_dir / "trained.json"
+    if marker.exists() and (seed_dir / STORE).exists() and json.loads(marker.read_text()).get("config") == config:
+        with np.load(seed_dir / "trained.npz") as saved:  # the run of these options, swept again
+            trained, dense = saved["trained"], {"grad": saved["grad"], "update": saved["update"]}
+        seconds = json.loads(marker.read_text())["seconds"]
+    else:
+        trained, dense, seconds = train_watching(seed, config, data, seed_dir, log)
+        np.savez(seed_dir / "trained.npz", trained=trained, **dense)
+        marker.write_text(json.dumps({"config": config, "seconds": seconds}))
     retrained, retrain_seconds = study_record.reference_model("poisoned", seed, config, seed_dir, data, log)
     model = build_model("simple", data.in_channels, data.num_classes, seed=seed).eval()
     entry = {"train_seconds": seconds, "retrain_seconds": retrain_seconds, "poisoned_keys": keys.tolist(),
@@ -188,7 +196,8 @@ def run_seed(seed, config, args, out, log):
     entry["search_signal"] = search_signal(seed_dir / STORE, keys, seed=seed)
     log(f"seed {seed}: search signal {entry['search_signal']}")
     if not args.keep_stores:
-        (seed_dir / STORE).unlink()
+        for name in (STORE, "trained.npz", "trained.json"):
+            (seed_dir / name).unlink()
     return entry
 
 
@@ -217,9 +226,11 @@ def add_arguments(parser):
     parser.add_argument("--poison", type=float, default=100, help="poisoned samples (a count, or a fraction below 1)")
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.1, 0.01], help="p of the variants (1: dense)")
     parser.add_argument("--flavours", nargs="+", default=["update", "grad"], choices=["update", "grad"])
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0],
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
                         help="steps times p: 1 is the rows as recorded, scaled to the whole gradient")
-    parser.add_argument("--keep-stores", action="store_true", help="keep the int8 store of each seed")
+    parser.add_argument("--keep-stores", action="store_true",
+                        help="keep each seed's int8 store, weights and dense rows: a later run with the same options "
+                             "sweeps them again without training")
 
 
 def main(args):
