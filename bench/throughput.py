@@ -9,7 +9,10 @@ models are called as users call them: dict batches, ``model(**batch).loss``.
 Four engines run the same model, data, batches and loop: ``plain`` training, recording
 with the ``masked`` engine (hooks in the backward, kept values only), recording with the
 ``vmap`` engine (torch.func full per-sample gradients), and Opacus' ``GradSampleModule``
-(full per-sample gradients through hooks: what users would pick instead). Each
+(full per-sample gradients through hooks: what users would pick instead; with its defaults, and on the text
+models with explicit [B, T] ``position_ids``, without which its position-embedding rows are not per sample;
+the row names the parameters whose ``grad_sample`` lacks a row per sample, and the module types Opacus
+computes through its functorch fallback). Each
 (model, engine, p) runs in its own child process, so its peak RSS is its own; the
 children are interleaved (A, B, A, B, ... over ``--repeats``) and every figure is a
 median. ``overhead`` is against ``plain`` of the same model in the same run. Recording
@@ -155,7 +158,10 @@ def run_child(spec):
 
         if not text:
             out_of_place(model)
-        model = GradSampleModule(model)
+        model = GradSampleModule(model)  # the defaults (strict): what a user of Opacus writes
+        result["opacus_functorch_modules"] = sorted(opacus_functorch_modules(model))
+        if text:
+            result["note"] = OPACUS_POSITION_IDS
     elif engine in ("masked", "vmap"):
         scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-")
         if spec["keep"] == "study":  # as bench/study/record.py records: fp32 stores, both flavours, every p
@@ -179,6 +185,8 @@ def run_child(spec):
             started, cpu_started = time.perf_counter(), time.process_time()
             if text:  # a dict batch, called as users call a Hugging Face model
                 batch = {name: value.to(device) for name, value in batch.items()}
+                if engine == "opacus":
+                    batch = with_position_ids(batch)
                 inputs, targets = vmap_inputs(batch) if engine == "vmap" else (None, None)
             else:
                 inputs, targets = batch[0].to(device), batch[1].to(device)
@@ -191,6 +199,11 @@ def run_child(spec):
                 torch.nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
             if engine == "opacus":
+                if done == 0:  # every parameter's grad_sample has a row per sample
+                    wrong = result["opacus_not_per_sample"] = not_per_sample(model, spec["batch_size"])
+                    if wrong:
+                        result["note"] = "; ".join(filter(None, [result.get("note"), "grad_sample not per sample: "
+                                                                 + ", ".join(wrong)]))
                 for p in model.parameters():
                     p.grad_sample = None
             if device.type == "cuda":
@@ -260,6 +273,38 @@ def raised_at(error):
     anchor = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] == "site-packages"), None)
     where = "/".join(parts[anchor + 1:]) if anchor is not None else "/".join(parts[-2:])
     return f" (raised in {where}:{frame.lineno} {frame.name})"
+
+
+OPACUS_POSITION_IDS = "position_ids passed as [B, T] (the model's default [1, T] gives one batch-summed row)"
+
+
+def with_position_ids(batch):
+    """The batch with explicit ``position_ids`` [B, T] (the values the model's own default takes). Called as users call
+    them, GPT-2 and BERT take their positions from a [1, T] tensor shared by the batch; Opacus' ``nn.Embedding`` grad
+    sampler then sees a batch of 1 and gives the position table a single ``grad_sample`` row (the batch's summed
+    gradient, times B), with no error; its ``DPOptimizer`` fails later, in ``clip_and_accumulate``, on the
+    mismatched batch sizes. With [B, T] ids its rows are every sample's own."""
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return {**batch, "position_ids": positions}
+
+
+def opacus_functorch_modules(model):
+    """The types of the modules Opacus computes through its per-layer functorch fallback (no grad sampler of its own
+    for them: transformers' Conv1D, for one)."""
+    return {type(module).__name__ for module in model.iterate_submodules(model._module)
+            if type(module) not in model.GRAD_SAMPLERS}
+
+
+def not_per_sample(model, batch_size):
+    """Names of the trainable parameters whose Opacus ``grad_sample`` is missing or does not have ``batch_size``
+    rows, after a backward."""
+    wrong = []
+    for name, param in model.named_parameters():
+        sample = getattr(param, "grad_sample", None)
+        if param.requires_grad and (not isinstance(sample, torch.Tensor) or sample.shape[0] != batch_size):
+            wrong.append(name.removeprefix("_module."))
+    return wrong
 
 
 def out_of_place(model):

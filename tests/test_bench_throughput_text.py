@@ -29,10 +29,15 @@ def test_lm_and_bert_rows_have_real_numbers(tmp_path):
         ("lm", "plain"), ("lm", "masked"), ("lm", "opacus"), ("bert", "plain"), ("bert", "masked"), ("bert", "opacus")]
     for row in rows:
         if row["engine"] == "opacus":  # a time, or a note naming why there is none
-            if row["seconds_per_step"] is None:
-                assert "opacus is not installed" in row["note"] or "Opacus cannot run" in row["note"], row["note"]
-            else:
-                assert row["seconds_per_step"] > 0 and row["overhead"] > 0
+            if not throughput.opacus_available():
+                assert row["seconds_per_step"] is None and "opacus is not installed" in row["note"], row
+            elif row["seconds_per_step"] is None:
+                assert row["note"].startswith("Opacus cannot run"), row["note"]
+            else:  # installed and ran: a real time, and every parameter's grad_sample had a row per sample
+                assert row["seconds_per_step"] > 0 and row["overhead"] > 0 and row["peak_rss_mb"] > 100
+                assert row["opacus_not_per_sample"] == [], row["note"]
+                assert row["note"] == throughput.OPACUS_POSITION_IDS
+                assert row["opacus_functorch_modules"] == (["Conv1D"] if row["model"] == "lm" else [])
             continue
         assert row["note"] == "", row["note"]
         assert row["seconds_per_step"] > 0 and row["cpu_seconds_per_step"] > 0 and row["peak_rss_mb"] > 100
@@ -68,3 +73,28 @@ def test_text_batches_are_dicts_with_padding_for_bert():
     assert bool((tensors["input_ids"][tensors["attention_mask"] == 0] == 256).all())  # PAD where masked
     lm, _ = throughput.text_data("lm", 8, 32)
     assert torch.equal(lm["input_ids"], lm["labels"]) and bool(lm["attention_mask"].eq(1).all())
+
+
+@pytest.mark.parametrize("name, table", [("lm", "transformer.wpe.weight"),
+                                         ("bert", "bert.embeddings.position_embeddings.weight")])
+def test_opacus_position_embeddings_need_per_sample_position_ids(name, table):
+    """Why the opacus rows pass ``position_ids`` [B, T]: called with the model's default [1, T] ids, Opacus gives the
+    position table one grad_sample row (the batch's, summed) and no error; with [B, T] ids every row is the sample's
+    own gradient, as autograd gives it for the sample alone."""
+    opacus = pytest.importorskip("opacus")
+    tensors, _ = throughput.text_data(name, 3, 16)
+    model = throughput.build_text_model(name, 16).train()
+    alone = []
+    for i in range(3):
+        model.zero_grad()
+        model(**{key: value[i:i + 1] for key, value in tensors.items()}).loss.backward()
+        alone.append(dict(model.named_parameters())[table].grad.clone())
+    wrapped = opacus.GradSampleModule(model)
+    wrapped(**tensors).loss.backward()
+    assert throughput.not_per_sample(wrapped, 3) == [table]
+    for param in model.parameters():
+        param.grad_sample = None
+    wrapped(**throughput.with_position_ids(tensors)).loss.backward()
+    assert throughput.not_per_sample(wrapped, 3) == []
+    rows = dict(model.named_parameters())[table].grad_sample
+    torch.testing.assert_close(rows, torch.stack(alone), rtol=1e-4, atol=1e-6)
