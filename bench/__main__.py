@@ -1,4 +1,4 @@
-"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,crash,corrupt,purge,lm} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,7 +25,7 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import backdoor, codecs_study, corrupt, crash, footprint, positions, protocol, purge, scale, store, study, throughput
+    from . import backdoor, codecs_study, corrupt, crash, footprint, lm, positions, protocol, purge, scale, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +42,7 @@ def main():
         ("purge", purge, "time to erase forgotten rows against the store's size"),
         ("study", study, "the seed's tables: every codec, flavour and p, class, sample and poisoned requests, plots"),
         ("backdoor", backdoor, "a poisoned request's removal variants: ASR against the target class and TA"),
+        ("lm", lm, "a byte-level GPT-2 on the stdlib with planted canaries: exposure after train, retrain, forget_keys"),
     ):
         sub = commands.add_parser(name, help=summary)
         module.add_arguments(sub)

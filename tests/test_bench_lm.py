@@ -1,0 +1,163 @@
+"""`python -m bench lm --quick`, end to end: a tiny byte-level GPT-2 on the stdlib with planted canaries, trained
+with recording into a real store, retrained without the canaries, and made to forget them with forget_keys.
+
+Checks the run folder (the corpus' identity, the canaries' keys and the training set they sit in), the store
+(the canary rows forgotten, the others live), the forgotten weights (the trained ones plus the canary rows at
+their positions times the scale), and the report; and the exact exposure against brute force.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradstore
+
+pytest.importorskip("transformers")
+
+from bench import lm
+from bench.language import build_gpt2, encode, stdlib_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    done = subprocess.run([sys.executable, "-m", "bench", "lm", "--quick", "--out", str(out)], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout, json.loads((out / "lm.json").read_text())
+
+
+def test_the_run_folder_names_the_corpus_and_the_canaries(run):
+    out, stdout, report = run
+    corpus = stdlib_corpus()
+    identity = json.loads((out / "corpus.json").read_text())
+    assert identity["sha256"] == corpus.sha256 == report["corpus"]["sha256"]
+    assert identity["files"] == sorted(identity["files"]) and len(identity["files"]) == identity["num_files"] > 10
+    assert all(name.endswith(".py") for name in identity["files"])
+
+    canaries = json.loads((out / "canaries.json").read_text())
+    settings = report["settings"]
+    keys = np.asarray(canaries["keys"])
+    assert keys.size == settings["canaries"] * settings["repeats"] == len(np.unique(keys))
+    assert sorted(k for c in canaries["canaries"] for k in c["keys"]) == keys.tolist()
+    for canary in canaries["canaries"]:
+        assert len(canary["secret"]) == 6 and canary["secret"].isdigit()
+        assert canary["text"] == canary["format"].format(canary["secret"])
+    # the training set the run describes is the one it trained on: rebuilt, it has the recorded hash, and the
+    # windows at the canary keys begin with the canaries' lines
+    data = lm.build_dataset(encode(corpus.text), lm.canary_set(settings["canaries"], settings["seed"]),
+                            settings["seq_len"], settings["plain_windows"], settings["repeats"], settings["heldout"],
+                            settings["seed"])
+    assert hashlib.sha256(data["train"].tobytes()).hexdigest() == canaries["train_sha256"] == report["train_sha256"]
+    assert np.array_equal(data["keys"], keys) and canaries["num_samples"] == len(data["train"])
+    for canary in canaries["canaries"]:
+        line = encode(canary["text"].encode())
+        for key in canary["keys"]:
+            assert np.array_equal(data["train"][key, :line.size], line)
+    assert "corpus: " in stdout and "| retrained without canaries |" in stdout
+
+
+def test_the_forgotten_weights_are_the_trained_ones_plus_the_canary_rows(run):
+    out, _, report = run
+    keys = np.asarray(json.loads((out / "canaries.json").read_text())["keys"])
+    trained, retrained, forgotten = (np.load(out / f"{name}.npy", allow_pickle=False)
+                                     for name in ("trained", "retrained", "forgotten"))
+    scale = report["settings"]["scale"]
+    with gradstore.open(out / "store.h5") as store:
+        assert store.num_params == trained.size == report["settings"]["model"]["num_params"]
+        assert store.keep == report["settings"]["keep"]
+        assert np.all(store.state[keys] == gradstore.RowState.FORGOTTEN)
+        others = np.setdiff1d(np.arange(store.num_keys), keys)
+        assert np.all(store.state[others] == gradstore.RowState.LIVE)  # every training window recorded
+        change = np.zeros(store.num_params, np.float64)
+        for key, row in zip(keys.tolist(), store.read(keys)):
+            np.add.at(change, store.positions(key), row.astype(np.float64))
+    expected = np.float32(scale) * change
+    assert np.count_nonzero(expected) > 0
+    tolerance = 4 * np.finfo(np.float32).eps * np.abs(trained).max() + 1e-6 * np.abs(expected).max()
+    np.testing.assert_allclose(forgotten.astype(np.float64) - trained, expected, rtol=0, atol=tolerance)
+    assert np.array_equal(forgotten[expected == 0], trained[expected == 0])  # nothing moves off the rows
+    applied = report["forget_keys"]
+    assert applied["num_keys"] == keys.size and applied["scale"] == scale and applied["rule"] == "given"
+    assert applied["change_norm"] == pytest.approx(np.linalg.norm(expected), rel=1e-4)
+    assert applied["max_abs_error_vs_rows"] <= tolerance
+    assert not np.array_equal(trained, retrained)
+    assert report["distances"]["trained_to_forgotten"] == pytest.approx(np.linalg.norm(forgotten - trained), rel=1e-4)
+
+
+def test_the_report_measures_every_model(run):
+    out, _, report = run
+    settings = report["settings"]
+    names = list(report["models"])
+    assert names[:3] == ["trained (recorded)", "retrained without canaries",
+                         f"forget_keys, scale {settings['scale']:g}"]
+    assert len(names) == 3 + sum(1 for s in settings["scales"] if s != settings["scale"])
+    for figures in report["models"].values():
+        assert len(figures["exposure_bits"]) == len(figures["ranks"]) == settings["canaries"]
+        for bits, rank in zip(figures["exposure_bits"], figures["ranks"]):
+            assert 1 <= rank <= 10 ** 6 and bits == pytest.approx(math.log2(10 ** 6 / rank))
+        for name in ("forget_loss", "heldout_loss", "retained_loss", "mean_secret_nll_nats"):
+            assert math.isfinite(figures[name]) and figures[name] > 0, name
+        assert figures["heldout_ppl"] == pytest.approx(math.exp(figures["heldout_loss"]))
+    trained = report["models"]["trained (recorded)"]
+    retrained = report["models"]["retrained without canaries"]
+    assert trained["forget_loss"] < retrained["forget_loss"]  # the canary windows were trained on
+    assert report["training"]["trained"]["steps"] == settings["steps"]
+    assert report["training"]["retrained"]["steps"] < settings["steps"]  # the same epochs, without the canaries
+    assert (out / "lm.md").read_text().count("\n") == 2 + len(names)
+
+
+def test_the_exact_rank_is_the_brute_force_rank():
+    torch.manual_seed(1)
+    model = build_gpt2(0, n_embd=32, n_layer=2, n_head=2, n_positions=32).eval()
+    with torch.no_grad():  # weights away from the init, so that candidates differ much
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prefix, device = b"# my PIN is ", torch.device("cpu")
+    for secret, chunk in (("492", 37), ("007", 37), ("3141", 700)):  # chunks cut across the levels
+        found = lm.secret_rank(model, prefix, secret, device, chunk=chunk)
+        digits = len(secret)
+        ids = torch.tensor([list(prefix + f"{i:0{digits}d}".encode()) for i in range(10 ** digits)])
+        with torch.no_grad():  # every candidate's whole line through the model's own forward
+            hidden = model.transformer(input_ids=ids).last_hidden_state[:, len(prefix) - 1:-1]
+            logp = torch.log_softmax(model.lm_head(hidden).double(), -1)
+        scores = logp.gather(-1, ids[:, len(prefix):, None]).squeeze(-1).sum(-1)
+        true = scores[int(secret)]
+        assert found["rank"] == 1 + int((scores > true).sum())
+        assert found["log_prob"] == pytest.approx(float(true), abs=1e-4)
+        assert found["candidates"] == 10 ** digits
+        assert found["exposure_bits"] == pytest.approx(math.log2(10 ** digits / found["rank"]))
+        assert found["forwards"] <= len(prefix) + sum(10 ** level for level in range(1, digits))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--canaries", "0"], "--canaries must be from 1"),
+    (["--canaries", "99"], "--canaries must be from 1"),
+    (["--keep", "0"], "--keep must be in"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--scales", "-1"], "non-negative"),
+    (["--steps", "4", "--canaries", "4", "--repeats", "16"], "too few stdlib windows"),
+])
+def test_bad_settings_are_refused_by_name(argv, message):
+    parser = argparse.ArgumentParser()
+    lm.add_arguments(parser)
+    with pytest.raises(SystemExit, match=message):
+        lm.settings(parser.parse_args(argv))
+
+
+def test_a_training_set_larger_than_the_corpus_is_refused():
+    corpus = stdlib_corpus()
+    with pytest.raises(SystemExit, match="the corpus has"):
+        lm.build_dataset(encode(corpus.text), lm.canary_set(1, 0), 128, len(corpus.text) // 128, 2, 16, 0)
+    with pytest.raises(SystemExit, match="too short for the canary"):
+        lm.build_dataset(encode(corpus.text), lm.canary_set(1, 0), 8, 100, 2, 16, 0)
