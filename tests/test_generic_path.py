@@ -169,3 +169,173 @@ def test_without_the_generic_path_the_module_is_refused_and_the_plan_says_so():
     assert recording_plan(model)["gate"] == GENERIC
     model.gate.requires_grad_(False)  # frozen: nothing to record, no path
     assert recording_plan(model) == {"inp": "LinearHandler", "out": "LinearHandler"}
+
+
+# ---------------------------------------------------------------- what the generic path refuses or gets right (review)
+
+
+def run_steps(model, x, y, batches, tmp_path, scale=1.0, keep=0.5):
+    """Record ``batches`` through attach; the loss times ``scale``, .grad divided back before the step (what a
+    GradScaler does). Returns (rows, positions, names)."""
+    recorder = _store(tmp_path, model, "review", keep=keep, num_samples=x.shape[0])
+    optimizer, _ = attach(model, torch.optim.SGD(model.parameters(), lr=0.0), None, [recorder])
+    for keys in batches:
+        optimizer.zero_grad()
+        optimizer.set_batch(keys)
+        (F.cross_entropy(model(x[keys]), y[keys]) * scale).backward()
+        for p in model.parameters():
+            p.grad /= scale
+        optimizer.step()
+    optimizer.finish()
+    positions = gradstore.masks.positions_many(SEED, np.arange(x.shape[0]), recorder.store.num_params,
+                                               recorder.store.k)
+    return _rows(recorder.store), positions
+
+
+def batch_func_rows(model, x, y, batches, positions):
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    rows = np.zeros(positions.shape, np.float32)
+    for keys in batches:
+        for key in keys:
+            loss = lambda p: F.cross_entropy(functional_call(model, p, (x[key:key + 1],)), y[key:key + 1]) / len(keys)  # noqa: E731
+            flat = torch.cat([g.reshape(-1) for g in grad(loss)(params).values()])
+            rows[key] = flat[torch.from_numpy(positions[key])].numpy()
+    return rows
+
+
+class Mix(nn.Module):
+    """An attention-like layer of a user's, with a keyword [T, T] mask shared by the batch."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+
+    def forward(self, x, *, mask):
+        return torch.softmax((x @ self.w) @ x.transpose(-1, -2) + mask, -1) @ x
+
+
+class Masked(nn.Module):
+    def __init__(self, tokens=4, dim=6):
+        super().__init__()
+        self.inp, self.mix, self.out = nn.Linear(dim, dim), Mix(dim), nn.Linear(dim, 3)
+        self.register_buffer("mask", torch.triu(torch.full((tokens, tokens), -1e4), 1))
+
+    def forward(self, x):
+        return self.out(self.mix(self.inp(x), mask=self.mask).mean(1))
+
+
+def test_a_shared_input_whose_size_equals_a_later_batch_is_not_sliced(tmp_path):
+    """The check (batch of 8) learns the [4, 4] mask is shared; the last batch has 4 samples: still shared."""
+    torch.manual_seed(0)
+    model = Masked()
+    x, y = torch.randn(12, 4, 6), torch.randint(0, 3, (12,))
+    batches = [np.arange(0, 8), np.arange(8, 12)]
+    rows, positions = run_steps(model, x, y, batches, tmp_path)
+    expected = batch_func_rows(model, x, y, batches, positions)
+    for key in range(12):
+        assert np.abs(rows[key] - expected[key]).max() <= 1e-4 * np.abs(expected[key]).max(), key
+
+
+class Split(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+
+    def forward(self, x):
+        return x * 2, torch.tanh(x @ self.w)  # the gradient reaches w through the second output only
+
+
+class UsesSecond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.split, self.out = nn.Linear(5, 6), Split(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.split(self.inp(x))[1])
+
+
+def test_a_generic_module_whose_other_outputs_carry_gradient_is_refused(tmp_path):
+    model = UsesSecond()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(UnsupportedModelError, match=r"split \(Split\) takes the generic path.*more tensors"):
+        run_steps(model, x, y, [np.arange(8)], tmp_path)
+
+
+class Late(nn.Module):
+    """A generic module switched on after the first step: it never ran at the one-time check."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(5, 6), Gate(6), nn.Linear(6, 3)
+        self.use_gate = False
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(self.gate(h) if self.use_gate else h)
+
+
+def test_a_generic_module_first_run_after_the_check_is_refused(tmp_path):
+    model = Late()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    recorder = _store(tmp_path, model, "late", keep=0.5, num_samples=8)
+    optimizer, _ = attach(model, torch.optim.SGD(model.parameters(), lr=0.0), None, [recorder])
+    optimizer.set_batch(np.arange(4))
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    optimizer.step()
+    model.use_gate = True
+    optimizer.zero_grad()
+    optimizer.set_batch(np.arange(4, 8))
+    with pytest.raises(UnsupportedModelError, match=r"gate \(Gate\) takes the generic path and first ran after"):
+        model(x[4:])
+    recorder.store.close()
+
+
+class Branch(nn.Module):
+    """alpha * tanh(x): autograd keeps tanh's output, not x, so an in-place change of x afterwards is legal."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        return self.alpha * torch.tanh(x)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(5, 6), Branch(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h += self.gate(h)  # changes the branch's input in place after the call
+        return self.out(h)
+
+
+def test_an_input_changed_in_place_after_the_call_is_refused(tmp_path):
+    model = Residual()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(UnsupportedModelError, match=r"gate\.alpha takes the generic path.*changed in place"):
+        run_steps(model, x, y, [np.arange(8)], tmp_path)
+
+
+class Bare(nn.Module):
+    """Bare parameters only: every parameter takes the generic path, one of them serves as the probe."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w1.T) @ self.w2.T
+
+
+def test_a_scaled_loss_is_taken_out_of_generic_rows_by_the_probe(tmp_path):
+    torch.manual_seed(0)
+    model = Bare()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    batches = [np.arange(0, 4), np.arange(4, 8)]
+    rows, positions = run_steps(model, x, y, batches, tmp_path, scale=1024.0)
+    expected = batch_func_rows(model, x, y, batches, positions)
+    assert np.abs(rows - expected).max() <= 1e-4 * np.abs(expected).max()  # not 1024 times too large

@@ -218,3 +218,36 @@ def test_peft_lora_adapters_record_as_linear_layers_holding_the_adapters_only(tm
             flat = torch.cat([grads[n].reshape(-1) for n in names]).detach()
             expected[key] = flat[torch.from_numpy(positions[key])].numpy()
     assert_rows_close(rows, expected)
+
+
+def test_plan_and_apply_removal_work_in_a_subset_store_and_refuse_the_whole_model_rules(tmp_path):
+    from unlearn import apply_removal, plan_removal
+    from unlearn.errors import RequestError
+    from unlearn.params import flat_params
+
+    torch.manual_seed(0)
+    model = Net()
+    path, rows, positions = record(tmp_path, model, modules=["head"])
+    names = ["head.weight", "head.bias"]
+    ids, y = data()
+    class Split:  # what plan_removal reads of a run's data
+        train_x, train_y, num_classes = ids.numpy(), y.numpy(), 3
+
+        def __len__(self):
+            return N
+
+    split = Split()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with gradstore.open(path) as store:
+        removal = plan_removal(store, "per-sample", split, samples=np.array([2, 5]))
+        base = flat_params(model, names)
+        with pytest.raises(RequestError, match=r"indexes 2 of them"):
+            apply_removal(model, base, removal, split, "samples", store=store)
+        apply_removal(model, base, removal, split, 0.5, store=store)
+    expected = base.copy()
+    for key in (2, 5):
+        np.add.at(expected, positions[key], 0.5 * rows[key])
+    np.testing.assert_allclose(flat_params(model, names), expected, rtol=1e-6, atol=1e-7)
+    for name, p in model.named_parameters():
+        if name not in names:
+            assert torch.equal(p, before[name]), name

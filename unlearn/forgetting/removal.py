@@ -18,7 +18,7 @@ import torch
 import gradstore
 
 from ..errors import RequestError
-from ..params import load_flat_params
+from ..params import load_flat_params, store_parameter_names
 from .requests import FinishedStore, Indices, OpenStore, Removal, finished_store, label_matched, resolve_request
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
 from .rules.registry import is_number
@@ -63,12 +63,21 @@ def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, da
 
     ``scale``: a number (change = scale * removal), "auto" (the rule of the request's kind),
     a registered rule's name, or a rule. ``store`` and ``retained_loader`` reach the rule
-    (RuleInput), for rules that read more rows or train."""
+    (RuleInput), for rules that read more rows or train. With ``store``, ``base`` and the change are in
+    its index space (``unlearn.params.store_parameter_names``): every parameter, or the ones it recorded."""
+    names = store_parameter_names(store, model) if store is not None else None
+    if names == [name for name, _ in model.named_parameters()]:
+        names = None  # every parameter: the built-in rules' space
     if isinstance(scale, str) and is_number(scale):
         scale = parse_scale(scale)  # "0.5" is the number it reads as (checked as --scale is); a name, the rule
     if isinstance(scale, str) or callable(scale):
         name, rule = rule_for(scale, removal.request.kind)
-        given = RuleInput(model, base, removal, data, store=store, retained_loader=retained_loader, seed=seed)
+        if names is not None and isinstance(rule, (ClassRule, SampleRule)):
+            raise RequestError(f"step rule {name!r} evaluates the whole model's parameters, and this store indexes "
+                               f"{len(names)} of them (the ones it recorded): give a number, or a rule that loads "
+                               "weights with given.load(...). Nothing was changed")
+        given = RuleInput(model, base, removal, data, store=store, retained_loader=retained_loader, seed=seed,
+                          names=names)
         choice = run_rule(rule, given, name)
     else:
         try:
@@ -78,7 +87,7 @@ def apply_removal(model: torch.nn.Module, base: np.ndarray, removal: Removal, da
                                f"got {scale!r}") from None
         change = np.float32(number) * removal.vector
         choice = ScaleChoice(number, True, 0, 0.0, "given", change, base + change)
-    load_flat_params(model, choice.weights)
+    load_flat_params(model, choice.weights, names)
     return choice
 
 

@@ -98,7 +98,8 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
         removal = plan_removal(store, config.method, data, samples=samples, cls=cls, already=already,
                                already_keys=already_keys, seed=config.seed)
         request = removal.request
-        choice = apply_removal(model, flat_params(model), removal, data, scale, seed=config.seed, store=store)
+        base = flat_params(model, store_parameter_names(store, model))  # the store's index space
+        choice = apply_removal(model, base, removal, data, scale, seed=config.seed, store=store)
     removal_seconds = time.perf_counter() - started
     report = {
         "method": config.method,

@@ -351,6 +351,7 @@ class MaskedEngine:
         # at the first recorded forward of two or more samples, before it runs.
         self.root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.verified = False
+        self.checked_modules: set[nn.Module] = set()  # the modules the one-time check saw run
         self.verify_seconds = 0.0
         self._verifying: Optional[dict[nn.Module, list]] = None  # {module: [(inputs, output)]} while the check reruns the forward
         self._untensored: dict[nn.Module, str] = {}  # hooked modules whose output the check saw is not a tensor: its type
@@ -359,7 +360,15 @@ class MaskedEngine:
         self.expand: dict[nn.Module, str] = {}  # module -> "prepend" | "replace": its input is shared by the batch (see verify_separation)
         self._forward_batch: Optional[int] = None  # samples of the forward in progress
         self._handles.append(self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        if not dense_candidates:  # the generic path forms dense() too (a vmap over the module): better than no probe
+            dense_candidates = [slot for module, slots in slots_of.items()
+                                if isinstance(self._handler_of[module], GenericHandler) for slot in slots]
         probe_slot = min(dense_candidates, key=lambda s: s.param.numel(), default=None)
+        if probe_slot is None and slots_of:
+            warnings.warn("no recorded parameter can serve as the engine's probe (a bias, a norm, or a module on the "
+                          "generic path): rows hold the backward's gradient as it is, so a GradScaler's scale or a "
+                          "clipping factor applied before optimizer.step() would not be taken out of them. Record a "
+                          "module with a bias (or a norm) too, or do not scale or clip", stacklevel=3)
         if probe_slot is not None:
             probe_slot.qualified = names[id(probe_slot.param)]
         self.probe = Probe(probe_slot)
@@ -445,6 +454,9 @@ class MaskedEngine:
         transpose of a batch-first view, whose gradient is then batch-first (the user's output keeps its values)."""
         handler = self._handler_of[module]
         first = output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else output
+        if isinstance(handler, GenericHandler) and torch.is_grad_enabled() \
+                and torch._C._functorch.peek_interpreter_stack() is None:
+            self._refuse_generic_call(module, output, first)
         if not isinstance(first, torch.Tensor):
             return self._forward_hook(module, args, output)  # the check names what it returns
         if self._verifying is None and (not torch.is_grad_enabled() or not first.requires_grad
@@ -457,6 +469,24 @@ class MaskedEngine:
             return None
         out = (seen if replaced is None else replaced).transpose(0, dim) if dim else replaced
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _refuse_generic_call(self, module, output, first):
+        """The generic path differentiates through the first tensor a module returns, and relies on the one-time
+        check: refuse a call whose other outputs carry gradient, and a module first run after the check."""
+        rest = output[1:] if isinstance(output, (tuple, list)) and isinstance(first, torch.Tensor) else ()
+        if any(t.requires_grad and t.is_floating_point() for t in _tensors(rest)):
+            raise UnsupportedModelError(
+                f"{self.paths[module]} ({type(module).__name__}) takes the generic path, which differentiates through "
+                "the first tensor the module returns, and it returns more tensors that carry gradient: their share "
+                "of its parameters' gradient would be missing from the rows. Fix: return one tensor (or only the "
+                f"first requiring grad), register a handler for {type(module).__name__}, freeze its parameters, "
+                f"{VMAP_HELP}")
+        if self.verified and self._verifying is None and module not in self.checked_modules:
+            raise UnsupportedModelError(
+                f"{self.paths[module]} ({type(module).__name__}) takes the generic path and first ran after the "
+                "engine's one-time check (at the first recorded forward of two or more samples), so its rows were "
+                "never compared with autograd. Fix: make it run in the first recorded forward, or attach() again "
+                "once the model has its final form")
 
     def _forward_hook(self, module, inputs, output):
         mode = self.expand.get(module)
@@ -796,8 +826,14 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
                             for m in mixed)
                 + f", for a batch of {batch}. Fix: {SEQUENCE_FIRST_HELP}")
         grads, params = grads_a, params_a
+        calls_b = None  # B's activations: read above, never again
         if shared:
             engine.expand = dict(shared)
+            # C is a whole forward and backward again: A's activations and gradients go first (its outputs are
+            # compared, detached; the shapes are kept for the message), so the check holds one of them at a time.
+            first_shapes = {m: _first_shape(calls_a[m]) for m in shared}
+            out_a = _map_tensors(out_a, lambda t: t.detach())
+            calls_a = grads = params = grads_a = params_a = None
             try:
                 out_c, calls_c = rerun(args, kwargs, True, expanding=True)
                 same = _same_outputs(out_a, out_c)
@@ -811,9 +847,10 @@ def verify_separation(engine: MaskedEngine, args: tuple, kwargs: dict, batch: in
                 raise UnsupportedModelError(
                     "the masked engine cannot attribute per sample the modules whose input is shared by the batch "
                     "and whose output is not combined with each sample's own: "
-                    + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {_first_shape(calls_a[m])})"
+                    + ", ".join(f"{engine.paths[m]} ({type(m).__name__}, input {first_shapes[m]})"
                                 for m in shared) + f". Fix: {SHARED_HELP}")
             calls_a = calls_c
+        engine.checked_modules = set(calls_a)
         if params is not None:
             _check_parameters(engine, calls_a, grads, params, batch, sample)
     finally:
@@ -940,10 +977,15 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                                   "tensor: the engine hooks modules whose output is one tensor, or a tuple for a "
                                   "handler that declares tuple_output)")
                 continue
+            handler = engine._handler_of[module]
+            if isinstance(handler, GenericHandler) and found:  # which inputs hold the batch: decided here, once
+                handler.learn_batched(found[0][0], batch)
+            carried = False
             for index, (inputs, out) in enumerate(found):
                 grad = grads.get((module, index))
                 if grad is None:  # this call's output does not reach the sample's loss
                     continue
+                carried = True
                 if grad.dim() == 0 or grad.shape[0] != batch:
                     raise UnsupportedModelError(
                         f"{where}: the gradient at the output of {engine.paths[module]} ({type(module).__name__}) "
@@ -951,6 +993,9 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                         f"attribute it per sample. Fix: {SEQUENCE_FIRST_HELP}, {VMAP_HELP}")
                 capture = _sample_capture(module, inputs, grad, batch, sample)
                 uses.setdefault(id(slot.param), []).append((engine._handler_of[module], capture, slot.name, where))
+            if not carried and theirs is not None and bool(theirs.ne(0).any()):
+                unseen.append(f"{where} ({engine.paths[module]} ran, but the tensor its hook follows carries none of "
+                              "this parameter's gradient: another of its outputs does)")
     if unseen:
         raise UnsupportedModelError(
             "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
@@ -965,6 +1010,7 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
     whole_norm = float(torch.stack([g.detach().float().norm() for g in params.values() if g is not None]).norm()) \
         if any(g is not None for g in params.values()) else 0.0
     wrong = []
+    generic = False
     for key, found in uses.items():
         theirs = params.get(key)
         if theirs is None:
@@ -1010,9 +1056,13 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
         error = float((mine - theirs).norm()) / max(float(theirs.norm()), NOISE_FLOOR * whole_norm, 1e-30)
         if error > 1e-3:
             wrong.append(f"{', '.join(dict.fromkeys(w for *_, w in found))} (relative error {error:.2g})")
+            generic = generic or any(isinstance(handler, GenericHandler) for handler, *_ in found)
     if wrong:
+        causes = ("a subclass whose forward is not its base's, a parameter also used outside its module, a "
+                  "handler's claim that misses a use of a child's parameter, or a wrong handler")
+        if generic:
+            causes += ("; on the generic path: tensors nested in tuples, lists or dicts among a module's inputs "
+                       "(not split per sample), or a forward that depends on the batch as a whole")
         raise UnsupportedModelError(
             "the masked engine's per-sample gradient differs from autograd's for: " + ", ".join(wrong)
-            + ": a subclass whose forward is not its base's, a parameter also used outside its module, a "
-            "handler's claim that misses a use of a child's parameter, or a wrong handler. "
-            f"Fix: record these modules' parameters through supported modules, freeze them, {VMAP_HELP}")
+            + f": {causes}. Fix: record these modules' parameters through supported modules, freeze them, {VMAP_HELP}")

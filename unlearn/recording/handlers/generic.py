@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ...errors import RecordingUsageError
 from .base import DENSE_BLOCK_FLOATS, Capture, Handler, Pairs, gather_dense_blocks
 
 GENERIC = "generic (torch.func on the module)"  # the path's name in recording_plan()
@@ -30,11 +31,13 @@ WHOLE_FLOATS = 1 << 24
 
 
 class CallLayout:
-    """How a call's inputs are laid out in its Capture: the positional arguments, then the keyword ones by name."""
+    """How a call's inputs are laid out in its Capture: the positional arguments, then the keyword ones by name;
+    and each tensor's version counter at the call (an input changed in place afterwards cannot be recomputed)."""
 
-    def __init__(self, num_args: int, keywords: Sequence[str]):
+    def __init__(self, num_args: int, keywords: Sequence[str], versions: Sequence[Optional[int]] = ()):
         self.num_args = num_args
         self.keywords = tuple(keywords)
+        self.versions = tuple(versions)
 
     def split(self, values: Sequence[Any]) -> tuple[tuple, dict]:
         return tuple(values[:self.num_args]), dict(zip(self.keywords, values[self.num_args:]))
@@ -56,9 +59,19 @@ class GenericHandler(Handler):
 
     def __init__(self, names: Sequence[str] = ()):
         self.names = tuple(names)  # the module's recorded parameters (the engine sets them)
+        # Which inputs hold the batch along their first dimension, by position: learnt at the engine's one-time
+        # check, never guessed again from a shape (a shared [T, T] mask is not a batch when T equals B).
+        self.batched: Optional[tuple[bool, ...]] = None
 
     def inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        return (*args, *kwargs.values(), CallLayout(len(args), tuple(kwargs)))
+        values = (*args, *kwargs.values())
+        versions = tuple(v._version if isinstance(v, torch.Tensor) else None for v in values)
+        return (*values, CallLayout(len(args), tuple(kwargs), versions))
+
+    def learn_batched(self, inputs: tuple, batch: int) -> None:
+        """At the one-time check: which of a call's inputs (as ``inputs`` lays them out) hold the batch."""
+        self.batched = tuple(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+                             for v in inputs[:-1])
 
     def formed_whole(self, name: str) -> bool:
         return False
@@ -73,8 +86,25 @@ class GenericHandler(Handler):
         module = capture.module
         *values, layout = capture.inputs
         batch = capture.delta.shape[0]
-        dims = tuple(0 if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch else None
-                     for v in values)
+        name = type(module).__name__
+        for value, version in zip(values, layout.versions):
+            if isinstance(value, torch.Tensor) and version is not None and value._version != version:
+                raise RecordingUsageError(
+                    f"an input of {name} was changed in place after the call (h += m(h), an in-place activation), "
+                    "so the generic path cannot recompute the call. Fix: write h = h + m(h), or use the "
+                    "activation's out-of-place form")
+        if self.batched is None:
+            dims = tuple(0 if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch else None
+                         for v in values)
+        else:
+            if len(self.batched) != len(values):
+                raise RecordingUsageError(f"{name} was called with {len(values)} inputs, at the engine's one-time "
+                                          f"check with {len(self.batched)}: the generic path needs the same call")
+            for value, batched in zip(values, self.batched):
+                if batched and not (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch):
+                    raise RecordingUsageError(f"an input of {name} held the batch at the engine's one-time check "
+                                              f"but not in this call of {batch} samples")
+            dims = tuple(0 if batched else None for batched in self.batched)
         sliced = [v[first:stop] if d == 0 else v for v, d in zip(values, dims)]
         own = dict(module.named_parameters(recurse=False))
         params = {name: own[name].detach() for name in names}
