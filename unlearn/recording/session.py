@@ -370,7 +370,7 @@ class RecordingSession:
             offset += p.numel()
 
     def _vmap(self, x, y):
-        """[B, M'] per-sample gradients of every trainable parameter (the recorded ones among them: ``_columns``)."""
+        """[B, M'] per-sample gradients of every trainable parameter (the recorded ones among them: ``_recorded_columns``)."""
         device = self.params[0].device
         names = [name for name, _ in self._trainable]
         if isinstance(x, Mapping):  # keyword inputs of a dict batch
