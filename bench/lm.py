@@ -17,10 +17,15 @@ training set) are written to canaries.json. The run then
 
 Exposure is exact: log2(10^6) - log2(rank), the true secret's rank among all 10^6 six-digit candidates by the
 model's probability of the digits after the canary's prefix. The model is byte-level, so the candidates form a
-10-ary tree of depth 6: ``secret_rank`` walks it with the key/value cache of each prefix (every node's forward
-once, a token per node rather than a sequence per candidate) and prunes every subtree whose partial log
-probability is already below the true secret's (log probabilities only fall down the tree, so nothing under it
-can rank above): memorised secrets cost a few hundred forwards, unmemorised ones at most the tree's 111,111.
+10-ary tree of depth 6: ``secret_rank`` walks it level by level, one token's forward per node attending to the
+prefix's keys and values (held once) and to the node's ancestors' digits, and prunes every subtree whose partial
+log probability is already below the true secret's (log probabilities only fall down the tree, so nothing under
+it can rank above): memorised secrets cost a few dozen forwards, unmemorised ones at most the tree's 111,111
+(about a minute on 2 CPU cores for the default model).
+
+The defaults (64 windows per canary, 4 epochs, Adam 3e-3 with warmup and cosine) are what made this model
+memorise its secrets within ~600 steps on 2 CPU cores; fewer repeats or epochs left them unmemorised
+(docs/RESULTS.md). Its timings are logged, not controlled: ``bench throughput`` measures recording's cost.
 
 Writes under --out: corpus.json (the stdlib files and their hash), canaries.json (formats, secrets, keys),
 store.h5 (the recording, its canary rows marked forgotten), trained.npy, retrained.npy, forgotten.npy (flat
@@ -201,7 +206,8 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, position: int, shared: K
     its digits so far). Returns the next token's log probabilities [n, V] and this token's keys and values
     ([n, H, d] per layer). GPT2Block's computation (pre-LayerNorm, Conv1D projections, the model's attention
     scaling), written out so that the prefix is held once rather than copied into every row's cache."""
-    body = model.transformer
+    gpt: Any = model  # a GPT2LMHeadModel
+    body = gpt.transformer
     x = body.wte(tokens) + body.wpe.weight[position]
     new: KV = []
     for block, (shared_k, shared_v), (own_k, own_v) in zip(body.h, shared, own):
@@ -217,7 +223,7 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, position: int, shared: K
         x = x + attn.c_proj(out.reshape(-1, heads * width))
         x = x + block.mlp(block.ln_2(x))
         new.append((k, v))
-    return torch.log_softmax(model.lm_head(body.ln_f(x)).double(), -1), new
+    return torch.log_softmax(gpt.lm_head(body.ln_f(x)).double(), -1), new
 
 
 @torch.inference_mode()
@@ -233,7 +239,8 @@ def secret_rank(model: torch.nn.Module, prefix: bytes, secret: str, device: torc
     forward of the whole line. Returns rank, exposure (bits), the secret's log probability (nats), the
     candidates' count and the forwards run."""
     model.eval()
-    config = model.config
+    gpt: Any = model  # a GPT2LMHeadModel
+    config = gpt.config
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa") or config.add_cross_attention:
         raise ValueError("secret_rank walks a plain GPT-2 (no cross-attention)")
     digits = DIGIT_TOKENS.to(device)
@@ -242,8 +249,8 @@ def secret_rank(model: torch.nn.Module, prefix: bytes, secret: str, device: torc
         raise ValueError(f"a {start}-byte prefix and {depth} digits exceed the model's {config.n_positions} positions")
     reference = secret_log_prob(model, prefix, secret, device)
     threshold = reference - 1e-3  # a superset of what ranks above the secret
-    blocks = len(model.transformer.h)
-    heads, width = model.transformer.h[0].attn.num_heads, model.transformer.h[0].attn.head_dim
+    blocks = len(gpt.transformer.h)
+    heads, width = gpt.transformer.h[0].attn.num_heads, gpt.transformer.h[0].attn.head_dim
     empty = torch.zeros(heads, 0, width, device=device)
     shared: KV = [(empty, empty)] * blocks
     for position, token in enumerate(prefix):  # the prefix, once: its keys and values are every node's context
@@ -262,25 +269,32 @@ def secret_rank(model: torch.nn.Module, prefix: bytes, secret: str, device: torc
         scores, codes = children[parent, digit], codes[parent] * 10 + digit
         if level == depth:
             break
-        outputs, kept = [], level < depth - 1  # the last expanded level's keys are never attended to
+        kept = level < depth - 1  # the last expanded level's keys and values are never attended to
+        lps: list[torch.Tensor] = []
+        made: list[KV] = []
         for begin in range(0, parent.numel(), chunk):
             rows = slice(begin, begin + chunk)
-            ancestors, own = [], []
-            index = parent[rows]
+            ancestors, index = [], parent[rows]
             for parents, _ in reversed(levels):  # the chunk's ancestors, nearest first
                 ancestors.append(index)
                 index = parents[index]
+            own: KV = []
             for layer in range(blocks):
-                own.append(tuple(torch.stack([levels[-1 - up][1][layer][part][at] for up, at in enumerate(ancestors)]
-                                             [::-1], 1) if ancestors else
-                                 torch.zeros(len(parent[rows]), 0, heads, width, device=device) for part in (0, 1)))
+                pair = []
+                for part in (0, 1):  # keys, values: the ancestors' digits, oldest first
+                    earlier = [levels[-1 - up][1][layer][part][at] for up, at in enumerate(ancestors)][::-1]
+                    pair.append(torch.stack(earlier, 1) if earlier else
+                                torch.zeros(int(index.numel()), 0, heads, width, device=device))
+                own.append((pair[0], pair[1]))
             lp, new = _step(model, digits[digit[rows]], start + level - 1, shared, own)
             forwards += int(lp.shape[0])
-            outputs.append((lp[:, digits], new if kept else None))
-        next_lp = torch.cat([o[0] for o in outputs])
+            lps.append(lp[:, digits])
+            if kept:
+                made.append(new)
+        next_lp = torch.cat(lps)
         if kept:
-            levels.append((parent, [(torch.cat([o[1][layer][0] for o in outputs]),
-                                     torch.cat([o[1][layer][1] for o in outputs])) for layer in range(blocks)]))
+            levels.append((parent, [(torch.cat([m[layer][0] for m in made]), torch.cat([m[layer][1] for m in made]))
+                                    for layer in range(blocks)]))
     true = scores[codes == int(secret)]
     if true.numel() != 1 or abs(float(true[0]) - reference) > 1e-3:
         raise RuntimeError(f"the walk of the candidates disagrees with the model's forward on the secret {secret}: "
@@ -352,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
     import gradstore
     from unlearn import create_recorder, forget_keys
     from unlearn.forgetting.removal import removal_vector
+    from unlearn.forgetting.requests import finished_store
     from unlearn.params import flat_params, load_flat_params
     from unlearn.runs.config import PER_SAMPLE, UPDATE
 
@@ -402,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
     retrained = flat_params(model)
 
     with gradstore.open(store_path) as store:
-        rows = removal_vector(store, keys)
+        rows = removal_vector(finished_store(store), keys)
         store_info = {"path": store_path.name, "bytes": store_path.stat().st_size, "k": int(store.k),
                       "num_keys": int(store.num_keys), "keep": float(store.keep), "codec": "int8", "flavour": UPDATE}
     model = build_gpt2(seed, **model_config).to(device)
@@ -483,9 +498,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--canaries", type=int, default=4, help=f"canaries, one per format (at most {len(FORMATS)})")
     parser.add_argument("--repeats", type=int, default=64, help="training windows holding each canary")
     parser.add_argument("--heldout", type=int, default=256, help="held-out windows (the corpus' last bytes)")
-    parser.add_argument("--keep", type=float, default=0.01, help="p: the fraction of each row recorded")
+    parser.add_argument("--keep", type=float, default=0.01,
+                        help="p: the fraction of each row recorded (0.01, the p of the project's targets: a row is "
+                             "18.5 k int8 values of the 1.85 M, the store 36 MB)")
     parser.add_argument("--scale", type=float, default=1.0, help="forget_keys' scale (the rows' multiple applied)")
-    parser.add_argument("--scales", type=float, nargs="*", default=[10.0, 30.0, 100.0],
+    parser.add_argument("--scales", type=float, nargs="*", default=[2.0, 3.0, 5.0, 10.0, 100.0],
                         help="further multiples of the rows evaluated (not applied to the store)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam's peak learning rate")
     parser.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warmup")
