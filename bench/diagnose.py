@@ -170,7 +170,7 @@ def run_seed(seed, config, args, out, log):
     keys = np.asarray(data.poison.keys, np.int64)
     marker = seed_dir / "trained.json"
     if marker.exists() and (seed_dir / STORE).exists() and json.loads(marker.read_text()).get("config") == config:
-        with np.load(seed_dir / "trained.npz") as saved:  # the run of these options, swept again
+        with np.load(seed_dir / "trained.npz", allow_pickle=False) as saved:  # the run of these options, again
             trained, dense = saved["trained"], {"grad": saved["grad"], "update": saved["update"]}
         seconds = json.loads(marker.read_text())["seconds"]
     else:
