@@ -965,6 +965,7 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
     refuses the parameter by path: no handler goes unchecked."""
     uses: dict[int, list] = {}  # id(param) -> [(handler, sample capture, name, dotted path)]
     unseen = []
+    uncarried: dict[int, list[str]] = {}
     for module, slots in engine._slots_of.items():
         found = calls.get(module, [])
         for slot in slots:
@@ -994,8 +995,12 @@ def _check_parameters(engine, calls, grads, params, batch, sample):
                 capture = _sample_capture(module, inputs, grad, batch, sample)
                 uses.setdefault(id(slot.param), []).append((engine._handler_of[module], capture, slot.name, where))
             if not carried and theirs is not None and bool(theirs.ne(0).any()):
-                unseen.append(f"{where} ({engine.paths[module]} ran, but the tensor its hook follows carries none of "
-                              "this parameter's gradient: another of its outputs does)")
+                uncarried.setdefault(id(slot.param), []).append(
+                    f"{where} ({engine.paths[module]} ran, but the tensor its hook follows carries none of this "
+                    "parameter's gradient: another of its outputs does)")
+    # a parameter whose gradient no hooked output carried, though autograd gives it one (a tied copy elsewhere that
+    # carried it is compared below, where a missing use shows as a wrong gradient)
+    unseen += [where for key, wheres in uncarried.items() if key not in uses for where in wheres]
     if unseen:
         raise UnsupportedModelError(
             "parameters receive a gradient without calling their module, so no hook sees their use and their rows "
