@@ -18,8 +18,8 @@ from .recording import (PerSampleRecorder, Recorder, StepRecorder, attach, creat
                         recording_plan)
 from .evaluation import evaluate, mia_efficacy  # noqa: E402
 from .runs import train  # noqa: E402
-from .forgetting import (ForgetKeysResult, ForgetResult, Removal, apply_removal, forget, forget_keys,  # noqa: E402
-                         mark_applied, plan_removal, register_rule)
+from .forgetting import (ForgetKeysResult, ForgetResult, Removal, apply_removal, find_similar, forget,  # noqa: E402
+                         forget_keys, mark_applied, plan_removal, register_rule)
 
 __all__ = [
     "ForgetKeysResult",
@@ -32,6 +32,7 @@ __all__ = [
     "attach",
     "create_recorder",
     "evaluate",
+    "find_similar",
     "forget",
     "forget_keys",
     "mark_applied",

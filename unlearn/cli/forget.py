@@ -31,11 +31,14 @@ def cmd_forget(args: argparse.Namespace, scale: Union[str, float]) -> int:
     samples = datasets.read_sample_file(args.samples) if args.samples else None
     if samples is not None and samples.size == 0:
         raise RequestError(f"--samples {args.samples} lists no sample index: there is nothing to forget")
+    if args.find_similar and samples is None:
+        raise RequestError("--find-similar serves --samples requests: a --class request already names every sample "
+                           "of its class")
     device = args.device or default_device()
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing step is refused below, naming --scale
         outcome = forget(args.run_dir, samples=samples, cls=args.cls, scale=scale, retrain_epochs=args.retrain_epochs,
                          device=device, progress=not args.quiet,
-                         allow_unverified_store=args.allow_unverified_store)
+                         allow_unverified_store=args.allow_unverified_store, find_similar=args.find_similar)
     config = runs.load_run_config(root_run(args.run_dir))
     data, request, report = outcome.data, outcome.request, outcome.report
     base = runs.load_model(args.run_dir, config, device)
@@ -68,6 +71,12 @@ def cmd_forget(args: argparse.Namespace, scale: Union[str, float]) -> int:
               f"{report['scale']:.4g} in {report['seconds']:.2f} s: forgotten {result['forgotten_acc']:.3f} / rest "
               f"{result['rest_acc']:.3f} (after train {result['after_train']['forgotten_acc']:.3f} / "
               f"{result['after_train']['rest_acc']:.3f}); written to {out}")
+        if "find_similar" in report:
+            found = report["find_similar"]
+            known = (f", precision {found['precision']} recall {found['recall']} against {runs.POISONED}"
+                     if "recall" in found else "")
+            print(f"find-similar: {found['num_found']} found beside the {found['named']} named"
+                  f"{known}{': ' + found['why_nothing'] if 'why_nothing' in found else ''}")
     return 0
 
 

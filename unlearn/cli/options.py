@@ -103,6 +103,11 @@ def add_forget_arguments(f: argparse.ArgumentParser, max_scale: float) -> None:
                    help=f"step size: a number from 0 (no step) to {max_scale:.0f} (default 1: the recorded rows "
                         "exactly), 'auto' (the rule for the request's kind) or a step rule by name "
                         f"({', '.join(rule_names())}: docs/DESIGN.md)")
+    f.add_argument("--find-similar", action="store_true",
+                   help="with --samples: also forget the retained samples the model reads as it reads the named ones "
+                        "(found only when the named ones share a direction a label-matched control does not; "
+                        "forget.json lists them under 'found', with precision and recall where RUN/poisoned.txt "
+                        "exists)")
     f.add_argument("--retrain-epochs", type=int, default=0,
                    help="fine-tune on the retained data afterwards (default 0: none; seed: 4)")
     f.add_argument("--gold", metavar="RUN_DIR", help="a model retrained without the forgotten data, to compare with")

@@ -24,6 +24,7 @@ from .removal import Scale, removal_vector
 from .requests import FinishedStore, Indices, OpenStore, Removal, Request, finished_store
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
 from .run_folder import check_fingerprint
+from .similar import find_similar as search
 
 StoreOrPath = Union[OpenStore, str, "os.PathLike[str]"]
 NEEDS_DATA = (ClassRule, SampleRule)  # the built-in rules: they read the run's DataSplit (RuleInput.data)
@@ -43,13 +44,16 @@ class ForgetKeysResult:
     scale_search: dict = field(default_factory=dict)
     rule_report: dict = field(default_factory=dict)  # the rule's own report (empty for a number)
     seconds: float = 0.0
+    found: list = field(default_factory=list)  # find_similar: [{"key", "score"}] forgotten beside the keys given
+    find_similar: Optional[dict] = None  # find_similar: the search's report (its test, threshold, rounds)
 
     @property
     def report(self) -> dict:
         """JSON-able: what was applied and how it was chosen."""
         return {"store": self.store, "num_keys": int(self.keys.size), "scale": self.scale, "rule": self.rule,
                 "scale_search": dict(self.scale_search), "change_norm": self.change_norm,
-                "removal_norm": self.removal_norm, "seconds": self.seconds}
+                "removal_norm": self.removal_norm, "seconds": self.seconds,
+                **({"found": self.found, "find_similar": self.find_similar} if self.find_similar is not None else {})}
 
     @property
     def record(self) -> dict:
@@ -58,7 +62,8 @@ class ForgetKeysResult:
 
 
 def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale: Scale = 1.0,
-                retained: Optional[Any] = None) -> ForgetKeysResult:
+                retained: Optional[Any] = None, *, dataset: Optional[Any] = None,
+                find_similar: bool = False) -> ForgetKeysResult:
     """Forget the rows of ``keys`` from ``model`` in place and mark them forgotten in ``store``.
 
     ``store``: a finished store open with mode "r+", or its path (opened "r+" and closed by the call).
@@ -68,6 +73,10 @@ def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale
     gets a RuleInput with ``retained_loader=retained`` (a DataLoader of the retained data), the open
     ``store`` and ``data=None``: the built-in rules ("samples", "class") need the run's DataSplit and are
     refused here (use ``unlearn.forget`` on a run folder, or ``plan_removal`` + ``apply_removal``).
+    ``dataset``: the training data the store's keys index (``dataset[key]`` is ``(input, label)``, as a torch
+    Dataset gives), for the rules that read samples through the model ("feature") and for ``find_similar``:
+    forget, beside ``keys``, the live keys the model reads as it reads them (``unlearn.forgetting.similar``;
+    nothing unless the keys share a direction a label-matched control does not). ``found`` lists them.
 
     Refused with nothing changed: RequestError for empty, repeated, non-integer, out-of-range or not-live
     keys (a second call with the same keys: their rows are forgotten) and for a scale or rule that cannot
@@ -79,12 +88,13 @@ def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale
         with gradstore.open(path, "r") as peek:  # an unfinished file opened "r+" may be tidied (written): check first
             finished_store(peek, ": nothing to forget with yet")
         with gradstore.open(path, "r+") as opened:
-            return _forget_keys(model, finished_store(opened), keys, scale, retained)
-    return _forget_keys(model, finished_store(store, ": nothing to forget with yet"), keys, scale, retained)
+            return _forget_keys(model, finished_store(opened), keys, scale, retained, dataset, find_similar)
+    return _forget_keys(model, finished_store(store, ": nothing to forget with yet"), keys, scale, retained, dataset,
+                        find_similar)
 
 
 def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, scale: Scale,
-                 retained: Optional[Any]) -> ForgetKeysResult:
+                 retained: Optional[Any], dataset: Optional[Any], find_similar: bool) -> ForgetKeysResult:
     started = time.perf_counter()
     if not store.writable:
         raise gradstore.ReadOnlyError(f"{store.path}: store is open read-only, so the rows forget_keys applies could "
@@ -104,7 +114,18 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
                 "retained data (retained=) cannot give the forgotten samples. Give a number (1.0: the rows "
                 "exactly), a rule that reads given.retained_loader, or forget from a run folder with "
                 "unlearn.forget(run_dir, ..., scale='auto'). Nothing was changed")
-    samples = chosen if store.config.get("key_kind", "sample") == "sample" else _members(store, chosen)
+    per_sample = store.config.get("key_kind", "sample") == "sample"
+    data = TrainingData.of(dataset, store.num_keys) if dataset is not None else None
+    similar = None
+    if find_similar:
+        if data is None or not per_sample:
+            raise RequestError("find_similar needs dataset= (the training data the store's keys index) and a "
+                               "per-sample store: nothing was changed")
+        live = np.flatnonzero(store.state == gradstore.RowState.LIVE)
+        with _model_kept(model):
+            similar = search(model, data.train_x, data.train_y, chosen, live)
+        chosen = np.union1d(chosen, similar.found)
+    samples = chosen if per_sample else _members(store, chosen)
     request = Request(samples=samples, keys=chosen, excluded=samples)
     removal = Removal(request, removal_vector(store, chosen), time.perf_counter() - started)
     names = store_parameter_names(store, model)  # the store's index space: the parameters it recorded, in order
@@ -113,7 +134,7 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
         change = np.float32(number) * removal.vector
         choice = ScaleChoice(number, True, 0, 0.0, "given", change, base + change)
     else:
-        given = RuleInput(model, base, removal, None, store=store, retained_loader=retained, names=names)
+        given = RuleInput(model, base, removal, data, store=store, retained_loader=retained, names=names)
         with _model_kept(model):  # the rule may load other weights, train, switch modes: none of it stays
             choice = run_rule(rule, given, name)
     if not np.all(np.isfinite(choice.weights)):
@@ -130,7 +151,32 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
         store=str(store.path), keys=chosen, scale=float(choice.scale), rule=choice.name,
         change_norm=float(np.linalg.norm(choice.change.astype(np.float64))),
         removal_norm=float(np.linalg.norm(removal.vector.astype(np.float64))),
-        scale_search=choice.search(), rule_report=dict(choice.report), seconds=time.perf_counter() - started)
+        scale_search=choice.search(), rule_report=dict(choice.report), seconds=time.perf_counter() - started,
+        found=similar.report()["found"] if similar is not None else [],
+        find_similar=similar.report() if similar is not None else None)
+
+
+@dataclass
+class TrainingData:
+    """The training inputs and labels a store's keys index, stacked from a Dataset (what the feature rule and
+    the search read through the model; row ``key`` is ``dataset[key]``)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.train_y.shape[0])
+
+    @classmethod
+    def of(cls, dataset: Any, num_keys: int) -> "TrainingData":
+        """Stack ``dataset`` (``dataset[i]`` is ``(input, label)``); RequestError unless it has one item per key."""
+        if len(dataset) != num_keys:
+            raise RequestError(f"dataset has {len(dataset)} items and the store {num_keys} keys: dataset[key] must be "
+                               "the training sample of each key. Nothing was changed")
+        items = [dataset[i] for i in range(num_keys)]
+        inputs = np.stack([np.asarray(x) for x, _ in items])
+        labels = np.asarray([int(y) for _, y in items], np.int64)
+        return cls(inputs, labels)
 
 
 def checked_keys(store: FinishedStore, keys: Indices) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 
 import gradstore
 
-from ..errors import RunFolderError, UnlearnError
+from ..errors import RequestError, RunFolderError, UnlearnError
 from ..identity import check_identity, run_identity
 from ..params import flat_params, named_shapes, store_parameter_names
 from ..runs import folders as runs
@@ -25,6 +25,7 @@ from ..runs.config import RunConfig
 from ..runs.loop import default_device, train
 from .removal import Scale, apply_removal, plan_removal
 from .requests import FinishedStore, Indices, Request, finished_store
+from .similar import find_similar as search
 
 
 def check_fingerprint(store: FinishedStore, model: torch.nn.Module) -> None:
@@ -70,13 +71,17 @@ def root_run(run_dir: Union[str, Path]) -> Path:
 
 def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Optional[int] = None,
            scale: Scale = 1.0, retrain_epochs: int = 0, device: Optional[Union[str, torch.device]] = None,
-           progress: bool = True, allow_unverified_store: bool = False) -> ForgetResult:
+           progress: bool = True, allow_unverified_store: bool = False, find_similar: bool = False) -> ForgetResult:
     """Forget from a run (or a forget output) without touching the store. See the module doc.
 
     ``scale``: a number, "auto", or a registered step rule's name (unlearn.forgetting.rules).
     The store must carry the run's identity (``unlearn.identity``): a store of another run is
     refused naming what differs; one recorded before stores carried an identity is refused
     unless ``allow_unverified_store`` (the report then says ``"store_identity": "unverified"``).
+    ``find_similar`` (sample requests): first find the retained samples the model reads as it reads the
+    named ones (``unlearn.forgetting.similar``) and forget them together; the report's ``found`` lists them
+    with their scores, and where the run knows the truth (RUN/poisoned.txt), ``precision`` and ``recall``
+    against the poisoned samples not named.
     """
     run_dir = Path(run_dir)
     chain = runs.load_json(run_dir / "forget.json") if (run_dir / "forget.json").exists() else None
@@ -95,6 +100,9 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
                                   allow_unverified_store)
         already = np.asarray(chain["forgotten_samples"] if chain else [], np.int64)
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
+        found = None
+        if find_similar:
+            samples, found = _with_similar(root, model, data, samples, cls, already, config.seed)
         removal = plan_removal(store, config.method, data, samples=samples, cls=cls, already=already,
                                already_keys=already_keys, seed=config.seed)
         request = removal.request
@@ -111,6 +119,10 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
         "store_identity": verified,
         "seconds_no_retrain": removal_seconds,
     }
+    if found is not None:
+        report["find_similar"] = found
+        report["found"] = found["found"]
+        report.update({key: found[key] for key in ("precision", "recall") if key in found})
     no_retrain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     if retrain_epochs:
         tuned = fine_tune(model, data, request.excluded, retrain_epochs, config, progress)
@@ -124,3 +136,20 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
         "forgotten_keys": np.union1d(already_keys, request.keys).tolist(),
     }
     return ForgetResult(model, no_retrain_state, data, request, report, record)
+
+
+def _with_similar(root: Path, model: torch.nn.Module, data: Any, samples: Optional[Indices], cls: Optional[int],
+                  already: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
+    """The named samples and the retained ones the search finds (``similar.find_similar``), and its report
+    (with precision and recall where RUN/poisoned.txt names the truth)."""
+    if samples is None or cls is not None:
+        raise RequestError("find_similar serves sample requests (--samples): a class request already names every "
+                           "sample of its class. Nothing was changed")
+    named = np.unique(np.asarray(samples, np.int64))
+    candidates = np.setdiff1d(np.arange(len(data)), np.union1d(named, already))
+    started = time.perf_counter()
+    similar = search(model, data.train_x, data.train_y, named, candidates, seed=seed)
+    poisoned = root / runs.POISONED
+    truth = np.setdiff1d(np.loadtxt(poisoned, dtype=np.int64, ndmin=1), named) if poisoned.exists() else None
+    report = {**similar.report(truth), "named": int(named.size), "seconds": time.perf_counter() - started}
+    return np.union1d(named, similar.found), report

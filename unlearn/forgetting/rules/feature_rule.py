@@ -1,0 +1,119 @@
+"""The feature rule ("feature"): take out of the model's head the direction that the request's samples, and
+only they, occupy in its input. What a backdoor or a memorised group of samples taught, where subtracting
+their rows silences their label together with the trigger (docs/DESIGN.md, "Memorised data")."""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ...errors import RequestError
+from ...evaluation import accuracy
+from ...params import flat_params
+from ..requests import label_matched
+from ..similar import coherence, find_head, head_features
+from .registry import RuleInput, Step, register_rule
+from .sample_rule import nothing
+
+
+@register_rule("feature")
+@dataclass(frozen=True)
+class FeatureRule:
+    """Sample requests: project the head's weight off the request's feature direction, or change nothing.
+
+    1. Evidence: the request's samples, centred on the median features of retained samples of their label,
+       point the same way (mean pairwise cosine) more than ``control_draws`` random label-matched sets of
+       retained samples do (permutation p < ``evidence_p``). A random request shares nothing: step 0.
+    2. The change: with V the top ``directions`` right singular vectors of the request's features less the
+       retained samples' mean (mu), the head's weight W becomes W (I - V'V) and its bias absorbs W V'V mu, so
+       the head reads every retained sample's mean as before and no longer reads the request's direction.
+    3. Guards: retained accuracy on a random slice and on a slice of the request's labels (``guard_slice``
+       each) within ``guard_tolerance`` of before; otherwise step 0.
+    Forward passes only, on the request's samples and ``reference`` retained samples: no test data, nothing
+    about a trigger or a target label. The rows are not used: the store tells which samples, the model how.
+    """
+
+    directions: int = 1
+    evidence_p: float = 0.01
+    control_draws: int = 200
+    reference: int = 10000
+    guard_slice: int = 2000
+    guard_tolerance: float = 0.01
+    kinds: ClassVar[tuple[str, ...]] = ("samples",)
+
+    def __call__(self, given: RuleInput) -> Step:
+        data, model, base = given.data, given.model, given.base
+        if data is None or not hasattr(data, "train_x"):
+            raise RequestError("step rule 'feature' reads the request's samples through the model: it needs the "
+                               "training data (unlearn.forget on a run folder, or forget_keys(..., dataset=...)). "
+                               "Nothing was changed")
+        samples = given.removal.request.samples
+        if samples.size < 3:
+            return nothing(f"feature: {samples.size} sample(s); at least 3 are needed to tell what they share", base)
+        rng = np.random.default_rng([given.seed, 25])
+        retained = given.retained()
+        reference = np.sort(rng.choice(retained, min(self.reference, retained.size), replace=False))
+        head = find_head(model, data.train_x[samples[:1]])
+        weight_name, bias_name = f"{head.name}.weight", f"{head.name}.bias"
+        if given.names is not None and weight_name not in given.names:
+            raise RequestError(f"step rule 'feature' edits the head {head.name!r}, which this store does not record "
+                               f"(it records {len(given.names)} parameters): nothing was changed")
+        features = head_features(model, head, data.train_x[np.concatenate([samples, reference])])
+        request_features, reference_features = features[:samples.size], features[samples.size:]
+        labels, reference_labels = data.train_y[samples], data.train_y[reference]
+        units, pool = _units(request_features, labels, reference_features, reference_labels)
+        test = coherence(units, pool, reference_labels, labels, self.control_draws, rng)
+        report: dict[str, Any] = {"head": head.name, "coherence": test.report(), "evidence_p": self.evidence_p}
+        if test.p_value >= self.evidence_p:
+            step = nothing(f"feature: the samples share no direction the head reads (coherence p = {test.p_value:.3g}"
+                           f", not below {self.evidence_p}): nothing removed", base)
+            step.report = report
+            return step
+        mean = reference_features.mean(0)
+        _, singular, vt = np.linalg.svd(request_features - mean, full_matrices=False)
+        v = torch.as_tensor(vt[:self.directions], dtype=head.module.weight.dtype, device=head.module.weight.device)
+        guards = [rng.choice(retained, min(self.guard_slice, retained.size), replace=False),
+                  label_matched(data, given.removal.request, self.guard_slice, [given.seed, 26])]
+        before = [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards if g.size]
+        with torch.no_grad():
+            w = head.module.weight
+            taken = (w @ v.T) @ v
+            if head.module.bias is not None:
+                head.module.bias.add_(taken @ torch.as_tensor(mean, dtype=w.dtype, device=w.device))
+            w.sub_(taken)
+        after = [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards if g.size]
+        names = given.names if given.names is not None else [n for n, _ in model.named_parameters()]
+        edited = flat_params(model, names)
+        given.load(base)
+        report.update({"directions": self.directions, "singular_values": singular[:self.directions + 2].tolist(),
+                       "guards_before": before, "guards_after": after, "guard_tolerance": self.guard_tolerance,
+                       "bias_absorbs_mean": bias_name in names})
+        rule = (f"feature: {head.name}'s weight projected off the request's top {self.directions} feature "
+                "direction(s), the samples' features coherent against a label-matched control "
+                f"(p < {self.evidence_p}) and the retained guards held")
+        if any(a < b - self.guard_tolerance for a, b in zip(after, before)):
+            step = nothing(f"feature: a retained guard fell by more than {self.guard_tolerance}: nothing removed", base)
+            step.report = {**report, "stopped_by": "guard"}
+            return step
+        return Step(edited - base, report, evaluations=2 * len(before), rule=rule)
+
+
+def _units(request: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray):
+    """Features centred on the median of the reference samples of each one's label, at unit length: (the
+    request's, the reference samples' of the request's labels) and those labels' reference rows only."""
+    request = request.copy()
+    keep = np.isin(reference_labels, labels)
+    pool = reference.copy()
+    for label in np.unique(labels):
+        if not np.any(reference_labels == label):
+            raise RequestError(f"step rule 'feature': no retained sample has label {label}, so nothing tells what the "
+                               "request's samples of that label share: nothing was changed")
+        centre = np.median(reference[reference_labels == label], axis=0)
+        request[labels == label] -= centre
+        pool[reference_labels == label] -= centre
+    pool[~keep] = 0.0
+    units = request / np.maximum(np.linalg.norm(request, axis=1, keepdims=True), 1e-12)
+    pool = pool / np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
+    return units, pool
+

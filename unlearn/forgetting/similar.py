@@ -1,0 +1,202 @@
+"""What the request's samples share, read from the model's head: the search for the samples nobody named
+(``find_similar``) and the coherence test that the feature rule and the search both start with.
+
+Why the head's input and not the stored rows: measured on the poisoned MNIST runs (docs/DESIGN.md, "Memorised
+data"), a row's inner product with the named rows at its positions ranks the 75 unnamed poisoned samples with an
+AUC of .97-.98 but only because their rows are large (hard samples are too): 23-32 of the top 75 are poisoned.
+The head's input (the features the last Linear layer reads) separates them completely: samples that taught
+the same thing are read the same way by the model that learned it.
+
+Every test is against a label-matched control, so that a request that shares nothing finds nothing:
+- coherence: the named samples' centred features point the same way (mean pairwise cosine) more than
+  ``null_draws`` random sets of the same size and labels do (a permutation p-value);
+- the search, only when coherence holds: a candidate is found when its cosine with the named set's direction
+  is at least the named samples' own leave-one-out cosines' ``quantile``-th percentile; rounds add the found
+  samples to the direction until the set stops changing.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..errors import RequestError
+
+FEATURE_BATCH = 1024
+
+
+@dataclass
+class Head:
+    """The model's last Linear layer in forward order: what reads the features the search compares."""
+
+    name: str
+    module: torch.nn.Linear
+
+
+def find_head(model: torch.nn.Module, example: Any) -> Head:
+    """The last ``nn.Linear`` the model calls on ``example`` (one batch of inputs); RequestError if none is called."""
+    called: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+    hooks = [module.register_forward_hook(lambda m, i, o: called.append(names[m]))
+             for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(_as_tensor(example, model))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not called:
+        raise RequestError(f"{type(model).__name__} calls no nn.Linear layer: the feature rule and the search read the "
+                           "input of the model's last Linear layer (its head), and this model has none")
+    return Head(called[-1], dict(model.named_modules())[called[-1]])
+
+
+def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+    """float64 [n, d]: the input of ``head`` for each sample of ``inputs`` (averaged over any positions, such as
+    tokens, between the batch and the feature dimension), with the model in eval mode."""
+    caught: list[torch.Tensor] = []
+    hook = head.module.register_forward_hook(lambda m, i, o: caught.append(i[0].detach()))
+    training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                caught.clear()
+                model(_as_tensor(inputs[start:start + batch_size], model))
+                x = caught[-1]
+                out.append(x.reshape(x.shape[0], -1, x.shape[-1]).mean(1).double().cpu().numpy())
+    finally:
+        hook.remove()
+        model.train(training)
+    return np.concatenate(out) if out else np.zeros((0, head.module.in_features))
+
+
+def _as_tensor(inputs: Any, model: torch.nn.Module) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.as_tensor(np.asarray(inputs)).to(device)
+
+
+def mean_pairwise_cosine(units: np.ndarray) -> float:
+    """Mean cosine over distinct pairs of unit rows (0 for fewer than two)."""
+    n = units.shape[0]
+    if n < 2:
+        return 0.0
+    total = units.sum(0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+@dataclass
+class Coherence:
+    """Whether the named samples' features point the same way more than random label-matched sets do."""
+
+    cosine: float  # the named set's mean pairwise cosine
+    null_max: float  # the largest of the control draws'
+    p_value: float  # (1 + draws at least as coherent) / (1 + draws)
+    draws: int
+
+    def report(self) -> dict:
+        return {"mean_pairwise_cosine": self.cosine, "control_max": self.null_max, "p_value": self.p_value,
+                "control_draws": self.draws}
+
+
+def coherence(named: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, named_labels: np.ndarray,
+              draws: int, rng: np.random.Generator) -> Coherence:
+    """Permutation test of ``named`` (unit rows) against draws from ``pool`` (unit rows) with the named label mix."""
+    observed = mean_pairwise_cosine(named)
+    labels, counts = np.unique(named_labels, return_counts=True)
+    by_label = [np.flatnonzero(pool_labels == label) for label in labels]
+    if any(rows.size < count for rows, count in zip(by_label, counts)):
+        raise RequestError("the control for the coherence test needs, for each label of the request, at least as "
+                           "many retained samples of that label as the request has: "
+                           f"{dict(zip(labels.tolist(), counts.tolist()))} requested, "
+                           f"{ {int(l): int(r.size) for l, r in zip(labels, by_label)} } retained")
+    null = np.array([mean_pairwise_cosine(pool[np.concatenate([rng.choice(rows, count, replace=False)
+                                                              for rows, count in zip(by_label, counts)])])
+                     for _ in range(draws)])
+    return Coherence(observed, float(null.max(initial=-1.0)), float((1 + (null >= observed).sum()) / (1 + draws)),
+                     draws)
+
+
+@dataclass
+class Similar:
+    """What ``find_similar`` found: training samples that the model reads as it reads the named ones."""
+
+    found: np.ndarray  # int64 sample indices (never the named ones), by score, highest first
+    scores: np.ndarray  # their cosines with the named (and found) samples' direction
+    coherence: Optional[Coherence]
+    threshold: Optional[float]
+    rounds: int
+    candidates: int
+    head: str
+    why: str = ""  # why nothing was searched for, where nothing was
+    extra: dict = field(default_factory=dict)
+
+    def report(self, truth: Optional[np.ndarray] = None) -> dict:
+        """JSON-able; with ``truth`` (the samples known to belong with the named ones, such as a run's poisoned
+        keys), ``precision`` and ``recall`` of the found samples against the truth outside the named ones."""
+        report: dict = {
+            "found": [{"key": int(k), "score": float(s)} for k, s in zip(self.found, self.scores)],
+            "num_found": int(self.found.size), "head": self.head, "candidates": self.candidates,
+            "threshold": self.threshold, "rounds": self.rounds,
+            "coherence": self.coherence.report() if self.coherence else None,
+        }
+        if self.why:
+            report["why_nothing"] = self.why
+        if truth is not None:
+            hits = int(np.isin(self.found, truth).sum())
+            report["precision"] = hits / self.found.size if self.found.size else None
+            report["recall"] = hits / truth.size if truth.size else None
+            report["truth_unnamed"] = int(truth.size)
+        return {**report, **self.extra}
+
+
+def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarray], named: np.ndarray,
+                 candidates: np.ndarray, *, seed: int = 0, evidence_p: float = 0.01, control_draws: int = 200,
+                 quantile: float = 5.0, max_rounds: int = 8) -> Similar:
+    """The training samples among ``candidates`` that the model reads as it reads ``named`` (see the module doc).
+
+    ``inputs`` and ``labels`` are indexed by sample; ``labels`` None treats every sample as one label. Only
+    candidates with a label of the named samples are scored. Nothing is found unless the named samples'
+    features are coherent (p < ``evidence_p`` against ``control_draws`` label-matched random sets)."""
+    named = np.unique(np.asarray(named, np.int64))
+    candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
+    all_labels = np.zeros(len(inputs), np.int64) if labels is None else np.asarray(labels)
+    head = find_head(model, inputs[named[:1]])
+    candidates = candidates[np.isin(all_labels[candidates], all_labels[named])]
+    if named.size < 3:
+        return Similar(np.zeros(0, np.int64), np.zeros(0), None, None, 0, int(candidates.size), head.name,
+                       why=f"{named.size} named sample(s): at least 3 are needed to tell what they share")
+    features = head_features(model, head, inputs[np.concatenate([named, candidates])])
+    units = np.empty_like(features)
+    every = np.concatenate([named, candidates])
+    for label in np.unique(all_labels[every]):
+        rows = all_labels[every] == label
+        pool_rows = rows.copy()
+        pool_rows[:named.size] = False  # centred on the candidates of that label, never on the named
+        centre = np.median(features[pool_rows], axis=0) if pool_rows.any() else features[rows].mean(0)
+        units[rows] = features[rows] - centre
+    units /= np.maximum(np.linalg.norm(units, axis=1, keepdims=True), 1e-12)
+    named_units, pool = units[:named.size], units[named.size:]
+    rng = np.random.default_rng([seed, 24])
+    test = coherence(named_units, pool, all_labels[candidates], all_labels[named], control_draws, rng)
+    if test.p_value >= evidence_p:
+        return Similar(np.zeros(0, np.int64), np.zeros(0), test, None, 0, int(candidates.size), head.name,
+                       why=f"the named samples share no direction the model reads (coherence p = {test.p_value:.3g}, "
+                           f"not below {evidence_p}): nothing is added without evidence")
+    found = np.zeros(candidates.size, bool)
+    rounds, threshold, scores = 0, 0.0, np.zeros(candidates.size)
+    for rounds in range(1, max_rounds + 1):
+        total = named_units.sum(0) + pool[found].sum(0)
+        direction = total / np.linalg.norm(total)
+        scores = pool @ direction
+        leave_one_out = [float(u @ (total - u)) / float(np.linalg.norm(total - u)) for u in named_units]
+        threshold = float(np.percentile(leave_one_out, quantile))
+        now = scores >= threshold
+        if np.array_equal(now, found):
+            break
+        found = now
+    order = np.argsort(-scores[found], kind="stable")
+    return Similar(candidates[found][order], scores[found][order], test, threshold, rounds, int(candidates.size),
+                   head.name)
