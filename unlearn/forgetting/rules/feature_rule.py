@@ -29,17 +29,19 @@ class FeatureRule:
        retained samples' mean (mu), the head's weight W becomes W (I - V'V) and its bias absorbs W V'V mu, so
        the head reads every retained sample's mean as before and no longer reads the request's direction.
     3. Guards: retained accuracy on a random slice and on a slice of the request's labels (``guard_slice``
-       each) within ``guard_tolerance`` of before; otherwise step 0.
+       each) within ``guard_tolerance`` of before. Where the whole projection breaks one, the largest share of
+       it that holds them (``bisections`` halvings; the report's ``share``, ``reached`` false); none: step 0.
     Forward passes only, on the request's samples and ``reference`` retained samples: no test data, nothing
     about a trigger or a target label. The rows are not used: the store tells which samples, the model how.
     """
 
     directions: int = 1
-    evidence_p: float = 0.01
-    control_draws: int = 200
+    evidence_p: float = 0.001
+    control_draws: int = 2000
     reference: int = 10000
     guard_slice: int = 2000
     guard_tolerance: float = 0.01
+    bisections: int = 5
     kinds: ClassVar[tuple[str, ...]] = ("samples",)
 
     def __call__(self, given: RuleInput) -> Step:
@@ -73,30 +75,52 @@ class FeatureRule:
         mean = reference_features.mean(0)
         _, singular, vt = np.linalg.svd(request_features - mean, full_matrices=False)
         v = torch.as_tensor(vt[:self.directions], dtype=head.module.weight.dtype, device=head.module.weight.device)
-        guards = [rng.choice(retained, min(self.guard_slice, retained.size), replace=False),
-                  label_matched(data, given.removal.request, self.guard_slice, [given.seed, 26])]
-        before = [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards if g.size]
-        with torch.no_grad():
-            w = head.module.weight
-            taken = (w @ v.T) @ v
-            if head.module.bias is not None:
-                head.module.bias.add_(taken @ torch.as_tensor(mean, dtype=w.dtype, device=w.device))
-            w.sub_(taken)
-        after = [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards if g.size]
+        guards = [g for g in (rng.choice(retained, min(self.guard_slice, retained.size), replace=False),
+                              label_matched(data, given.removal.request, self.guard_slice, [given.seed, 26])) if g.size]
+        before = [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards]
         names = given.names if given.names is not None else [n for n, _ in model.named_parameters()]
-        edited = flat_params(model, names)
+        w = head.module.weight.detach().clone()
+        taken = (w @ v.T) @ v  # what the head reads along the request's direction(s)
+        absorbed = taken @ torch.as_tensor(mean, dtype=w.dtype, device=w.device)
+        bias = head.module.bias.detach().clone() if head.module.bias is not None else None
+
+        def edit(share: float) -> tuple[np.ndarray, list[float]]:
+            """The weights with ``share`` of the direction taken out, and the guards' accuracies there."""
+            with torch.no_grad():
+                head.module.weight.copy_(w - share * taken)
+                if bias is not None:
+                    head.module.bias.copy_(bias + share * absorbed)
+            return flat_params(model, names), [accuracy(model, data.train_x[g], data.train_y[g]) for g in guards]
+
+        def held(accuracies: list[float]) -> bool:
+            return all(a >= b - self.guard_tolerance for a, b in zip(accuracies, before))
+
+        edited, after = edit(1.0)
+        share, evaluations = 1.0, 1
+        if not held(after):  # the furthest share of the direction at which the guards hold
+            low, high, edited, after, share = 0.0, 1.0, np.asarray(base), before, 0.0
+            for _ in range(self.bisections):
+                middle = (low + high) / 2
+                weights, accuracies = edit(middle)
+                evaluations += 1
+                if held(accuracies):
+                    low, edited, after, share = middle, weights, accuracies, middle
+                else:
+                    high = middle
         given.load(base)
         report.update({"directions": self.directions, "singular_values": singular[:self.directions + 2].tolist(),
-                       "guards_before": before, "guards_after": after, "guard_tolerance": self.guard_tolerance,
-                       "bias_absorbs_mean": bias_name in names})
-        rule = (f"feature: {head.name}'s weight projected off the request's top {self.directions} feature "
-                "direction(s), the samples' features coherent against a label-matched control "
-                f"(p < {self.evidence_p}) and the retained guards held")
-        if any(a < b - self.guard_tolerance for a, b in zip(after, before)):
-            step = nothing(f"feature: a retained guard fell by more than {self.guard_tolerance}: nothing removed", base)
+                       "share": share, "guards_before": before, "guards_after": after,
+                       "guard_tolerance": self.guard_tolerance, "bias_absorbs_mean": bias_name in names})
+        if share == 0.0:
+            step = nothing(f"feature: a retained guard fell by more than {self.guard_tolerance} at every share of the "
+                           "direction tried: nothing removed", base)
             step.report = {**report, "stopped_by": "guard"}
             return step
-        return Step(edited - base, report, evaluations=2 * len(before), rule=rule)
+        rule = (f"feature: {share:g} of the request's top {self.directions} feature direction(s) taken out of "
+                f"{head.name}'s weight, the samples' features coherent against a label-matched control "
+                f"(p < {self.evidence_p}); " + ("the retained guards held" if share == 1.0 else
+                                                "further, a retained guard fell"))
+        return Step(edited - base, report, evaluations=evaluations, rule=rule, reached=share == 1.0)
 
 
 def _units(request: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray):
