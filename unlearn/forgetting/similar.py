@@ -11,8 +11,9 @@ Every test is against a label-matched control, so that a request that shares not
 - coherence: the named samples' centred features point the same way (mean pairwise cosine) more than
   ``null_draws`` random sets of the same size and labels do (a permutation p-value);
 - the search, only when coherence holds: a candidate is found when its cosine with the named set's direction
-  is at least the named samples' own leave-one-out cosines' ``quantile``-th percentile and above the
-  candidates' median cosine; rounds add the found samples
+  is at least the named samples' own leave-one-out cosines' ``quantile``-th percentile, and nearer their
+  cosines than the bulk of the candidates' (``balanced``: where a model learnt the shared thing weakly, the named
+  samples' cosines spread out and the percentile alone let in clean samples); rounds add the found samples
   to the direction until the set stops changing.
 """
 
@@ -155,15 +156,13 @@ class Similar:
 
 def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarray], named: np.ndarray,
                  candidates: np.ndarray, *, seed: int = 0, evidence_p: float = 0.001, control_draws: int = 2000,
-                 quantile: float = 5.0, bulk_mads: float = 0.0, max_rounds: int = 8) -> Similar:
+                 quantile: float = 5.0, max_rounds: int = 8) -> Similar:
     """The training samples among ``candidates`` that the model reads as it reads ``named`` (see the module doc).
 
     ``inputs`` and ``labels`` are indexed by sample; ``labels`` None treats every sample as one label. Only
     candidates with a label of the named samples are scored. Nothing is found unless the named samples'
-    features are coherent (p < ``evidence_p`` against ``control_draws`` label-matched random sets), and never
-    a candidate at or below the candidates' median score plus ``bulk_mads`` robust deviations (MAD). The default 0
-    keeps that floor at the median: a group that is a large share of its label's samples (60 of 187 on digits)
-    widens the MAD, and 2 MADs already lost half of it there."""
+    features are coherent (p < ``evidence_p`` against ``control_draws`` label-matched random sets), and never a
+    candidate nearer the bulk of the candidates' scores than the named samples' own (``balanced``)."""
     named = np.unique(np.asarray(named, np.int64))
     candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
     all_labels = np.zeros(len(inputs), np.int64) if labels is None else np.asarray(labels)
@@ -196,9 +195,7 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
         direction = total / np.linalg.norm(total)
         scores = pool @ direction
         leave_one_out = [float(u @ (total - u)) / float(np.linalg.norm(total - u)) for u in named_units]
-        median = float(np.median(scores))
-        bulk = median + bulk_mads * 1.4826 * float(np.median(np.abs(scores - median)))
-        threshold = max(float(np.percentile(leave_one_out, quantile)), bulk)
+        threshold = max(float(np.percentile(leave_one_out, quantile)), balanced(scores, np.asarray(leave_one_out)))
         now = scores >= threshold
         if np.array_equal(now, found):
             break
@@ -206,3 +203,12 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
     order = np.argsort(-scores[found], kind="stable")
     return Similar(candidates[found][order], scores[found][order], test, threshold, rounds, int(candidates.size),
                    head.name)
+
+
+def balanced(scores: np.ndarray, named_scores: np.ndarray) -> float:
+    """The score as many robust deviations (1.4826 MAD) above the candidates' median as below the named samples'
+    median: nearer the named samples' scores above it, nearer the bulk's below."""
+    low, high = float(np.median(scores)), float(np.median(named_scores))
+    low_spread = 1.4826 * float(np.median(np.abs(scores - low)))
+    high_spread = 1.4826 * float(np.median(np.abs(named_scores - high)))
+    return (low * high_spread + high * low_spread) / max(low_spread + high_spread, 1e-12)
