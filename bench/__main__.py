@@ -1,4 +1,4 @@
-"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,diagnose,memorised,crash,corrupt,purge,lm} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,diagnose,candidates,memorised,crash,corrupt,purge,lm} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,7 +25,7 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import backdoor, codecs_study, corrupt, crash, diagnose, footprint, lm, memorised, positions, protocol, purge, scale, store, study, throughput
+    from . import backdoor, candidates, codecs_study, corrupt, crash, diagnose, footprint, lm, memorised, positions, protocol, purge, scale, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +38,7 @@ def main():
         ("protocol", protocol, "the seed's MNIST protocol: every method vs retrain"),
         ("scale", scale, "one recording with 1 and with N torchrun ranks: seconds per step, bytes, equal stores"),
         ("diagnose", diagnose, "why a backdoor outlives its rows: dense against masked and int8 rows, swept over steps"),
+        ("candidates", candidates, "the removal rules and searches tried before the feature rule (bench diagnose's runs)"),
         ("memorised", memorised, "the feature rule and find_similar on the diagnosed poisoned runs, against retrain"),
         ("crash", crash, "SIGKILL recordings at random moments; verify, resume, compare with an uninterrupted run"),
         ("corrupt", corrupt, "flip random bytes in a store: every read right or an error naming rows; checksum cost"),
