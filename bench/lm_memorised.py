@@ -32,13 +32,12 @@ Writes lm_memorised.json and lm_memorised.md under --out.
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ TARGET_LOSS = 0.01  # and held-out loss within 1% of it
 # ---------------------------------------------------------------------- the run folder
 
 
-def load_run(run: Path, corpus_text: Optional[bytes] = None) -> dict[str, Any]:
+def load_run(run: Path, corpus_text: bytes | None = None) -> dict[str, Any]:
     """The finished bench lm run: settings, canaries (with prefixes), the rebuilt data (hash checked), weights."""
     report = json.loads((run / "lm.json").read_text())
     settings = report["settings"]
@@ -260,7 +259,7 @@ def variants(features: np.ndarray, digit_feats: np.ndarray, canaries: list[dict[
     """The projections to measure: name, directions (orthonormal rows), mu, untie first, and the spectrum."""
     mean = features[reference].mean(0)
     out: list[dict[str, Any]] = []
-    spectrum: Optional[np.ndarray] = None
+    spectrum: np.ndarray | None = None
     for k in ks:
         v, spectrum = top_directions(features[keys], mean, k)
         out.append({"name": f"head projection, k = {k}", "directions": v, "mean": mean, "untie": False})
@@ -351,7 +350,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _first(d: Optional[dict[str, Any]]) -> str:
+def _first(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
     return f"{d['found']}, {_f(d['precision'])}, {_f(d['recall'])}; {d['auc']:.3f}"
@@ -361,7 +360,7 @@ def _f(value: Any) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def run(args: argparse.Namespace, corpus_text: Optional[bytes] = None) -> dict[str, Any]:
+def run(args: argparse.Namespace, corpus_text: bytes | None = None) -> dict[str, Any]:
     """Everything above on the run folder ``args.run``; returns the report (and writes it under ``args.out``)."""
     started = time.perf_counter()
     run_dir, out = Path(args.run), Path(args.out)
@@ -498,7 +497,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.named < 3:
         raise SystemExit("--named must be at least 3 (find_similar needs 3 to tell what they share)")
