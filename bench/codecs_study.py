@@ -3,6 +3,9 @@
 1. The default int8 block size: bytes per value (all-in, on disk) against error.
 2. How error grows with epochs: the store (lossless runs, one quantization at
    finalize) against quantizing each epoch's contribution and summing.
+
+`python -m bench codecs --packed`: the sub-byte codecs' block sizes instead (issue 25):
+bytes per value before zstd (raw parts) and on disk, against error, next to int8's.
 """
 
 import json
@@ -46,6 +49,33 @@ def block_size_table(rows, num_params, keep, out_dir, seed=0):
                 "rel_l2_error": rel_error(decoded, rows),
             })
             store.close()
+    return table
+
+
+PACKED_CODECS = ["int8", "int4", "int4-stochastic", "int2", "sign"]
+
+
+def packed_block_table(rows, num_params, keep, out_dir, seed=0, codecs=PACKED_CODECS, blocks=BLOCKS):
+    """Per (codec, block): raw bytes per value (the parts before zstd), bytes per value on disk (all-in),
+    and the mean row relative L2 error and cosine against the rows."""
+    n, k = rows.shape
+    table = []
+    exact = rows.astype(np.float64)
+    for codec_id in codecs:
+        for block in blocks:
+            config = {"id": codec_id, "block_size": block or k}
+            path = Path(out_dir) / f"packed-{codec_id}-{block or 'row'}.h5"
+            store = gradstore.create(path, num_params, n, keep, codec=config, seed=seed, overwrite=True)
+            store.accumulate(np.arange(n), rows)
+            store = store.finalize()
+            decoded = store.read(np.arange(n)).astype(np.float64)
+            raw = sum(part.width * part.dtype.itemsize for part in store.parts) / k
+            cosine = (decoded * exact).sum(1) / np.maximum(np.linalg.norm(decoded, axis=1) * np.linalg.norm(exact, axis=1), 1e-300)
+            table.append({"codec": codec_id, "block_size": block or "row", "raw_bytes_per_value": raw,
+                          "bytes_per_value": store.info()["bytes_per_value"], "rel_l2_error": rel_error(decoded, exact),
+                          "cosine": float(np.mean(cosine))})
+            store.close()
+            path.unlink()
     return table
 
 
@@ -102,6 +132,16 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     gradients = mnist_gradients(args.samples)["trained"]
     rows = masked_rows(gradients, 0, args.keep)
+    if args.packed:
+        table = packed_block_table(rows, gradients.shape[1], args.keep, out_dir)
+        print(f"sub-byte codecs' block size (trained gradients, p={args.keep}, {args.samples} rows, one epoch):")
+        print(f"{'codec':>16}{'block':>7}{'raw B/v':>9}{'disk B/v':>9}{'rel.err':>9}{'cosine':>8}")
+        for r in table:
+            print(f"{r['codec']:>16}{r['block_size']:>7}{r['raw_bytes_per_value']:>9.3f}{r['bytes_per_value']:>9.3f}"
+                  f"{r['rel_l2_error']:>9.4f}{r['cosine']:>8.4f}")
+        with open(out_dir / "codecs-packed-results.json", "w") as handle:
+            json.dump({"keep": args.keep, "samples": args.samples, "block_size": table}, handle, indent=2)
+        return 0
     blocks = block_size_table(rows, gradients.shape[1], args.keep, out_dir)
     print(f"int8 block size (trained gradients, p={args.keep}, {args.samples} rows, all-in bytes on disk):")
     print(f"{'block':>7}{'rounding':>12}{'B/value':>9}{'entropy':>9}{'rel.err':>9}")
@@ -122,3 +162,5 @@ def add_arguments(parser):
     parser.add_argument("--out", default="out/bench-codecs", help="directory for the stores written")
     parser.add_argument("--samples", type=int, default=1024, help="MNIST samples")
     parser.add_argument("--keep", type=float, default=0.1, help="keep fraction p")
+    parser.add_argument("--packed", action="store_true",
+                        help="the sub-byte codecs' (int4, int4-stochastic, int2, sign) block sizes next to int8's, only")

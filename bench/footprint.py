@@ -215,7 +215,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    parser.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "int8"], choices=list(CODECS))
     parser.add_argument("--layer-keep", type=float, default=0.1)
     parser.add_argument("--from-study", metavar="DIR",
                         help="tabulate the stores a finished `bench study --out DIR` measured instead of recording anew")

@@ -101,6 +101,7 @@ def measure_config(rows, num_params, codec, keep, seed, path, epochs):
         "num_params": store.num_params,
         "rows": n,
         "epochs": epochs,
+        "raw_bytes_per_value": sum(part.width * part.dtype.itemsize for part in store.parts) / k,
         "bytes_per_value": info["bytes_per_value"],
         "entropy_bytes_per_value": entropy,
         "entropy_gap": info["bytes_per_value"] / entropy - 1,
@@ -152,13 +153,13 @@ def run(quick=False, out_dir="out/bench-store", samples=1024, epochs=4, seed=0, 
     return results
 
 
-HEADER = (f"{'stage':<8}{'keep':>6}{'codec':>6}{'B/value':>9}{'entropy':>9}{'gap':>7}{'x dense':>9}"
+HEADER = (f"{'stage':<8}{'keep':>6}{'codec':>16}{'raw B/v':>9}{'B/value':>9}{'entropy':>9}{'gap':>7}{'x dense':>9}"
           f"{'rel.err':>9}{'ingest MB/s':>12}{'read1 ms':>9}{'read100':>9}{'read1000':>9}"
           f"{'scatter Mv/s':>13}{'masks Mv/s':>11}{'forget1 ms':>11}")
 
 
 def format_row(r):
-    return (f"{r['stage']:<8}{r['keep']:>6}{r['codec']:>6}{r['bytes_per_value']:>9.3f}{r['entropy_bytes_per_value']:>9.3f}"
+    return (f"{r['stage']:<8}{r['keep']:>6}{r['codec']:>16}{r['raw_bytes_per_value']:>9.3f}{r['bytes_per_value']:>9.3f}{r['entropy_bytes_per_value']:>9.3f}"
             f"{r['entropy_gap']:>+7.1%}{r['ratio_vs_dense_fp32']:>9.0f}{r['rel_l2_error']:>9.1e}{r['ingest_mb_s']:>12.0f}"
             f"{r['read_ms_1']:>9.2f}{r['read_ms_100']:>9.2f}{r['read_ms_1000']:>9.2f}"
             f"{r['scatter_mvalues_s']:>13.0f}{r['positions_mvalues_s']:>11.0f}{r['forget_one_ms']:>11.3f}")

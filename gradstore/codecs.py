@@ -26,6 +26,14 @@ from .errors import BadInputError, FormatError
 # on real MNIST CNN gradients, 1024 is the smallest block whose all-in bytes per value
 # meet the 0.75 B target (0.72 B at 1.5% row error; 256 gives 0.82 B at 1.0%).
 DEFAULT_INT8_BLOCK = 1024
+# Sub-byte codecs (issue 25): chosen by measurement too (docs/RESULTS.md, "Sub-byte codecs",
+# `python -m bench codecs --packed`): the smallest block whose all-in bytes per value on trained
+# MNIST gradients fit the 100x budget at the p each width is for (int4: 2.7 bits at p = 0.005;
+# int2 and sign: 1.33 bits at p = 0.01).
+DEFAULT_INT4_BLOCK = 256
+DEFAULT_INT2_BLOCK = 128
+DEFAULT_SIGN_BLOCK = 128
+DEFAULT_INT4_STOCHASTIC_BLOCK = 64  # above 64 its stated error (one step) exceeds heavy-tailed rows themselves
 
 Parts = Mapping[str, np.ndarray]
 Problems = list  # [(row indices into the parts, problem text)]: what ``check_parts`` finds
@@ -88,6 +96,18 @@ class Codec(ABC):
     def error_bound(self, values: np.ndarray) -> np.ndarray:
         """Per element, the most ``decode(encode(values))`` may differ from float32 ``values`` [n, k]
         (the codec's stated error, checked by tests/test_codec_registry.py)."""
+
+    def decode_with_k(self, parts: Parts, k: int) -> np.ndarray:
+        """``decode``, told the row length k: what the store calls. By default ``decode(parts)``; a codec
+        whose parts do not fix k (packed sub-byte codes: k and k + 1 values may fill the same bytes)
+        overrides it."""
+        return self.decode(parts)
+
+    def packed_operands(self, parts: Parts) -> Optional[tuple[np.ndarray, np.ndarray, int, int, np.ndarray]]:
+        """(packed uint8 codes, scales, block_size, bits, table) for ``kernels.scatter_add_packed``, which
+        decodes code c of value j as table[c] * scales[j // block] inside the scatter; None (the default):
+        the codec is applied through ``scatter_operands``."""
+        return None
 
     def scatter_operands(self, parts: Parts) -> tuple[np.ndarray, np.ndarray, int]:
         """(values, scales, block_size) for ``kernels.scatter_add``: value * scales[j // block].
@@ -243,13 +263,119 @@ class Int8Block(Codec):
         return problems
 
 
+class PackedBlock(Codec):
+    """Sub-byte codes, ``8 // bits`` a byte, with one float32 scale per block of ``block_size`` values.
+
+    ``bits`` 4 (int4) or 2 (int2, ternary): signed q in [-levels, levels] (levels 7 and 1), stored as
+    its two's complement in ``bits`` bits (the most negative code never written), scale =
+    absmax / levels; ``bits`` 1 (sign): code 1 for x < 0, 0 otherwise, scale = mean |x| of the block.
+    Code j of a row sits in byte j // (8 // bits) at bit offset (j % (8 // bits)) * bits.
+    Subclasses set the class constants; each is a codec of its own id (docs/FORMAT.md).
+    """
+
+    bits: ClassVar[int]
+    levels: ClassVar[int]
+    mode: ClassVar[int] = kernels.MODE_NEAREST
+    default_block: ClassVar[int]
+
+    def __init__(self, block_size: Optional[int] = None):
+        block_size = self.default_block if block_size is None else block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise BadInputError(f"{self.codec_id} block_size must be a positive integer, got {block_size!r}")
+        self.block_size = int(block_size)
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "block_size": self.block_size}
+
+    @classmethod
+    def table(cls) -> np.ndarray:
+        """float32 [2**bits]: the value of each code (times its block's scale)."""
+        if cls.mode == kernels.MODE_SIGN:
+            return np.array([1.0, -1.0], np.float32)
+        codes = np.arange(1 << cls.bits)
+        return np.where(codes >= 1 << (cls.bits - 1), codes - (1 << cls.bits), codes).astype(np.float32)
+
+    def num_blocks(self, k: int) -> int:
+        return -(-k // self.block_size)
+
+    def packed_width(self, k: int) -> int:
+        return -(-k // (8 // self.bits))
+
+    def parts(self, k: int) -> list[Part]:
+        return [
+            Part("values", np.dtype(np.uint8), self.packed_width(k), False),
+            Part("scales", np.dtype(np.float32), self.num_blocks(k), True),
+        ]
+
+    def encode(self, values: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        n, k = values.shape
+        packed = np.zeros((n, self.packed_width(k)), np.uint8)
+        scales = np.empty((n, self.num_blocks(k)), np.float32)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        kernels.quantize_packed(values, keys, self.block_size, self.bits, self.levels, self.mode, seed, packed, scales)
+        return {"values": packed, "scales": scales}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        """Every code the bytes and blocks hold: [n, min(width * (8 // bits), blocks * block_size)], k rounded up
+        (k and k + 1 values can fill the same bytes); ``decode_with_k`` (what the store calls) cuts it to k."""
+        return self.decode_with_k(parts, min(parts["values"].shape[1] * (8 // self.bits),
+                                             parts["scales"].shape[1] * self.block_size))
+
+    def decode_with_k(self, parts: Parts, k: int) -> np.ndarray:
+        packed, scales = parts["values"], parts["scales"]
+        out = np.empty((packed.shape[0], k), np.float32)
+        if packed.shape[1] * (8 // self.bits) < k or scales.shape[1] * self.block_size < k:
+            raise FormatError(f"codec {self.codec_id!r}: parts of widths {packed.shape[1]}, {scales.shape[1]} "
+                              f"cannot hold {k} values")
+        kernels.dequantize_packed(np.ascontiguousarray(packed), np.ascontiguousarray(scales, np.float32), self.block_size,
+                                  self.bits, self.table(), out)
+        return out
+
+    def error_bound(self, values: np.ndarray) -> np.ndarray:
+        """Nearest: at most half a step (absmax / levels) and at most |x| (0 is a level); stochastic: one
+        step; sign: exactly | |x| - mean|x| | of the block. Plus float32 rounding."""
+        values = np.abs(np.asarray(values, np.float64))
+        n, k = values.shape
+        padded = np.zeros((n, self.num_blocks(k) * self.block_size))
+        padded[:, :k] = values
+        blocks = padded.reshape(n, -1, self.block_size)
+        if self.mode == kernels.MODE_SIGN:
+            counts = np.minimum(self.block_size, k - np.arange(self.num_blocks(k)) * self.block_size)
+            scale = np.repeat(blocks.sum(axis=2) / counts, self.block_size, axis=1)[:, :k]
+            return np.abs(values - scale) + 1e-5 * scale
+        step = np.repeat(blocks.max(axis=2) / self.levels, self.block_size, axis=1)[:, :k]
+        if self.mode == kernels.MODE_STOCHASTIC:
+            return step * (1 + 1e-4)
+        return np.minimum(values * (1 + 1e-4), step * (0.5 + 1e-4))
+
+    def packed_operands(self, parts: Parts) -> Optional[tuple[np.ndarray, np.ndarray, int, int, np.ndarray]]:
+        return (np.ascontiguousarray(parts["values"]), np.ascontiguousarray(parts["scales"], np.float32),
+                self.block_size, self.bits, self.table())
+
+    def check_parts(self, parts: Parts) -> Problems:
+        problems = finite_problems(parts, nonnegative=("scales",))
+        packed = parts["values"]
+        if packed.shape[0] == 0:
+            return problems
+        per_byte = 8 // self.bits
+        codes = (packed[:, :, None] >> (np.arange(per_byte, dtype=np.uint8) * self.bits)) & ((1 << self.bits) - 1)
+        codes = codes.reshape(packed.shape[0], -1)
+        if self.mode != kernels.MODE_SIGN:
+            never = 1 << (self.bits - 1)
+            bad = np.nonzero((codes == never).any(axis=1))[0]
+            if bad.size:
+                problems.append((bad, f"values: code {never} ({-never}) never written"))
+        return problems
+
+
 CODECS: dict[str, type[Codec]] = {}  # codec_id -> class: every codec a store may name
 
 
 def decoded_rows(codec: Codec, parts: Parts, rows: int, k: int) -> np.ndarray:
-    """``codec.decode(parts)``, held to its contract: float32 [rows, k]. A codec that returns another shape
-    would have its values scattered to positions drawn for another k, so it is refused, named."""
-    values = codec.decode(parts)
+    """``codec.decode_with_k(parts, k)``, held to its contract: float32 [rows, k]. A codec that returns another
+    shape would have its values scattered to positions drawn for another k, so it is refused, named."""
+    values = codec.decode_with_k(parts, k)
     if not isinstance(values, np.ndarray) or values.shape != (rows, k) or values.dtype != np.float32:
         raise FormatError(f"codec {codec.codec_id!r} decoded {rows} rows of {k} values to "
                           f"{getattr(values, 'dtype', type(values).__name__)} {getattr(values, 'shape', '')}: "
@@ -260,6 +386,9 @@ def decoded_rows(codec: Codec, parts: Parts, rows: int, k: int) -> np.ndarray:
 def scatter_operands_checked(codec: Codec, parts: Parts, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``codec.scatter_operands(parts)``, held to what the scatter kernel reads: values [rows, k], a positive
     block and scales [rows, ceil(k / block)]; anything else is refused, the codec named."""
+    if type(codec).scatter_operands is Codec.scatter_operands:  # decode-then-add, decoded as the store reads (k known)
+        values = decoded_rows(codec, parts, rows, k)
+        return values, np.ones((rows, 1), np.float32), max(1, k)
     values, scales, block = codec.scatter_operands(parts)
     ok = (isinstance(values, np.ndarray) and values.shape == (rows, k) and isinstance(block, (int, np.integer))
           and block >= 1 and isinstance(scales, np.ndarray) and scales.shape == (rows, -(-k // int(block))))
@@ -267,6 +396,27 @@ def scatter_operands_checked(codec: Codec, parts: Parts, rows: int, k: int) -> t
         raise FormatError(f"codec {codec.codec_id!r}: scatter_operands gave values {getattr(values, 'shape', None)}, "
                           f"scales {getattr(scales, 'shape', None)}, block {block!r} for {rows} rows of {k} values")
     return values, scales, int(block)
+
+
+def packed_operands_checked(codec: Codec, parts: Parts, rows: int,
+                            k: int) -> Optional[tuple[np.ndarray, np.ndarray, int, int, np.ndarray]]:
+    """``codec.packed_operands(parts)`` (None: the codec has no packed kernel), held to what
+    ``kernels.scatter_add_packed`` reads: uint8 codes [rows, ceil(k * bits / 8)] for bits 1, 2 or 4, a float32
+    table of 2**bits values, a positive block and float32 scales [rows, ceil(k / block)]."""
+    operands = codec.packed_operands(parts)
+    if operands is None:
+        return None
+    packed, scales, block, bits, table = operands
+    ok = (isinstance(bits, (int, np.integer)) and bits in (1, 2, 4) and isinstance(block, (int, np.integer))
+          and block >= 1 and isinstance(packed, np.ndarray) and packed.dtype == np.uint8
+          and packed.shape == (rows, -(-k * int(bits) // 8)) and isinstance(scales, np.ndarray)
+          and scales.dtype == np.float32 and scales.shape == (rows, -(-k // int(block)))
+          and isinstance(table, np.ndarray) and table.dtype == np.float32 and table.shape == (1 << int(bits),))
+    if not ok:
+        raise FormatError(f"codec {codec.codec_id!r}: packed_operands gave codes {getattr(packed, 'shape', None)}, "
+                          f"scales {getattr(scales, 'shape', None)}, block {block!r}, bits {bits!r} for {rows} rows "
+                          f"of {k} values")
+    return packed, scales, int(block), int(bits), table
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
@@ -289,7 +439,37 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
     return cls
 
 
-for _builtin in (Float32, Float16, Int8Block):
+class Int4Block(PackedBlock):
+    """Signed 4-bit, q in [-7, 7] (nibble 8, -8, never written), two a byte; scale absmax / 7 per block."""
+
+    codec_id = "int4"
+    bits, levels, default_block = 4, 7, DEFAULT_INT4_BLOCK
+
+
+class Int4Stochastic(Int4Block):
+    """int4 with stochastic rounding (floor(t + u), u from (seed, key)): unbiased, one step of error."""
+
+    codec_id = "int4-stochastic"
+    mode = kernels.MODE_STOCHASTIC
+    default_block = DEFAULT_INT4_STOCHASTIC_BLOCK
+
+
+class Int2Block(PackedBlock):
+    """Ternary, q in {-1, 0, 1} (2-bit code 2, -2, never written), four a byte; scale absmax per block."""
+
+    codec_id = "int2"
+    bits, levels, default_block = 2, 1, DEFAULT_INT2_BLOCK
+
+
+class SignBlock(PackedBlock):
+    """One bit a value, its sign (x < 0: 1), eight a byte; scale mean |x| per block (x = 0 decodes to +scale)."""
+
+    codec_id = "sign"
+    bits, levels, default_block = 1, 1, DEFAULT_SIGN_BLOCK
+    mode = kernels.MODE_SIGN
+
+
+for _builtin in (Float32, Float16, Int8Block, Int4Block, Int4Stochastic, Int2Block, SignBlock):
     register_codec(_builtin)
 
 

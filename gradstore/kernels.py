@@ -167,3 +167,134 @@ def scatter_add(flat: np.ndarray, values: np.ndarray, scales: np.ndarray, block_
 
         nparts = max(1, numba.get_num_threads())
         _scatter_add_parallel(flat, values, scales, block_size, keys, seed, num_params, alpha, nparts, positions, unroll)
+
+
+# ---------------------------------------------------------------- packed sub-byte codes (int4, int2, sign)
+#
+# A row of k codes of ``bits`` bits (1, 2 or 4) packs 8 // bits codes a byte, code j in
+# byte j // (8 // bits) at bit offset (j % (8 // bits)) * bits (the first code in the
+# lowest bits); bits past k in the last byte are 0. A code c decodes to table[c] * scale
+# of its block: two's complement for int4 / int2, (+1, -1) for sign.
+
+MODE_NEAREST, MODE_STOCHASTIC, MODE_SIGN = 0, 1, 2
+
+
+@njit(cache=True, parallel=True)
+def quantize_packed(values: np.ndarray, keys: np.ndarray, block_size: int, bits: int, levels: int, mode: int, seed: int,
+                    packed_out: np.ndarray, scales_out: np.ndarray) -> None:
+    """values float32 [n, k] -> packed uint8 [n, ceil(k * bits / 8)] (zeroed on entry), scales float32 [n, nblocks].
+
+    MODE_NEAREST / MODE_STOCHASTIC: scale = absmax / levels, q = round(x * (levels / absmax)) in
+    [-levels, levels] (to nearest, ties to even, or floor(t + u) with u from (seed, key)), code q's
+    two's complement in ``bits`` bits. MODE_SIGN: scale = mean |x| of the block (float64 sum in
+    index order, / count, to float32), code 1 for x < 0 and 0 otherwise.
+    """
+    n, k = values.shape
+    nblocks = scales_out.shape[1]
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    top = np.float32(levels)
+    for r in prange(n):
+        base = stream_base(seed, keys[r], ROUNDING_SALT)
+        for b in range(nblocks):
+            lo = b * block_size
+            hi = min(k, lo + block_size)
+            if mode == MODE_SIGN:
+                total = 0.0
+                for j in range(lo, hi):
+                    total += np.float64(abs(values[r, j]))
+                scales_out[r, b] = np.float32(total / np.float64(hi - lo))
+                for j in range(lo, hi):
+                    if values[r, j] < 0:
+                        packed_out[r, j // per_byte] |= np.uint8(1 << ((j % per_byte) * bits))
+                continue
+            absmax = np.float32(0.0)
+            for j in range(lo, hi):
+                absmax = max(absmax, abs(values[r, j]))
+            scales_out[r, b] = absmax / top
+            if absmax == 0:
+                continue
+            inv = top / absmax
+            for j in range(lo, hi):
+                x = values[r, j]
+                if x == 0:  # stays 0 (also where inv overflows to inf: 0 * inf would be NaN)
+                    continue
+                t = x * inv
+                if mode == MODE_STOCHASTIC:
+                    u = np.float32(stream_draw(base, j) >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+                    q = min(max(np.floor(t + u), -top), top)
+                else:
+                    q = min(max(np.rint(t), -top), top)
+                code = np.int64(q) & mask
+                packed_out[r, j // per_byte] |= np.uint8(code << ((j % per_byte) * bits))
+
+
+def _dequantize_packed_body(packed, scales, block_size, bits, table, out):
+    n, k = out.shape
+    lpb = 3 - (bits >> 1) if bits < 4 else 1  # log2(8 // bits): 1 -> 3, 2 -> 2, 4 -> 1
+    pbmask = (1 << lpb) - 1
+    mask = (1 << bits) - 1
+    for r in prange(n):
+        for b in range(scales.shape[1]):
+            scale = scales[r, b]
+            for j in range(b * block_size, min(k, (b + 1) * block_size)):
+                code = (np.int64(packed[r, j >> lpb]) >> ((j & pbmask) * bits)) & mask
+                out[r, j] = table[code] * scale
+
+
+_dequantize_packed_parallel, _dequantize_packed_serial = parallel_and_serial(_dequantize_packed_body, cache=True)
+
+
+def dequantize_packed(packed: np.ndarray, scales: np.ndarray, block_size: int, bits: int, table: np.ndarray,
+                      out: np.ndarray) -> None:
+    """packed uint8 [n, ceil(k * bits / 8)], scales [n, nblocks] -> float32 [n, k] (out): table[code] * scale."""
+    kernel = _dequantize_packed_parallel if out.size >= PARALLEL_MIN_VALUES else _dequantize_packed_serial
+    kernel(packed, scales, block_size, bits, table, out)
+
+
+def _scatter_add_packed_body(flat, packed, scales, block_size, bits, table, keys, seed, num_params, alpha, nparts,
+                             positions, unroll):
+    n, k = positions.shape
+    lpb = 3 - (bits >> 1) if bits < 4 else 1
+    pbmask = (1 << lpb) - 1
+    mask = (1 << bits) - 1
+    nthreads = min(n, nparts)
+    per = (n + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        fill_rows(seed, keys, num_params, positions, t * per, min(n, (t + 1) * per), unroll)
+    span = (num_params + nparts - 1) // nparts
+    for p in prange(nparts):
+        lo = p * span
+        hi = min(num_params, lo + span)
+        for r in range(n):
+            row_pos = positions[r]
+            start = np.searchsorted(row_pos, lo)
+            stop = np.searchsorted(row_pos, hi)
+            j = start
+            while j < stop:  # block by block: one scale per block; codes unpacked in place, no float row
+                block_end = min(stop, (j // block_size + 1) * block_size)
+                weight = alpha * scales[r, j // block_size]
+                for i in range(j, block_end):
+                    code = (np.int64(packed[r, i >> lpb]) >> ((i & pbmask) * bits)) & mask
+                    flat[row_pos[i]] += weight * table[code]
+                j = block_end
+
+
+_scatter_add_packed_parallel, _scatter_add_packed_serial = parallel_and_serial(_scatter_add_packed_body, cache=True)
+
+
+def scatter_add_packed(flat: np.ndarray, packed: np.ndarray, scales: np.ndarray, block_size: int, bits: int,
+                       table: np.ndarray, keys: np.ndarray, seed: int, num_params: int, k: int, alpha: float) -> None:
+    """flat[positions(key_r)] += alpha * scales[r, j // block] * table[code_rj] for every row r: the packed
+    codes are decoded inside the scatter, one pass, no float32 copy of the rows."""
+    n = packed.shape[0]
+    positions = np.empty((n, k), np.int64)
+    alpha = np.float32(alpha)
+    unroll = unroll_for(num_params, k)
+    args = (flat, packed, scales, block_size, bits, table, keys, seed, num_params, alpha)
+    if n * k < PARALLEL_MIN_VALUES or n == 1:
+        _scatter_add_packed_serial(*args, 1, positions, unroll)
+    else:
+        import numba
+
+        _scatter_add_packed_parallel(*args, max(1, numba.get_num_threads()), positions, unroll)

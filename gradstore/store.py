@@ -14,7 +14,7 @@ import numpy as np
 from . import chunkio, kernels
 from .base import StoreFile
 from .checks import check_number
-from .codecs import Parts, decoded_rows, scatter_operands_checked
+from .codecs import Parts, decoded_rows, packed_operands_checked, scatter_operands_checked
 from .errors import BadInputError, CorruptChunkError, FormatError, ReadOnlyError
 from .format import CHECKSUMS, ROWS, RowState, open_h5, require_room, rewrite_row_metadata
 from .writer import finished_file
@@ -120,8 +120,9 @@ class Store(StoreFile):
         """flat_params[positions(key)] += alpha * row(key) for every key (live rows only).
 
         flat_params: float32, C-contiguous, length num_params; modified in place.
-        Rows are decoded and applied in batches of about 8M values; a codec without a kernel
-        of its own is applied as its decoded float32 rows (``Codec.scatter_operands``).
+        Rows are decoded and applied in batches of about 8M values; packed sub-byte codes are
+        decoded inside the scatter (``Codec.packed_operands``); a codec without a kernel of its
+        own is applied as its decoded float32 rows (``Codec.scatter_operands``).
         """
         self._require_open()
         if not isinstance(flat_params, np.ndarray) or flat_params.dtype != np.float32:
@@ -135,8 +136,14 @@ class Store(StoreFile):
         self._require_states(keys, [RowState.LIVE], "scatter_add")
         for batch in self._batches(keys):
             batch_keys = keys[batch]
-            values, scales, block = scatter_operands_checked(self.codec, self._read_parts(batch_keys), batch_keys.size,
-                                                           self.k)
+            parts = self._read_parts(batch_keys)
+            packed = packed_operands_checked(self.codec, parts, batch_keys.size, self.k)
+            if packed is not None:  # sub-byte codes: decoded inside the scatter
+                codes, scales, block, bits, table = packed
+                kernels.scatter_add_packed(flat_params, codes, scales, block, bits, table, batch_keys, self.seed,
+                                           self.num_params, self.k, alpha)
+                continue
+            values, scales, block = scatter_operands_checked(self.codec, parts, batch_keys.size, self.k)
             kernels.scatter_add(flat_params, values, scales, block, batch_keys, self.seed, self.num_params, alpha)
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -115,7 +115,7 @@ def test_the_study_package_keeps_its_names_and_default_grid_and_has_no_import_ci
     import gradstore.codecs
     from bench import study
 
-    assert study.CODECS == list(gradstore.codecs.CODECS) == ["fp32", "fp16", "int8"]
+    assert study.CODECS == list(gradstore.codecs.CODECS)[:3] == ["fp32", "fp16", "int8"]
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
     config = study.build_config(parser.parse_args(["--quick"]))

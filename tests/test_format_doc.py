@@ -33,6 +33,10 @@ CODECS = {
     "fp16": "fp16",
     "int8": {"id": "int8", "block_size": BLOCK, "rounding": "nearest"},
     "int8s": {"id": "int8", "block_size": BLOCK, "rounding": "stochastic"},
+    "int4": {"id": "int4", "block_size": BLOCK},
+    "int4s": {"id": "int4-stochastic", "block_size": BLOCK},
+    "int2": {"id": "int2", "block_size": BLOCK},
+    "sign": {"id": "sign", "block_size": 100},  # k = 500: 63 bytes, the last holding 4 codes and 4 zero bits
 }
 SEED = 77
 GOLDEN = 0x9E3779B97F4A7C15
@@ -323,6 +327,52 @@ def test_int8_formula(stores, name):
         assert parts["values"][1, :6].tolist() == [127, -127, 0, 127, 0, 0] and parts["scales"][1, 0] == 0
 
 
+PACKED = {"int4": (4, 7, "nearest"), "int4s": (4, 7, "stochastic"), "int2": (2, 1, "nearest"), "sign": (1, 1, "sign")}
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_formula(stores, name):
+    """int4 / int4-stochastic / int2 / sign: the stored bytes and scales as FORMAT.md's bullets give them."""
+    x = input_rows()
+    n, k = x.shape
+    bits, levels, rounding = PACKED[name]
+    block = CODECS[name]["block_size"]
+    q = np.zeros((n, k), np.int64)
+    s = np.zeros((n, -(-k // block)), np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for key in range(n):
+            u = rounding_noise(SEED, key, k)
+            for b in range(s.shape[1]):
+                lo, hi = b * block, min(k, (b + 1) * block)
+                xb = x[key, lo:hi]
+                if rounding == "sign":
+                    s[key, b] = np.float32(np.cumsum(np.abs(xb).astype(np.float64))[-1] / (hi - lo))
+                    q[key, lo:hi] = np.where(xb < 0, 1, 0)
+                    continue
+                m = np.abs(xb).max()
+                s[key, b] = m / np.float32(levels)
+                if m == 0:
+                    continue
+                t = xb * (np.float32(levels) / m)
+                r = np.rint(t) if rounding == "nearest" else np.floor(t + u[lo:hi])
+                q[key, lo:hi] = np.where(xb == 0, 0, np.clip(r, -levels, levels))
+    codes = q & (2**bits - 1)  # two's complement in b bits (sign: the code itself)
+    per = 8 // bits
+    padded = np.zeros((n, -(-k // per) * per), np.int64)
+    padded[:, :k] = codes
+    packed = (padded.reshape(n, -1, per) << (np.arange(per) * bits)).sum(axis=2).astype(np.uint8)
+    parts = stored_parts(stores[name])
+    on_disk = np.isin(expected_state(), [1, 2])
+    assert parts["values"].dtype == np.uint8 and parts["values"].shape == (n, -(-k * bits // 8))
+    assert np.array_equal(parts["scales"][on_disk].view(np.uint32), s[on_disk].view(np.uint32))
+    assert np.array_equal(parts["values"][on_disk], packed[on_disk])
+    assert not parts["values"][~on_disk].any() and not parts["scales"][~on_disk].any()
+    if name == "int2":  # 127 .5 1.5 2.5 | -.5 -1.5 -2.5 126.5 of block max 127: only |x| > 63.5 keeps its sign
+        assert parts["values"][2, :2].tolist() == [0b00_00_00_01, 0b01_00_00_00]
+    if name == "int4":  # the same: q = 7 0 0 0 | 0 0 0 7 (126.5 * 7 / 127 = 6.97), then -126.5: -7, nibble 9
+        assert parts["values"][2, :4].tolist() == [0x07, 0x00, 0x00, 0x70] and parts["values"][2, 4] & 0xF == 0x9
+
+
 # ---------------------------------------------------------------- the datasets' headers: no checksum covers them
 #
 # A dataset's datatype (byte order included), shape, chunk shape and filters live in its HDF5
@@ -334,7 +384,9 @@ def test_int8_formula(stores, name):
 # what h5py reports (dtype, shape, chunks, filters, or HDF5's datatype by H5Tequal) are kept.
 # A flip that h5py cannot open at all is not kept: nothing can read that file wrongly.
 
-FLIP_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": {"id": "int8", "block_size": 64, "rounding": "nearest"}}
+FLIP_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": {"id": "int8", "block_size": 64, "rounding": "nearest"},
+               "int4": {"id": "int4", "block_size": 64}, "int4-stochastic": {"id": "int4-stochastic", "block_size": 64},
+               "int2": {"id": "int2", "block_size": 64}, "sign": {"id": "sign", "block_size": 64}}
 
 
 def test_every_registered_codec_has_its_format_section_and_flip_config():
@@ -459,7 +511,7 @@ def header_flips(path, name, messages=tuple(HEADER_MESSAGES.values())):
 
 
 # one dataset of each kind: float32 / float16 / int8 values (shuffle, shuffle, none), float32 scales (width 5)
-FLIPPED = [("fp32", "values"), ("fp16", "values"), ("int8", "values"), ("int8", "scales")]
+FLIPPED = [("fp32", "values"), ("fp16", "values"), ("int8", "values"), ("int8", "scales"), ("int2", "values")]
 
 
 @pytest.mark.parametrize("name, part", FLIPPED)

@@ -8,7 +8,7 @@ from unlearn.evaluation import MIA_METHOD
 from unlearn.runs.config import INT8, LAYER, ORIGINAL, PER_SAMPLE, FLAVOURS as RUN_FLAVOURS
 
 KEEPS = [0.2, 0.1, 0.075, 0.05, 0.02, 0.01]
-CODECS = list(gradstore.codecs.CODECS)  # every codec: fp32, fp16, int8
+CODECS = [c for c in gradstore.codecs.CODECS if c in ("fp32", "fp16", "int8")]  # the sub-byte codecs wait for issue 25 part 2
 FLAVOURS = list(RUN_FLAVOURS)  # grad, update
 REQUESTS = ["class", "samples", "poisoned"]
 
