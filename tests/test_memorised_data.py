@@ -58,7 +58,7 @@ def test_find_similar_finds_the_unnamed_poisoned_samples_and_nothing_for_random_
         report = similar.report(np.setdiff1d(poisoned, named))
         assert similar.coherence.p_value < 0.001
         assert not np.isin(similar.found, named).any()
-        assert report["recall"] >= 0.7 and report["precision"] >= 0.95, report
+        assert report["recall"] >= 0.8 and report["precision"] >= 0.9, report
         assert [entry["key"] for entry in report["found"]] == similar.found.tolist()
         assert all(s >= similar.threshold for s in similar.scores)
     clean = np.setdiff1d(everyone, poisoned)
@@ -139,7 +139,7 @@ def test_forget_keys_find_similar_marks_the_found_rows_and_refuses_without_a_dat
     assert sha256(copy) == before and np.array_equal(flat_params(model), weights)
     result = forget_keys(model, copy, named, "feature", dataset=dataset, find_similar=True)
     found = [entry["key"] for entry in result.found]
-    assert len(found) >= 30 and np.isin(found, poisoned).mean() >= 0.95
+    assert len(found) >= 30 and np.isin(found, poisoned).mean() >= 0.9
     assert np.array_equal(result.keys, np.union1d(named, found)) and result.report["found"] == result.found
     assert result.rule == "feature" and not np.array_equal(flat_params(model), weights)
     with gradstore.open(copy) as store:
