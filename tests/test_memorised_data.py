@@ -146,3 +146,43 @@ def test_forget_keys_find_similar_marks_the_found_rows_and_refuses_without_a_dat
         assert (store.state[result.keys] == gradstore.RowState.FORGOTTEN).all()
     with pytest.raises(RequestError, match="dataset has 10 items"):
         forget_keys(model, copy, [0], 1.0, dataset=torch.utils.data.TensorDataset(torch.zeros(10, 1)), )
+
+
+class TiedHead(torch.nn.Module):
+    """A classifier whose head's weight is an embedding's (as GPT-2's lm_head is wte)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(3, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+class Sequence(torch.nn.Module):
+    """Logits per position, [batch, positions, classes], as a language model gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(x.reshape(x.shape[0], 2, 4).repeat(1, 1, 2))
+
+
+@pytest.mark.parametrize("model, match", [(TiedHead(), "tied to 'embedding.weight'"),
+                                          (Sequence(), r"returns \(1, 2, 3\): a language model")])
+def test_feature_rule_refuses_a_tied_head_and_outputs_it_cannot_guard(model, match):
+    from unlearn.forgetting import FeatureRule, Removal, Request, RuleInput, TrainingData
+
+    rng = np.random.default_rng(0)
+    data = TrainingData(rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 3, 60))
+    samples = np.arange(6)
+    removal = Removal(Request(samples=samples, keys=samples, excluded=samples), np.zeros(1), 0.0)
+    base = flat_params(model)
+    with pytest.raises(RequestError, match=match):
+        FeatureRule()(RuleInput(model, base, removal, data))
+    assert np.array_equal(flat_params(model), base)

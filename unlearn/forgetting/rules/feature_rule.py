@@ -57,7 +57,14 @@ class FeatureRule:
         retained = given.retained()
         reference = np.sort(rng.choice(retained, min(self.reference, retained.size), replace=False))
         head = find_head(model, data.train_x[samples[:1]])
-        weight_name, bias_name = f"{head.name}.weight", f"{head.name}.bias"
+        _check_class_logits(model, data.train_x[samples[:1]])
+        named_as = {id(p): n for n, p in model.named_parameters()}  # a tied weight is named once (GPT-2's wte)
+        weight_name = named_as.get(id(head.module.weight), f"{head.name}.weight")
+        bias_name = named_as.get(id(head.module.bias), "") if head.module.bias is not None else ""
+        if weight_name != f"{head.name}.weight":
+            raise RequestError(f"step rule 'feature' edits the head {head.name!r}, whose weight is tied to "
+                               f"{weight_name!r}: projecting it would edit that parameter's other use too. "
+                               "Nothing was changed")
         if given.names is not None and weight_name not in given.names:
             raise RequestError(f"step rule 'feature' edits the head {head.name!r}, which this store does not record "
                                f"(it records {len(given.names)} parameters): nothing was changed")
@@ -110,7 +117,8 @@ class FeatureRule:
         given.load(base)
         report.update({"directions": self.directions, "singular_values": singular[:self.directions + 2].tolist(),
                        "share": share, "guards_before": before, "guards_after": after,
-                       "guard_tolerance": self.guard_tolerance, "bias_absorbs_mean": bias_name in names})
+                       "guard_tolerance": self.guard_tolerance,
+                       "bias_absorbs_mean": bool(bias_name) and bias_name in names})
         if share == 0.0:
             step = nothing(f"feature: a retained guard fell by more than {self.guard_tolerance} at every share of the "
                            "direction tried: nothing removed", base)
@@ -121,6 +129,17 @@ class FeatureRule:
                 f"(p < {self.evidence_p}); " + ("the retained guards held" if share == 1.0 else
                                                 "further, a retained guard fell"))
         return Step(edited - base, report, evaluations=evaluations, rule=rule, reached=share == 1.0)
+
+
+def _check_class_logits(model: torch.nn.Module, example: np.ndarray) -> None:
+    """RequestError unless the model maps a batch to class logits [batch, classes]: the guards read accuracy."""
+    with torch.no_grad():
+        out = model(torch.as_tensor(example).to(next(model.parameters()).device))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RequestError(f"step rule 'feature' guards retained accuracy, read from class logits [batch, classes]; "
+                           f"this model returns {shape}: a language model or another output is not served yet "
+                           "(docs/RESULTS.md, 'Language model: canaries'). Nothing was changed")
 
 
 def _units(request: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray):
