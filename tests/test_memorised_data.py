@@ -186,3 +186,12 @@ def test_feature_rule_refuses_a_tied_head_and_outputs_it_cannot_guard(model, mat
     with pytest.raises(RequestError, match=match):
         FeatureRule()(RuleInput(model, base, removal, data))
     assert np.array_equal(flat_params(model), base)
+
+
+def test_coherence_needs_an_effect_to_act_on_as_well_as_significance():
+    from unlearn.forgetting.similar import Coherence
+
+    seen = Coherence(cosine=0.033, null_max=0.0369, p_value=2 / 2001, draws=2000)  # a random MNIST request, seed 1
+    assert "below 0.1" in seen.shortfall(0.001, 0.1)
+    assert "not below 0.001" in Coherence(0.45, 0.5, 0.01, 2000).shortfall(0.001, 0.1)
+    assert Coherence(0.45, 0.11, 1 / 2001, 2000).shortfall(0.001, 0.1) == ""

@@ -24,7 +24,8 @@ class FeatureRule:
 
     1. Evidence: the request's samples, centred on the median features of retained samples of their label,
        point the same way (mean pairwise cosine) more than ``control_draws`` random label-matched sets of
-       retained samples do (permutation p < ``evidence_p``). A random request shares nothing: step 0.
+       retained samples do (permutation p < ``evidence_p``), by at least ``min_cosine``. A random request shares
+       nothing: step 0.
     2. The change: with V the top ``directions`` right singular vectors of the request's features less the
        retained samples' mean (mu), the head's weight W becomes W (I - V'V) and its bias absorbs W V'V mu, so
        the head reads every retained sample's mean as before and no longer reads the request's direction.
@@ -37,6 +38,7 @@ class FeatureRule:
 
     directions: int = 1
     evidence_p: float = 0.001
+    min_cosine: float = 0.1
     control_draws: int = 2000
     reference: int = 10000
     guard_slice: int = 2000
@@ -74,9 +76,9 @@ class FeatureRule:
         units, pool = _units(request_features, labels, reference_features, reference_labels)
         test = coherence(units, pool, reference_labels, labels, self.control_draws, rng)
         report: dict[str, Any] = {"head": head.name, "coherence": test.report(), "evidence_p": self.evidence_p}
-        if test.p_value >= self.evidence_p:
-            step = nothing(f"feature: the samples share no direction the head reads (coherence p = {test.p_value:.3g}"
-                           f", not below {self.evidence_p}): nothing removed", base)
+        short = test.shortfall(self.evidence_p, self.min_cosine)
+        if short:
+            step = nothing(f"feature: the samples share no direction the head reads ({short}): nothing removed", base)
             step.report = report
             return step
         mean = reference_features.mean(0)
