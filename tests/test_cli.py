@@ -210,7 +210,7 @@ def test_the_cli_refusals_are_typed_errors():
 
     with pytest.raises(RequestError, match="--scale"):
         parse_scale("nan", 2.0**16)
-    with pytest.raises(RequestError, match="class, samples"):  # the registered rules, named
+    with pytest.raises(RequestError, match="class, feature, samples"):  # the registered rules, named
         parse_scale("cls", 2.0**16)
     assert parse_scale("auto", 1.0) == "auto" and parse_scale("0.5", 1.0) == 0.5 and parse_scale("class") == "class"
     with pytest.raises(RunFolderError):

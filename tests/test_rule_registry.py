@@ -167,7 +167,7 @@ def test_unknown_names_and_bad_rules_are_refused_by_name(recorded, external_rule
     model, base, data, path = recorded
     with gradstore.open(path) as store:
         removal = plan_removal(store, "per-sample", data, samples=[3, 4, 5], seed=0)
-    with pytest.raises(RequestError, match=r"no step rule named 'nope'.*class, samples, test-dampen"):
+    with pytest.raises(RequestError, match=r"no step rule named 'nope'.*class, feature, samples, test-dampen"):
         apply_removal(model, base, removal, data, "nope")
     with pytest.raises(RequestError, match="'class' serves class requests, not samples requests"):
         apply_removal(model, base, removal, data, "class")
@@ -207,6 +207,6 @@ def test_parse_scale_takes_numbers_auto_and_registered_names(external_rules):
     for bad in ("nan", "inf", "-1", "70000", "1e40"):
         with pytest.raises(RequestError, match=f"--scale .*got {bad}"):
             parse_scale(bad)
-    with pytest.raises(RequestError, match=r"--scale must be a number, 'auto' or a registered rule \(class, samples, "
-                                           r"test-dampen, test-first-tensor, test-half-class\), got 'fast'"):
+    with pytest.raises(RequestError, match=r"--scale must be a number, 'auto' or a registered rule \(class, feature, "
+                                           r"samples, test-dampen, test-first-tensor, test-half-class\), got 'fast'"):
         parse_scale("fast")
