@@ -195,3 +195,24 @@ def test_coherence_needs_an_effect_to_act_on_as_well_as_significance():
     assert "below 0.1" in seen.shortfall(0.001, 0.1)
     assert "not below 0.001" in Coherence(0.45, 0.5, 0.01, 2000).shortfall(0.001, 0.1)
     assert Coherence(0.45, 0.11, 1 / 2001, 2000).shortfall(0.001, 0.1) == ""
+
+
+def test_feature_rule_leaves_parameters_outside_the_store_index_untouched():
+    """A subset store may record the head's weight and not its bias: the rule then never moves the bias."""
+    from unlearn.forgetting import FeatureRule, Removal, Request, RuleInput, TrainingData
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[:12] += 4.0 * np.eye(8, dtype=np.float32)[0]  # twelve samples the model reads alike
+    data = TrainingData(x, rng.integers(0, 3, 300))
+    data.train_y[:12] = 1
+    samples = np.arange(12)
+    names = [n for n, _ in model.named_parameters() if n != "2.bias"]
+    removal = Removal(Request(samples=samples, keys=samples, excluded=samples), np.zeros(1), 0.0)
+    bias = model[2].bias.detach().clone()
+    step = FeatureRule(guard_tolerance=1.0)(RuleInput(model, flat_params(model, names), removal, data, names=names))
+    assert step.report["coherence"]["p_value"] < 0.001 and step.report["share"] == 1.0
+    assert step.report["bias_absorbs_mean"] is False and np.any(step.change)
+    assert torch.equal(model[2].bias, bias)

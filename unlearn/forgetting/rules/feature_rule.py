@@ -91,7 +91,8 @@ class FeatureRule:
         w = head.module.weight.detach().clone()
         taken = (w @ v.T) @ v  # what the head reads along the request's direction(s)
         absorbed = taken @ torch.as_tensor(mean, dtype=w.dtype, device=w.device)
-        bias = head.module.bias.detach().clone() if head.module.bias is not None else None
+        # the bias absorbs the mean only where the store's index space holds it (a subset store may not)
+        bias = head.module.bias.detach().clone() if head.module.bias is not None and bias_name in names else None
 
         def edit(share: float) -> tuple[np.ndarray, list[float]]:
             """The weights with ``share`` of the direction taken out, and the guards' accuracies there."""
@@ -120,7 +121,7 @@ class FeatureRule:
         report.update({"directions": self.directions, "singular_values": singular[:self.directions + 2].tolist(),
                        "share": share, "guards_before": before, "guards_after": after,
                        "guard_tolerance": self.guard_tolerance,
-                       "bias_absorbs_mean": bool(bias_name) and bias_name in names})
+                       "bias_absorbs_mean": bias is not None})
         if share == 0.0:
             step = nothing(f"feature: a retained guard fell by more than {self.guard_tolerance} at every share of the "
                            "direction tried: nothing removed", base)
