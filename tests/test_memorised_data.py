@@ -144,6 +144,8 @@ def test_forget_keys_find_similar_marks_the_found_rows_and_refuses_without_a_dat
     assert result.rule == "feature" and not np.array_equal(flat_params(model), weights)
     with gradstore.open(copy) as store:
         assert (store.state[result.keys] == gradstore.RowState.FORGOTTEN).all()
+    with pytest.raises(RequestError, match=r"dataset\[0\] is tuple|not an \(input, label\) pair"):
+        forget_keys(model, copy, [0], 1.0, dataset=torch.utils.data.TensorDataset(torch.zeros(len(data), 1)))
     with pytest.raises(RequestError, match="dataset has 10 items"):
         forget_keys(model, copy, [0], 1.0, dataset=torch.utils.data.TensorDataset(torch.zeros(10, 1)), )
 

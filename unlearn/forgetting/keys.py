@@ -174,6 +174,9 @@ class TrainingData:
             raise RequestError(f"dataset has {len(dataset)} items and the store {num_keys} keys: dataset[key] must be "
                                "the training sample of each key. Nothing was changed")
         items = [dataset[i] for i in range(num_keys)]
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items[:1]):
+            raise RequestError(f"dataset[0] is {type(items[0]).__name__}, not an (input, label) pair: nothing was "
+                               "changed")
         inputs = np.stack([np.asarray(x) for x, _ in items])
         labels = np.asarray([int(y) for _, y in items], np.int64)
         return cls(inputs, labels)

@@ -20,6 +20,7 @@ import gradstore
 from ..errors import RequestError, RunFolderError, UnlearnError
 from ..identity import check_identity, run_identity
 from ..params import flat_params, named_shapes, store_parameter_names
+from ..recording.names import PER_SAMPLE
 from ..runs import folders as runs
 from ..runs.config import RunConfig
 from ..runs.loop import default_device, train
@@ -102,7 +103,8 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
         already_keys = np.asarray(chain["forgotten_keys"] if chain else [], np.int64)
         found = None
         if find_similar:
-            samples, found = _with_similar(root, model, data, samples, cls, already, config.seed)
+            live = np.flatnonzero(store.state == gradstore.RowState.LIVE) if config.method == PER_SAMPLE else None
+            samples, found = _with_similar(root, model, data, samples, cls, already, config.seed, live)
         removal = plan_removal(store, config.method, data, samples=samples, cls=cls, already=already,
                                already_keys=already_keys, seed=config.seed)
         request = removal.request
@@ -139,14 +141,15 @@ def forget(run_dir: Union[str, Path], samples: Optional[Indices] = None, cls: Op
 
 
 def _with_similar(root: Path, model: torch.nn.Module, data: Any, samples: Optional[Indices], cls: Optional[int],
-                  already: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """The named samples and the retained ones the search finds (``similar.find_similar``), and its report
-    (with precision and recall where RUN/poisoned.txt names the truth)."""
+                  already: np.ndarray, seed: int, live: Optional[np.ndarray]) -> tuple[np.ndarray, dict]:
+    """The named samples and the retained ones the search finds (``similar.find_similar``) among those whose
+    rows are ``live`` (per-sample stores; None: every sample), and its report (with precision and recall where
+    RUN/poisoned.txt names the truth)."""
     if samples is None or cls is not None:
         raise RequestError("find_similar serves sample requests (--samples): a class request already names every "
                            "sample of its class. Nothing was changed")
     named = np.unique(np.asarray(samples, np.int64))
-    candidates = np.setdiff1d(np.arange(len(data)), np.union1d(named, already))
+    candidates = np.setdiff1d(np.arange(len(data)) if live is None else live, np.union1d(named, already))
     started = time.perf_counter()
     similar = search(model, data.train_x, data.train_y, named, candidates, seed=seed)
     poisoned = root / runs.POISONED
