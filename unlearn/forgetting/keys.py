@@ -77,6 +77,9 @@ def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale
     Dataset gives), for the rules that read samples through the model ("feature") and for ``find_similar``:
     forget, beside ``keys``, the live keys the model reads as it reads them (``unlearn.forgetting.similar``;
     nothing unless the keys share a direction a label-matched control does not). ``found`` lists them.
+    A rule's step 0 still marks the rows forgotten, as ``forget()`` + ``mark_applied`` would: the rule judged
+    that the model holds nothing of them beyond what their labels' other samples taught. To keep rows for a
+    later removal, give a number (``scale=1.0``: the rows exactly).
 
     Refused with nothing changed: RequestError for empty, repeated, non-integer, out-of-range or not-live
     keys (a second call with the same keys: their rows are forgotten) and for a scale or rule that cannot
@@ -178,7 +181,11 @@ class TrainingData:
             raise RequestError(f"dataset[0] is {type(items[0]).__name__}, not an (input, label) pair: nothing was "
                                "changed")
         inputs = np.stack([np.asarray(x) for x, _ in items])
-        labels = np.asarray([int(y) for _, y in items], np.int64)
+        try:
+            labels = np.asarray([int(y) for _, y in items], np.int64)
+        except (TypeError, ValueError):
+            raise RequestError("dataset's labels (dataset[key][1]) must be integers: the search and the feature rule "
+                               "compare samples of the same label. Nothing was changed") from None
         return cls(inputs, labels)
 
 

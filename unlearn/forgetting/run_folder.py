@@ -149,10 +149,16 @@ def _with_similar(root: Path, model: torch.nn.Module, data: Any, samples: Option
         raise RequestError("find_similar serves sample requests (--samples): a class request already names every "
                            "sample of its class. Nothing was changed")
     named = np.unique(np.asarray(samples, np.int64))
+    outside = named[(named < 0) | (named >= len(data))]
+    if outside.size:
+        raise RequestError(f"sample indices out of range [0, {len(data)}): {outside[:10].tolist()}; nothing was "
+                           "changed")
     candidates = np.setdiff1d(np.arange(len(data)) if live is None else live, np.union1d(named, already))
     started = time.perf_counter()
     similar = search(model, data.train_x, data.train_y, named, candidates, seed=seed)
     poisoned = root / runs.POISONED
-    truth = np.setdiff1d(np.loadtxt(poisoned, dtype=np.int64, ndmin=1), named) if poisoned.exists() else None
+    truth = None
+    if poisoned.exists():  # the poisoned samples the search could find: not named, not forgotten earlier, live
+        truth = np.intersect1d(np.loadtxt(poisoned, dtype=np.int64, ndmin=1), candidates)
     report = {**similar.report(truth), "named": int(named.size), "seconds": time.perf_counter() - started}
     return np.union1d(named, similar.found), report

@@ -64,7 +64,7 @@ def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: i
     tokens, between the batch and the feature dimension), with the model in eval mode."""
     caught: list[torch.Tensor] = []
     hook = head.module.register_forward_hook(lambda m, i, o: caught.append(i[0].detach()))
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     out = []
     try:
@@ -76,13 +76,17 @@ def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: i
                 out.append(x.reshape(x.shape[0], -1, x.shape[-1]).mean(1).double().cpu().numpy())
     finally:
         hook.remove()
-        model.train(training)
+        for module, training in modes:  # each module's own flag, as it was
+            module.training = training
     return np.concatenate(out) if out else np.zeros((0, head.module.in_features))
 
 
 def _as_tensor(inputs: Any, model: torch.nn.Module) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.as_tensor(np.asarray(inputs)).to(device)
+    """``inputs`` on the model's device; floating inputs in the model's floating dtype (float64 data, a float32
+    model), integer inputs (token ids) as they are."""
+    parameter = next(model.parameters())
+    tensor = torch.as_tensor(np.asarray(inputs)).to(parameter.device)
+    return tensor.to(parameter.dtype) if tensor.is_floating_point() and parameter.is_floating_point() else tensor
 
 
 def mean_pairwise_cosine(units: np.ndarray) -> float:
@@ -170,7 +174,7 @@ class Similar:
 
 
 def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarray], named: np.ndarray,
-                 candidates: np.ndarray, *, seed: int = 0, evidence_p: float = 0.001, min_cosine: float = 0.1,
+                 candidates: np.ndarray, *, seed: int = 0, evidence_p: float = 0.001, min_cosine: float = 0.2,
                  control_draws: int = 2000,
                  quantile: float = 5.0, max_rounds: int = 1) -> Similar:
     """The training samples among ``candidates`` that the model reads as it reads ``named`` (see the module doc).
@@ -178,10 +182,18 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
     ``inputs`` and ``labels`` are indexed by sample; ``labels`` None treats every sample as one label. Only
     candidates with a label of the named samples are scored. Nothing is found unless the named samples'
     features are coherent (p < ``evidence_p`` against ``control_draws`` label-matched random sets, and a mean
-    pairwise cosine of at least ``min_cosine``: groups the model reads alike reach .29-.49, random sets .00-.05),
+    pairwise cosine of at least ``min_cosine``: groups the model reads alike reach .29-.49, random sets .00-.05, and
+    random clean samples of a label that also holds a poisoned group .10-.14),
     and never a candidate nearer the bulk of the candidates' scores than the named samples' own (``balanced``)."""
+    if 1.0 / (1 + control_draws) >= evidence_p:
+        raise RequestError(f"control_draws={control_draws} cannot give a p-value below evidence_p={evidence_p} "
+                           f"(the smallest is 1/(1 + draws)): give at least {int(np.ceil(1 / evidence_p))} draws")
     named = np.unique(np.asarray(named, np.int64))
     candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
+    for what, keys in (("named", named), ("candidates", candidates)):
+        outside = keys[(keys < 0) | (keys >= len(inputs))]
+        if outside.size:
+            raise RequestError(f"find_similar: {what} outside [0, {len(inputs)}): {outside[:10].tolist()}")
     all_labels = np.zeros(len(inputs), np.int64) if labels is None else np.asarray(labels)
     head = find_head(model, inputs[named[:1]])
     candidates = candidates[np.isin(all_labels[candidates], all_labels[named])]

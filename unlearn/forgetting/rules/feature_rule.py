@@ -38,7 +38,7 @@ class FeatureRule:
 
     directions: int = 1
     evidence_p: float = 0.001
-    min_cosine: float = 0.1
+    min_cosine: float = 0.2
     control_draws: int = 2000
     reference: int = 10000
     guard_slice: int = 2000
@@ -48,6 +48,9 @@ class FeatureRule:
 
     def __call__(self, given: RuleInput) -> Step:
         data, model, base = given.data, given.model, given.base
+        if 1.0 / (1 + self.control_draws) >= self.evidence_p:
+            raise RequestError(f"step rule 'feature': control_draws={self.control_draws} cannot give a p-value below "
+                               f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
         if data is None or not hasattr(data, "train_x"):
             raise RequestError("step rule 'feature' reads the request's samples through the model: it needs the "
                                "training data (unlearn.forget on a run folder, or forget_keys(..., dataset=...)). "
