@@ -17,11 +17,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .grid import CODECS, FLAVOURS, KEEPS, REQUESTS, build_config
+from .grid import CODECS, DEFAULT_CODECS, FLAVOURS, KEEPS, REQUESTS, build_config
 from .record import STUDY_ENGINE
 from .seeds import run
 
-__all__ = ["CODECS", "FLAVOURS", "KEEPS", "REQUESTS", "add_arguments", "build_config", "main", "run"]
+__all__ = ["CODECS", "DEFAULT_CODECS", "FLAVOURS", "KEEPS", "REQUESTS", "add_arguments", "build_config", "main", "run"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples of the forgotten class kept (default 100 on MNIST, all elsewhere; 0: all)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--keeps", type=float, nargs="+", default=KEEPS, help="p of the per-sample stores")
-    parser.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
+    parser.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, choices=CODECS,
+                        help="codecs the fp32 stores are transcoded to (default: fp32 fp16 int8)")
     parser.add_argument("--flavours", nargs="+", default=FLAVOURS, choices=FLAVOURS)
     parser.add_argument("--request", nargs="+", default=["class", "samples"], choices=REQUESTS,
                         help="request kinds to measure (default: class samples); poisoned: a backdoor's samples, "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import gradstore
+import gradstore.codecs
 from unlearn.runs import data as datasets
 from unlearn.runs import poison
 from unlearn.runs.models import build_model
@@ -101,12 +102,20 @@ def disk_needed(config, num_samples, num_params):
     """Bytes of disk the recording phase needs at its peak (scratch sums + fp32 stores + the rest)."""
     steps = config["epochs"] * math.ceil(num_samples / config["batch_size"])
     values = num_samples * num_params * sum(config["keeps"]) * len(config["flavours"])
-    codec_bytes = {FP32: 4.0, FP16: 2.0, INT8: 1.05}
-    derived = sum(codec_bytes[c] for c in config["codecs"] if c != FP32)
+    derived = sum(codec_bytes(c) for c in config["codecs"] if c != FP32)
     # float32 sums (in scratch files, then in the fp32 stores: each store's scratch goes as it
     # finalizes, so the two overlap by one store at most), then the transcoded codecs beside them
     overlap = values * 4 * max(config["keeps"]) / sum(config["keeps"])
     return int(values * (4 + derived) + overlap + steps * num_params * 4 * (1 + config["layer_keep"]))
+
+
+def codec_bytes(codec):
+    """Raw bytes a value at most (codes plus scales, before zstd) in one of the study's codecs."""
+    width = {FP32: 4.0, FP16: 2.0, INT8: 1.0}
+    if codec in width:
+        return width[codec] + 0.05
+    bits = gradstore.codecs.get_codec(codec).bits  # the packed codecs: int4, int2, sign
+    return bits / 8 + 0.1
 
 
 def record(seed, config, seed_dir, log=print):

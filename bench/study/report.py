@@ -9,6 +9,7 @@ import platform
 import statistics
 from pathlib import Path
 
+import gradstore.codecs
 from unlearn.runs.config import FP16, FP32, GRAD, INT8, LAYER, ORIGINAL, PER_SAMPLE, UPDATE
 
 REFERENCE_ROWS = ("after train", "retrain", "finetune only")
@@ -20,6 +21,14 @@ NUMERIC = CLASS_FIELDS + SAMPLE_FIELDS + POISON_FIELDS + POISON_AFTER + (
     "mia_efficacy_std", "scale", "bytes_on_disk", "bytes_per_value", "ratio_vs_original", "gap_to_retrain", "seconds",
     "finetune_seconds", "forget_loss")
 GAP_FIELDS = {"class": ("forgotten", "rest"), "samples": SAMPLE_FIELDS, "poisoned": ("asr", "target_class_acc", "ta")}
+CODEC_ORDER = list(gradstore.codecs.CODECS)  # registry order: fp32, fp16, int8, int4, int4-stochastic, int2, sign
+CODEC_COLOURS = {FP32: "tab:blue", FP16: "tab:orange", INT8: "tab:green", "int4": "tab:red", "int4-stochastic": "tab:pink",
+                 "int2": "tab:purple", "sign": "tab:brown"}
+# Issue 25's target: a store at least 100x smaller than the original's, p >= 0.0025, forgets the class
+# (forgotten <= 0.01, rest within 1 point of retraining) and leaves a random request's TA within 0.5 points.
+SMALL_STORE_RATIO = 100
+SMALL_STORE_MIN_KEEP = 0.0025
+SUB_BYTE = [codec for codec in CODEC_ORDER if codec not in (FP32, FP16, INT8)]
 TASK_TITLES = {"class": "class request (forgotten, rest)", "samples": "random-sample request (UA, RA, TA, MIA)",
                "poisoned": "poisoned request (ASR, target class, TA)"}
 
@@ -45,7 +54,7 @@ def row_order(cell):
         return (0, REFERENCE_ROWS.index(method))
     if method in (ORIGINAL, LAYER):
         return (1, 0 if method == ORIGINAL else 1)
-    return (2, [UPDATE, GRAD].index(cell["flavour"]), [FP32, FP16, INT8].index(cell["codec"]), -cell["keep"])
+    return (2, [UPDATE, GRAD].index(cell["flavour"]), CODEC_ORDER.index(cell["codec"]), -cell["keep"])
 
 
 def with_ratios(cells):
@@ -191,6 +200,51 @@ def target_lines(cells):
     return lines + ["", "(forgotten-class accuracy, rest minus the retrained model's, times smaller than the original's store)"]
 
 
+def small_store_lines(cells):
+    """Issue 25's target, per per-sample store (any codec) and seed, scale auto, no fine-tune: >= 100x smaller
+    than the original's store at p >= 0.0025, the class forgotten (<= 0.01) with rest within 1 point of the
+    retrained model, and the random request's test accuracy within 0.5 points of the retrained model's."""
+    gold = {(c["seed"], c["task"]): c for c in cells if c["method"] == "retrain"}
+    seeds = sorted({c["seed"] for c in cells})
+    rows = {}
+    for cell in cells:
+        if cell["method"] != PER_SAMPLE or cell.get("scale_mode") != "auto" or cell["task"] not in ("class", "samples"):
+            continue
+        reference = gold.get((cell["seed"], cell["task"]))
+        if reference is None:
+            continue
+        entry = rows.setdefault((cell["flavour"], cell["keep"], cell["codec"]), {}).setdefault(cell["seed"], {})
+        entry["ratio"] = cell.get("ratio_vs_original", 0)
+        entry["mb"] = cell["bytes_on_disk"] / 1e6
+        if cell["task"] == "class":
+            entry["class"] = (cell["forgotten"], cell["rest"] - reference["rest"])
+        else:
+            entry["ta"] = cell["ta"] - reference["ta"]
+    lines = ["| store, scale auto | MB | x smaller | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---" * (len(seeds) + 3) + "|"]
+    for (flavour, keep, codec), by_seed in sorted(rows.items(), key=lambda item: -next(iter(item[1].values()))["ratio"]):
+        verdicts = []
+        for seed in seeds:
+            entry = by_seed.get(seed)
+            if entry is None:
+                verdicts.append("")
+                continue
+            misses = [] if entry["ratio"] >= SMALL_STORE_RATIO and keep >= SMALL_STORE_MIN_KEEP else ["size"]
+            figures = []
+            if "class" in entry:
+                forgotten, rest_gap = entry["class"]
+                misses += [what for what, ok in (("forgotten", forgotten <= 0.01), ("rest", rest_gap >= -0.01)) if not ok]
+                figures.append(f"{forgotten:.3f}, {rest_gap:+.3f}")
+            if "ta" in entry:
+                misses += [] if abs(entry["ta"]) <= 0.005 else ["TA"]
+                figures.append(f"TA {entry['ta']:+.3f}")
+            verdicts.append(("met" if not misses else "missed: " + ", ".join(misses)) + f" ({'; '.join(figures)})")
+        first = next(iter(by_seed.values()))
+        lines.append(f"| {flavour} p = {keep:g} {codec} | {first['mb']:.1f} | {first['ratio']:.1f} | " + " | ".join(verdicts) + " |")
+    return lines + ["", "(forgotten-class accuracy, rest minus the retrained model's; TA: the random request's test accuracy "
+                        "minus the retrained model's. Size: >= 100x smaller than the original's store, p >= 0.0025.)"]
+
+
 def cell_line(task, cells):
     """One console line for a store's cells."""
     parts = []
@@ -224,7 +278,8 @@ def plot(cells, out):
     import matplotlib.pyplot as plt
 
     summary = aggregate(cells)
-    colours = {FP32: "tab:blue", FP16: "tab:orange", INT8: "tab:green"}
+    present = {c["codec"] for c in cells if c.get("codec")}
+    colours = {codec: colour for codec, colour in CODEC_COLOURS.items() if codec in present}
     styles = {UPDATE: "-", GRAD: "--"}
     gold = summary.get(("class", "retrain", ""))
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
@@ -422,6 +477,15 @@ def write(cells_by_id, config, out, command=None):
             *target_lines(cells),
             "",
             "![quality against bytes](study-quality-vs-bytes.png)",
+            "",
+        ]
+    if any(c.get("codec") in SUB_BYTE for c in cells) or any(c.get("keep", 1) < 0.01 for c in cells if c["method"] == PER_SAMPLE):
+        text += [
+            f"## Target below one byte (every per-sample store, no fine-tune, scale auto: >= {SMALL_STORE_RATIO}x smaller at "
+            f"p >= {SMALL_STORE_MIN_KEEP:g}, forgotten <= 0.01, rest within 1 point, a random request's TA within 0.5 "
+            "points)",
+            "",
+            *small_store_lines(cells),
             "",
         ]
     text += ["![frontier per codec](study-frontier.png)", ""]
