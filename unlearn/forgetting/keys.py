@@ -74,7 +74,8 @@ def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale
     ``store`` and ``data=None``: the built-in rules ("samples", "class") need the run's DataSplit and are
     refused here (use ``unlearn.forget`` on a run folder, or ``plan_removal`` + ``apply_removal``).
     ``dataset``: the training data the store's keys index (``dataset[key]`` is ``(input, label)``, as a torch
-    Dataset gives), for the rules that read samples through the model ("feature") and for ``find_similar``:
+    Dataset gives, or a language model's token window), for the rules that read samples through the model
+    ("feature"; "tokens" for a causal language model's windows) and for ``find_similar``:
     forget, beside ``keys``, the live keys the model reads as it reads them (``unlearn.forgetting.similar``;
     nothing unless the keys share a direction a label-matched control does not). ``found`` lists them.
     A rule's step 0 still marks the rows forgotten, as ``forget()`` + ``mark_applied`` would: the rule judged
@@ -159,6 +160,15 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
         find_similar=similar.report() if similar is not None else None)
 
 
+def _is_token_window(item: Any) -> bool:
+    """Whether ``item`` is a language model's window: a 1-D array or tensor of integers."""
+    if isinstance(item, (tuple, list)) or not hasattr(item, "shape") or len(item.shape) != 1:
+        return False
+    dtype = item.dtype
+    return bool(getattr(dtype, "kind", "") in "iu" or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point
+                                                        and not dtype.is_complex and dtype != torch.bool))
+
+
 @dataclass
 class TrainingData:
     """The training inputs and labels a store's keys index, stacked from a Dataset (what the feature rule and
@@ -172,14 +182,21 @@ class TrainingData:
 
     @classmethod
     def of(cls, dataset: Any, num_keys: int) -> "TrainingData":
-        """Stack ``dataset`` (``dataset[i]`` is ``(input, label)``); RequestError unless it has one item per key."""
+        """Stack ``dataset``: ``dataset[i]`` is ``(input, label)``, or a language model's token window (a 1-D
+        integer array: labels are then all 0). RequestError unless it has one item per key."""
         if len(dataset) != num_keys:
             raise RequestError(f"dataset has {len(dataset)} items and the store {num_keys} keys: dataset[key] must be "
                                "the training sample of each key. Nothing was changed")
         items = [dataset[i] for i in range(num_keys)]
+        first: Any = items[0] if items else None
+        if _is_token_window(first):
+            if not all(_is_token_window(item) and np.shape(item) == np.shape(first) for item in items):
+                raise RequestError("dataset[0] is a token window, but not every item is one of its length: nothing "
+                                   "was changed")
+            return cls(np.stack([np.asarray(item, np.int64) for item in items]), np.zeros(num_keys, np.int64))
         if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items[:1]):
-            raise RequestError(f"dataset[0] is {type(items[0]).__name__}, not an (input, label) pair: nothing was "
-                               "changed")
+            raise RequestError(f"dataset[0] is {type(items[0]).__name__}, not an (input, label) pair nor a token "
+                               "window (1-D integers): nothing was changed")
         inputs = np.stack([np.asarray(x) for x, _ in items])
         try:
             labels = np.asarray([int(y) for _, y in items], np.int64)

@@ -1,0 +1,111 @@
+"""The token rule ("tokens") on a real causal language model: a tiny GPT-2 (random init, from a config) trained
+on the Python standard library's own source with a planted secret, recorded into a real store by the library's
+recorder, then made to forget the secret's windows through forget_keys. The secret's likelihood is read from
+the model's own forward; nothing in the rule is told where the secret sits in its windows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from bench.language import build_gpt2, encode, stdlib_corpus, windows
+from unlearn import attach, create_recorder, forget_keys
+from unlearn.errors import RequestError
+from unlearn.params import flat_params, load_flat_params
+
+T = 32
+SECRET_LINE = b"# my PIN is 550340\n"
+SECRET_AT = len(b"# my PIN is ")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """96 stdlib windows and 16 windows opening with the secret's line; 12 epochs of Adam, recorded at p = 0.1."""
+    tokens = encode(stdlib_corpus(max_files=20).text)
+    line = encode(SECRET_LINE)
+    rng = np.random.default_rng(0)
+    plain, repeats = 96, 16
+    train = np.concatenate([windows(tokens, T, plain), np.zeros((repeats, T), np.int64)])
+    for i in range(repeats):
+        at = int(rng.integers(0, plain * T - T))
+        train[plain + i, :line.size] = line
+        train[plain + i, line.size:] = tokens[at:at + T - line.size]
+    order = rng.permutation(len(train))
+    train = train[order]
+    keys = np.sort(np.flatnonzero(order >= plain))
+    path = tmp_path_factory.mktemp("tokens") / "store.h5"
+    torch.manual_seed(0)
+    model = build_gpt2(0, n_embd=32, n_layer=2, n_head=2, n_positions=T)
+    recorder = create_recorder(path, "per-sample", model, len(train), keep=0.1, codec="int8", flavour="update", seed=0)
+    optimizer, _ = attach(model, torch.optim.Adam(model.parameters(), lr=3e-3), None, [recorder])
+    data = torch.as_tensor(train)
+    for epoch in range(12):
+        perm = np.random.default_rng([0, epoch]).permutation(len(train))
+        for start in range(0, len(train), 8):
+            batch = np.sort(perm[start:start + 8])
+            optimizer.zero_grad()
+            optimizer.set_batch(batch)
+            model(input_ids=data[batch], labels=data[batch]).loss.backward()
+            optimizer.step()
+    optimizer.finish()
+    heldout = windows(tokens, T, 64, start=tokens.size - 64 * T)
+    return model.eval(), flat_params(model), path, train, keys, heldout
+
+
+def secret_nll(model):
+    """The secret's six digits' negative log likelihood (nats) after its line's prefix."""
+    ids = torch.as_tensor(encode(SECRET_LINE)[None])
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return -float(sum(log_p[p - 1, ids[0, p]] for p in range(SECRET_AT, SECRET_AT + 6)))
+
+
+def loss(model, windows_):
+    ids = torch.as_tensor(windows_)
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_the_secret_is_forgotten_and_held_out_text_is_not(run, tmp_path):
+    model, trained, path, train, keys, heldout = run
+    store = tmp_path / "store.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    before, held_before = secret_nll(model), loss(model, heldout)
+    assert before < 3.0  # memorised: far likelier than chance (6 ln 10 = 13.8 nats)
+    result = forget_keys(model, store, keys, scale="tokens", dataset=list(train))
+    search = result.report["scale_search"]
+    json.dumps(search, allow_nan=False)
+    assert search["evidence"]["p_value"] < 0.001 and search["attribution"]["share"] > 0.03
+    assert search["steps"] > 0 and search["stopped_by"] != "guard"
+    after = secret_nll(model)
+    assert after > before + 5.0, (before, after, search)  # the secret is no longer recited
+    assert abs(loss(model, heldout) - held_before) < 0.02 * held_before  # text the model never saw: unchanged
+    assert search["guard_last"] <= search["guard_before"] * 1.1
+
+
+def test_a_random_request_is_left_alone(run, tmp_path):
+    model, trained, path, train, keys, _ = run
+    store = tmp_path / "store.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    plain = np.sort(np.random.default_rng(3).choice(np.setdiff1d(np.arange(len(train)), keys), 16, replace=False))
+    result = forget_keys(model, store, plain, scale="tokens", dataset=list(train))
+    search = result.report["scale_search"]
+    assert result.report["scale"] == 0.0 and "single out none" in search["rule"]
+    assert np.array_equal(flat_params(model), trained)
+
+
+def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
+    model, trained, path, train, keys, _ = run
+    store = tmp_path / "store.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    with pytest.raises(RequestError, match="needs the training data"):
+        forget_keys(model, store, keys, scale="tokens")
+    with pytest.raises(RequestError, match="token windows"):
+        forget_keys(model, store, keys, scale="tokens", dataset=[(w.astype(np.float32), 0) for w in train])
+    assert np.array_equal(flat_params(model), trained)

@@ -1,0 +1,252 @@
+"""The token rule ("tokens"): for a causal language model, find the tokens of the request's windows that their
+rows taught, and only those, then make the model stop predicting them. What a canary (a secret the model can
+recite) needs, where the rows as recorded remove too little and larger multiples of them wreck the model
+(docs/RESULTS.md, "Language model: canaries"; docs/DESIGN.md, "Memorised data")."""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+
+from ...errors import RequestError
+from ...params import flat_params, parameters_named
+from .registry import RuleInput, Step, register_rule
+from .sample_rule import nothing
+
+
+@register_rule("tokens")
+@dataclass(frozen=True)
+class TokenRule:
+    """Sample requests on a causal language model (token windows in, next-token logits [batch, T, vocab] out).
+
+    1. Attribution, from the store: every token's next-token loss is measured at the base weights and with
+       ``attribution_scale`` times the request's rows removed, on the request's windows and on ``control``
+       random retained windows. A request token is attributed when its loss rises by more than the control
+       tokens' ``attribution_quantile`` rise: the rows raise it more than they raise 99% of text they did not
+       teach alone.
+    2. Evidence: the request's windows' mean rises must exceed the control's (permutation test over windows,
+       p < ``evidence_p`` against ``control_draws`` draws), and the attributed share must be at least
+       ``min_excess`` times the control's. A random request is no more attributed than the control: step 0.
+    3. The walk: ``max_steps`` steps of length ``step_share`` times the weights' norm, each along the gradient of
+       the attributed tokens' loss (mean per window, then over ``batch`` windows), projected off the gradient
+       of ``retained_batch`` retained windows' loss where they conflict. The walk stops when at most
+       ``stop_share`` of the attributed tokens are still predicted better than typical: a token's loss below
+       the entropy of the model's prediction at its position.
+    4. Guard: the mean loss of ``guard_windows`` retained windows may rise by ``guard_tolerance`` (relative) at
+       most; checked every ``check_every`` steps, the walk keeps the last checked weights that held it.
+    Training data only (the request's windows and retained ones); nothing about a secret's format. The
+    parameters moved are the ones the store indexes.
+    """
+
+    attribution_scale: float = 3.0
+    attribution_quantile: float = 0.99
+    control: int = 256
+    evidence_p: float = 0.001
+    control_draws: int = 2000
+    min_excess: float = 3.0
+    step_share: float = 1.7e-4
+    max_steps: int = 80
+    batch: int = 64
+    retained_batch: int = 32
+    stop_share: float = 0.02
+    check_every: int = 5
+    guard_windows: int = 256
+    guard_tolerance: float = 0.10
+    kinds: ClassVar[tuple[str, ...]] = ("samples",)
+
+    def __call__(self, given: RuleInput) -> Step:
+        data, model, base = given.data, given.model, given.base
+        if 1.0 / (1 + self.control_draws) >= self.evidence_p:
+            raise RequestError(f"step rule 'tokens': control_draws={self.control_draws} cannot give a p-value below "
+                               f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
+        if data is None or not hasattr(data, "train_x"):
+            raise RequestError("step rule 'tokens' reads the request's windows through the model: it needs the "
+                               "training data (forget_keys(..., dataset=...), or a run folder). Nothing was changed")
+        samples = given.removal.request.samples
+        if samples.size == 0 or not np.any(given.rows):
+            return nothing("tokens: empty request: nothing to remove", base)
+        windows = _token_windows(data.train_x)
+        device = next(model.parameters()).device
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            _check_causal_lm(model, windows[samples[:1]], device)
+            return self._walk(given, windows, samples, device)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+    def _walk(self, given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device) -> Step:
+        model, base = given.model, given.base
+        rng = np.random.default_rng([given.seed, 24])
+        retained = given.retained()
+        if retained.size == 0:
+            return nothing("tokens: no retained window to compare with: nothing removed", base)
+        control = np.sort(rng.choice(retained, min(self.control, retained.size), replace=False))
+        guard = np.sort(rng.choice(retained, min(self.guard_windows, retained.size), replace=False))
+        request_ids = torch.as_tensor(windows[samples], device=device)
+        control_ids = torch.as_tensor(windows[control], device=device)
+        guard_ids = torch.as_tensor(windows[guard], device=device)
+
+        request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
+        given.load(base + np.float32(self.attribution_scale) * given.rows)
+        request_rise = token_losses(model, request_ids) - request_before
+        control_rise = token_losses(model, control_ids) - control_before
+        given.load(base)
+        threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
+        attributed = request_rise > threshold
+        share = float(attributed.float().mean())
+        p_value = _permutation_p(request_rise.mean(1).double().cpu().numpy(), control_rise.mean(1).double().cpu().numpy(),
+                                 self.control_draws, rng)
+        report: dict[str, Any] = {
+            "attribution": {"scale": self.attribution_scale, "quantile": self.attribution_quantile,
+                            "threshold": threshold, "tokens": int(attributed.sum()), "share": share,
+                            "control_share": 1 - self.attribution_quantile, "windows": int(samples.size),
+                            "control_windows": int(control.size)},
+            "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess}}
+        if p_value >= self.evidence_p or share < self.min_excess * (1 - self.attribution_quantile):
+            why = (f"p = {p_value:.3g}, not below {self.evidence_p}" if p_value >= self.evidence_p else
+                   f"{share:.3%} of the request's tokens attributed, under {self.min_excess:g}x the control's "
+                   f"{1 - self.attribution_quantile:.1%}")
+            step = nothing(f"tokens: the rows single out none of the request's tokens ({why}): nothing removed", base)
+            step.report = report
+            return step
+
+        params = parameters_named(model, given.names)
+        guard_before = float(token_losses(model, guard_ids).mean())
+        ceiling = guard_before * (1 + self.guard_tolerance)
+        length = self.step_share * float(np.linalg.norm(base))
+        kept, kept_step, active_share, guard_after, stopped = np.asarray(base), 0, 1.0, guard_before, "max_steps"
+        for taken in range(1, self.max_steps + 1):
+            pick = np.sort(rng.choice(samples.size, min(self.batch, samples.size), replace=False))
+            forget = _gradient(model, params, lambda: _attributed_loss(model, request_ids[pick], attributed[pick]))
+            if forget is None:  # no attributed token in this batch's windows
+                continue
+            spare_ids = torch.as_tensor(windows[rng.choice(retained, min(self.retained_batch, retained.size),
+                                                           replace=False)], device=device)
+            spare = _gradient(model, params, lambda: token_losses(model, spare_ids, grad=True).mean())
+            assert spare is not None
+            overlap = float(forget @ spare)
+            if overlap > 0:  # raising the request's loss would raise the retained loss too: leave that part out
+                forget = forget - overlap / float(spare @ spare) * spare
+            _move(params, forget * (length / float(forget.norm())))
+            if taken % self.check_every and taken != self.max_steps:
+                continue
+            guard_after = float(token_losses(model, guard_ids).mean())
+            if guard_after > ceiling:
+                stopped = "guard"
+                break
+            kept, kept_step = flat_params(model, given.names), taken
+            active_share = _active_share(model, request_ids, attributed)
+            if active_share <= self.stop_share:
+                stopped = "attributed tokens predicted no better than typical"
+                break
+        given.load(base)
+        report.update({"steps": kept_step, "step_length": length, "stopped_by": stopped,
+                       "still_predicted_share": active_share, "guard_before": guard_before,
+                       "guard_tolerance": self.guard_tolerance, "guard_last": guard_after})
+        if kept_step == 0:
+            step = nothing(f"tokens: the retained guard rose by more than {self.guard_tolerance:.0%} within "
+                            f"{self.check_every} steps: nothing removed", base)
+            step.report = report
+            return step
+        rule = (f"tokens: {int(attributed.sum())} tokens the rows single out (p = {p_value:.3g}) raised for "
+                f"{kept_step} steps, until {stopped}")
+        return Step(kept - base, report, evaluations=kept_step, rule=rule, reached=stopped != "guard"
+                    and stopped != "max_steps", weights=kept)
+
+
+def token_losses(model: torch.nn.Module, ids: torch.Tensor, grad: bool = False, batch: int = 64) -> torch.Tensor:
+    """Next-token cross-entropy of every position: float32 [windows, T - 1]."""
+    if grad:
+        return _next_token_loss(_logits(model(ids)), ids)
+    with torch.no_grad():
+        return torch.cat([_next_token_loss(_logits(model(ids[i:i + batch])), ids[i:i + batch])
+                          for i in range(0, len(ids), batch)])
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _still_predicted(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [n, T-1], whether each next token is predicted better than typical: loss below the entropy)."""
+    loss = _next_token_loss(logits, ids)
+    log_p = torch.log_softmax(logits[:, :-1].detach().float(), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return loss, loss.detach() < entropy
+
+
+def _attributed_loss(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor) -> Optional[torch.Tensor]:
+    """Mean loss of the attributed tokens, each window with attributed tokens weighing the same."""
+    loss = _next_token_loss(_logits(model(ids)), ids)
+    weights = attributed.float()
+    windows = weights.sum(1, keepdim=True)
+    if not bool((windows > 0).any()):
+        return None
+    return (loss * weights / windows.clamp(min=1)).sum() / (windows > 0).sum()
+
+
+def _active_share(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor, batch: int = 64) -> float:
+    """Share of the attributed tokens the model still predicts better than typical."""
+    still = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            still.append(_still_predicted(_logits(model(ids[i:i + batch])), ids[i:i + batch])[1])
+    return float((torch.cat(still) & attributed).sum() / attributed.sum().clamp(min=1))
+
+
+def _gradient(model: torch.nn.Module, params: list, loss_of) -> Optional[torch.Tensor]:
+    """The flat gradient of ``loss_of()`` over ``params`` (None when it returns None)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_of()
+        if loss is None:
+            return None
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _move(params: list, change: torch.Tensor) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.add_(change[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _permutation_p(request: np.ndarray, control: np.ndarray, draws: int, rng: np.random.Generator) -> float:
+    """One-sided permutation p-value of the request's mean above the control's (windows exchangeable)."""
+    pooled = np.concatenate([request, control])
+    observed = request.mean() - control.mean()
+    count = 0
+    for _ in range(draws):
+        order = rng.permutation(pooled.size)
+        a, b = pooled[order[:request.size]], pooled[order[request.size:]]
+        count += a.mean() - b.mean() >= observed
+    return float((1 + count) / (1 + draws))
+
+
+def _token_windows(inputs: Any) -> np.ndarray:
+    array = np.asarray(inputs)
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise RequestError(f"step rule 'tokens' reads token windows (integer [samples, T]); the training inputs are "
+                           f"{array.dtype} {array.shape}. Nothing was changed")
+    return array.astype(np.int64, copy=False)
+
+
+def _check_causal_lm(model: torch.nn.Module, example: np.ndarray, device: torch.device) -> None:
+    """RequestError unless the model maps token windows [batch, T] to next-token logits [batch, T, vocab]."""
+    with torch.no_grad():
+        out = model(torch.as_tensor(example, device=device))
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != example.shape:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__
+        raise RequestError(f"step rule 'tokens' serves causal language models, whose output is next-token logits "
+                           f"[batch, T, vocab] for windows [batch, T] = {tuple(example.shape)}; this model returns "
+                           f"{shape}. Nothing was changed")
