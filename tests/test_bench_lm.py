@@ -117,6 +117,27 @@ def test_the_report_measures_every_model(run):
     assert (out / "lm.md").read_text().count("\n") == 2 + len(names)
 
 
+def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp_path):
+    """bench.lm_tokens on the quick run: the canaries' rows are the run's forgotten - trained, both requests go
+    through the library's rule, every model gets the figures and issue 24's verdict."""
+    from bench import lm_tokens
+
+    out, _, _ = run
+    report = lm_tokens.run(lm_tokens.parser().parse_args(["--run", str(out), "--out", str(tmp_path),
+                                                          "--option", "control_draws=1000"]))
+    names = list(report["models"])
+    assert names[:2] == ["trained (recorded)", "retrained without canaries"] and len(names) == 4
+    for name in names[2:]:
+        figures = report["models"][name]
+        assert figures["rule"]["rule"].startswith("tokens") and "attribution" in figures["rule"]
+        assert set(figures["target"]) >= {"met", "exposure_met", "heldout_loss_met"}
+        assert math.isfinite(figures["heldout_loss"]) and len(figures["exposure_bits"]) == len(report["models"][names[0]]["exposure_bits"])
+    assert report["rule_options"] == {"control_draws": 1000}
+    assert json.loads((tmp_path / "lm_tokens.json").read_text())["models"].keys() == report["models"].keys()
+    with pytest.raises(SystemExit):
+        lm_tokens.parser().parse_args(["--option", "no_such_field=1"])
+
+
 def test_the_exact_rank_is_the_brute_force_rank():
     torch.manual_seed(1)
     model = build_gpt2(0, n_embd=32, n_layer=2, n_head=2, n_positions=32).eval()

@@ -23,8 +23,9 @@ class TokenRule:
     1. Attribution, from the store: every token's next-token loss is measured at the base weights and with
        ``attribution_scale`` times the request's rows removed, on the request's windows and on ``control``
        random retained windows. A request token is attributed when its loss rises by more than the control
-       tokens' ``attribution_quantile`` rise: the rows raise it more than they raise 99% of text they did not
-       teach alone.
+       tokens' ``attribution_quantile`` rise (the rows raise it more than they raise 95% of text they did not
+       teach alone) and the model predicts it better than typical (its loss below the entropy of the model's
+       prediction at its position: what a model recites, not what it guesses).
     2. Evidence: the request's windows' mean rises must exceed the control's (permutation test over windows,
        p < ``evidence_p`` against ``control_draws`` draws), and the attributed share must be at least
        ``min_excess`` times the control's. A random request is no more attributed than the control: step 0.
@@ -40,7 +41,7 @@ class TokenRule:
     """
 
     attribution_scale: float = 3.0
-    attribution_quantile: float = 0.99
+    attribution_quantile: float = 0.95
     control: int = 256
     evidence_p: float = 0.001
     control_draws: int = 2000
@@ -90,12 +91,13 @@ class TokenRule:
         guard_ids = torch.as_tensor(windows[guard], device=device)
 
         request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
+        predicted = _predicted_share(model, request_ids)  # tokens the model predicts better than typical
         given.load(base + np.float32(self.attribution_scale) * given.rows)
         request_rise = token_losses(model, request_ids) - request_before
         control_rise = token_losses(model, control_ids) - control_before
         given.load(base)
         threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
-        attributed = request_rise > threshold
+        attributed = (request_rise > threshold) & predicted
         share = float(attributed.float().mean())
         p_value = _permutation_p(request_rise.mean(1).double().cpu().numpy(), control_rise.mean(1).double().cpu().numpy(),
                                  self.control_draws, rng)
@@ -192,13 +194,16 @@ def _attributed_loss(model: torch.nn.Module, ids: torch.Tensor, attributed: torc
     return (loss * weights / windows.clamp(min=1)).sum() / (windows > 0).sum()
 
 
-def _active_share(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor, batch: int = 64) -> float:
-    """Share of the attributed tokens the model still predicts better than typical."""
-    still = []
+def _predicted_share(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Whether the model predicts each next token better than typical (bool [n, T - 1])."""
     with torch.no_grad():
-        for i in range(0, len(ids), batch):
-            still.append(_still_predicted(_logits(model(ids[i:i + batch])), ids[i:i + batch])[1])
-    return float((torch.cat(still) & attributed).sum() / attributed.sum().clamp(min=1))
+        return torch.cat([_still_predicted(_logits(model(ids[i:i + batch])), ids[i:i + batch])[1]
+                          for i in range(0, len(ids), batch)])
+
+
+def _active_share(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor) -> float:
+    """Share of the attributed tokens the model still predicts better than typical."""
+    return float((_predicted_share(model, ids) & attributed).sum() / attributed.sum().clamp(min=1))
 
 
 def _gradient(model: torch.nn.Module, params: list, loss_of) -> Optional[torch.Tensor]:
