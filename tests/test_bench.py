@@ -90,6 +90,9 @@ def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
     for key in lost:
         del saved["cells"][key]
     (out / "cells.json").write_text(json.dumps(saved))
+    assert run_study(out, "--only-stores", "ours-update-p0.1-fp32") == 0  # another store's cells: the lost stay lost
+    assert not any(key in json.loads((out / "cells.json").read_text())["cells"] for key in lost)
+    assert (out / "seed0" / "ours-update-p0.02-int8.h5").exists()  # kept for the cells still to come
     assert run_study(out, "--keep-stores") == 0
     again = json.loads((out / "cells.json").read_text())["cells"]
     assert (out / "seed0" / "recorded.json").stat().st_mtime_ns == recorded

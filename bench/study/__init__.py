@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the 'after retrain' fine-tune (0: none)")
     parser.add_argument("--finetune-samples", type=int,
                         help="retained samples the fine-tune passes over (default 10,000 on MNIST; all with --quick)")
+    parser.add_argument("--only-stores", nargs="+", metavar="STORE",
+                        help="measure only these stores' cells now (e.g. ours-update-p0.0025-int2; the baselines and "
+                             "reference rows always): the others are left for a later run without it, which resumes")
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores of finished seeds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--engine", choices=["masked", "vmap"],

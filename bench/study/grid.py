@@ -49,6 +49,7 @@ def build_config(args: Any) -> Dict[str, Any]:
         "poison_seed": args.poison_seed,
         "poison_target": args.poison_target,
         "poison_keeps": args.poison_keeps,
+        "only_stores": list(dict.fromkeys(args.only_stores)) if getattr(args, "only_stores", None) else None,
     }
 
 

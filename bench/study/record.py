@@ -64,7 +64,7 @@ def comparable(config, task=None):
     """The options that decide a recording's and a cell's values (not progress display, not which seeds or
     requests run, not the engine: both give the same per-sample gradients to float32 rounding). The poison's
     options decide only the poisoned request's (``task="poisoned"``)."""
-    ignored = ("progress", "seeds", "engine", "requests") + (() if task == "poisoned" else POISON_OPTIONS)
+    ignored = ("progress", "seeds", "engine", "requests", "only_stores") + (() if task == "poisoned" else POISON_OPTIONS)
     return {key: value for key, value in config.items() if key not in ignored}
 
 

@@ -71,6 +71,8 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
             cell = study_cells.reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds)
             progress.add(key, {"seed": seed, "task": task, "row": kind, "method": kind, **extra, **cell})
     for name, entry in recorded["stores"].items():
+        if config.get("only_stores") and name not in config["only_stores"]:
+            continue  # left for a later run of the study without --only-stores
         keys = {mode: cell_id(seed, task, f"{name}|{mode}") for mode in ("1", "auto")}
         wanted = ["1", "auto"] if entry["method"] == PER_SAMPLE else ["1"]
         if all(keys[mode] in progress for mode in wanted):
@@ -92,7 +94,7 @@ def run(config: Dict[str, Any], out: Path, keep_stores: bool = False, command: O
     started = time.perf_counter()
     for seed in config["seeds"]:
         run_seed(seed, config, out, print, progress)
-        if not keep_stores:
+        if not keep_stores and not config.get("only_stores"):  # the other stores' cells are still to come
             for path in (out / f"seed{seed}").rglob("*.h5"):
                 path.unlink()
     cells = {key: cell for key, cell in progress.cells.items()
