@@ -201,16 +201,9 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
         return Similar(np.zeros(0, np.int64), np.zeros(0), None, None, 0, int(candidates.size), head.name,
                        why=f"{named.size} named sample(s): at least 3 are needed to tell what they share")
     features = head_features(model, head, inputs[np.concatenate([named, candidates])])
-    units = np.empty_like(features)
-    every = np.concatenate([named, candidates])
-    for label in np.unique(all_labels[every]):
-        rows = all_labels[every] == label
-        pool_rows = rows.copy()
-        pool_rows[:named.size] = False  # centred on the candidates of that label, never on the named
-        centre = np.median(features[pool_rows], axis=0) if pool_rows.any() else features[rows].mean(0)
-        units[rows] = features[rows] - centre
-    units /= np.maximum(np.linalg.norm(units, axis=1, keepdims=True), 1e-12)
-    named_units, pool = units[:named.size], units[named.size:]
+    # centred on the candidates of each label, never on the named
+    named_units, pool = centred_units(features[:named.size], all_labels[named], features[named.size:],
+                                      all_labels[candidates])
     rng = np.random.default_rng([seed, 24])
     test = coherence(named_units, pool, all_labels[candidates], all_labels[named], control_draws, rng)
     short = test.shortfall(evidence_p, min_cosine)
@@ -233,6 +226,24 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
     order = np.argsort(-scores[found], kind="stable")
     return Similar(candidates[found][order], scores[found][order], test, threshold, rounds, int(candidates.size),
                    head.name)
+
+
+def centred_units(request: np.ndarray, request_labels: np.ndarray, pool: np.ndarray,
+                  pool_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features centred on the median of the pool's features of each one's label, at unit length: (the
+    request's, the pool's). A label the pool lacks is centred on the request's own mean there; pool rows of
+    labels outside the request are 0."""
+    request, pool = request.copy(), pool.copy()
+    outside = ~np.isin(pool_labels, request_labels)
+    for label in np.unique(request_labels):
+        mine, theirs = request_labels == label, pool_labels == label
+        centre = np.median(pool[theirs], axis=0) if theirs.any() else request[mine].mean(0)
+        request[mine] -= centre
+        pool[theirs] -= centre
+    pool[outside] = 0.0
+    request /= np.maximum(np.linalg.norm(request, axis=1, keepdims=True), 1e-12)
+    pool /= np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
+    return request, pool
 
 
 def balanced(scores: np.ndarray, named_scores: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from ...errors import RequestError
 from ...evaluation import accuracy
 from ...params import flat_params
 from ..requests import label_matched
-from ..similar import coherence, find_head, head_features
+from ..similar import centred_units, coherence, find_head, head_features
 from .registry import RuleInput, Step, register_rule
 from .sample_rule import nothing
 
@@ -149,20 +149,10 @@ def _check_class_logits(model: torch.nn.Module, example: np.ndarray) -> None:
 
 
 def _units(request: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray):
-    """Features centred on the median of the reference samples of each one's label, at unit length: (the
-    request's, the reference samples' of the request's labels) and those labels' reference rows only."""
-    request = request.copy()
-    keep = np.isin(reference_labels, labels)
-    pool = reference.copy()
+    """Features centred per label on the reference samples' median (``similar.centred_units``); RequestError
+    where a label of the request has no reference sample."""
     for label in np.unique(labels):
         if not np.any(reference_labels == label):
             raise RequestError(f"step rule 'feature': no retained sample has label {label}, so nothing tells what the "
                                "request's samples of that label share: nothing was changed")
-        centre = np.median(reference[reference_labels == label], axis=0)
-        request[labels == label] -= centre
-        pool[reference_labels == label] -= centre
-    pool[~keep] = 0.0
-    units = request / np.maximum(np.linalg.norm(request, axis=1, keepdims=True), 1e-12)
-    pool = pool / np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
-    return units, pool
-
+    return centred_units(request, labels, reference, reference_labels)
