@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures = lm.measure(model_of(settings, choice.weights), canaries, data, device, loaded["retained_sample"])
         figures["rule"] = choice.search()
         figures["change_norm"] = float(np.linalg.norm(choice.change))
-        figures["target"] = verdict(figures, retrained)
+        if request_keys is keys:  # issue 24's target is the canaries'; a random request must be left unchanged
+            figures["target"] = verdict(figures, retrained)
+        else:
+            figures["unchanged"] = bool(figures["change_norm"] == 0.0)
         models[f"tokens rule, {name}"] = figures
         print(f"  {name}: {choice.rule}; exposure {figures['mean_exposure_bits']:.2f} bits, held-out loss "
               f"{figures['heldout_loss']:.4f} ({choice.seconds:.0f} s)")
@@ -91,12 +94,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| model | exposure, bits (each canary) | mean exposure | secret NLL, nats | canary-window loss | held-out loss "
-             "| retained loss | steps (stopped by) | tokens attributed | target met |", "|---" * 10 + "|"]
+             "| retained loss | steps (stopped by) | tokens attributed | target met (random request: unchanged) |", "|---" * 10 + "|"]
     for name, f in report["models"].items():
         rule = f.get("rule", {})
         attribution = rule.get("attribution", {})
         steps = f"{rule.get('steps', 0)} ({rule.get('stopped_by', 'evidence')})" if rule else "-"
         met = f.get("target", {}).get("met")
+        if "unchanged" in f:
+            met = f["unchanged"]  # the random request: left as trained
         lines.append(f"| {name} | {' / '.join(f'{e:.1f}' for e in f['exposure_bits'])} | {f['mean_exposure_bits']:.2f} | "
                      f"{f['mean_secret_nll_nats']:.2f} | {f['forget_loss']:.3f} | {f['heldout_loss']:.4f} | "
                      f"{f['retained_loss']:.3f} | {steps} | {attribution.get('tokens', '-')} | "

@@ -130,7 +130,10 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     for name in names[2:]:
         figures = report["models"][name]
         assert figures["rule"]["rule"].startswith("tokens") and "attribution" in figures["rule"]
-        assert set(figures["target"]) >= {"met", "exposure_met", "heldout_loss_met"}
+    assert set(report["models"][names[2]]["target"]) >= {"met", "exposure_met", "heldout_loss_met"}
+    assert isinstance(report["models"][names[3]]["unchanged"], bool)
+    for name in names[2:]:
+        figures = report["models"][name]
         assert math.isfinite(figures["heldout_loss"]) and len(figures["exposure_bits"]) == len(report["models"][names[0]]["exposure_bits"])
     assert report["rule_options"] == {"control_draws": 1000}
     assert json.loads((tmp_path / "lm_tokens.json").read_text())["models"].keys() == report["models"].keys()
