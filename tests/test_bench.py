@@ -69,6 +69,12 @@ def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
     assert int8["bytes_on_disk"] < fp32["bytes_on_disk"] / 3  # int8 transcoded from the same fp32 sums
     int2 = by_row[("class", "ours-update-p0.1-int2", "1")]  # a sub-byte codec, transcoded from the same sums
     assert int2["bytes_on_disk"] < int8["bytes_on_disk"] and int2["codec"] == "int2"
+    from bench import frontier  # the target across study folders, read back from cells.json
+    rows = {row["store"]: row for row in frontier.class_cells(out)}
+    assert set(rows) == {f"ours-update-p{keep}-{codec}" for keep in (0.1, 0.02) for codec in ("fp32", "int8", "int2")}
+    assert rows["ours-update-p0.1-int2"]["ratio"] == pytest.approx(
+        by_row[("class", "original", "1")]["bytes_on_disk"] / by_row[("class", "ours-update-p0.1-int2", "auto")]["bytes_on_disk"])
+    assert "size" in rows["ours-update-p0.1-int2"]["misses"]
     target = (out / "results.md").read_text().split("## Target below one byte")[1]
     assert "| update p = 0.1 int2 |" in target and "missed: size" in target  # 100x needs far smaller stores than these
     assert int8["ratio_vs_original"] == pytest.approx(by_row[("class", "original", "1")]["bytes_on_disk"] / int8["bytes_on_disk"])

@@ -1,0 +1,73 @@
+"""`python -m bench.frontier out/frontier/*/ --out docs/study-frontier`: issue 25's target across several study
+folders (one per forgotten class or set of seeds): every per-sample store's class cell at scale auto, its size
+against the original method's store of the same training run, and the verdict (>= 100x smaller at p >= 0.0025,
+forgotten <= 0.01, rest within 1 point of the retrained model). Writes frontier.md and frontier.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.study.report import SMALL_STORE_MIN_KEEP, SMALL_STORE_RATIO
+
+
+def class_cells(folder: Path) -> list[dict[str, Any]]:
+    """One row per (seed, per-sample store) of a study folder's class request, scale auto."""
+    saved = json.loads((folder / "cells.json").read_text())
+    cells, config = saved["cells"], saved["config"]
+    rows = []
+    for seed in sorted({cell["seed"] for cell in cells.values()}):
+        def cell(row: str) -> dict[str, Any] | None:
+            return cells.get(f"{seed}|class|{row}")
+
+        original, retrain, after = cell("original|1"), cell("retrain"), cell("after train")
+        if original is None or retrain is None:
+            continue
+        for key, value in sorted(cells.items()):
+            if not key.startswith(f"{seed}|class|ours-") or value.get("scale_mode") != "auto":
+                continue
+            ratio = original["bytes_on_disk"] / value["bytes_on_disk"]
+            gap = value["rest"] - retrain["rest"]
+            misses = [what for what, ok in (("size", ratio >= SMALL_STORE_RATIO and value["keep"] >= SMALL_STORE_MIN_KEEP),
+                                            ("forgotten", value["forgotten"] <= 0.01), ("rest", gap >= -0.01)) if not ok]
+            rows.append({"folder": folder.name, "seed": seed, "class": config["forget_class"], "store": value["row"],
+                         "flavour": value["flavour"], "keep": value["keep"], "codec": value["codec"],
+                         "mb": value["bytes_on_disk"] / 1e6, "original_mb": original["bytes_on_disk"] / 1e6,
+                         "ratio": ratio, "forgotten": value["forgotten"], "rest": value["rest"],
+                         "retrain_rest": retrain["rest"], "rest_gap": gap, "scale": value["scale"],
+                         "after_train": [after["forgotten"], after["rest"]] if after else None,
+                         "met": not misses, "misses": misses})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| seed | class | store (scale auto) | MB | original MB | x smaller | forgotten | rest (retrained) | auto scale | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], r["class"], -r["ratio"])):
+        verdict = "met" if r["met"] else "missed: " + ", ".join(r["misses"])
+        lines.append(f"| {r['seed']} | {r['class']} | {r['store']} | {r['mb']:.2f} | {r['original_mb']:.1f} | {r['ratio']:.0f} | "
+                     f"{r['forgotten']:.3f} | {r['rest']:.3f} ({r['retrain_rest']:.3f}) | {r['scale']:.3g} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.frontier", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", help="study folders (each with cells.json)")
+    parser.add_argument("--out", help="where frontier.md and frontier.json go (default: print only)")
+    args = parser.parse_args(argv)
+    rows = [row for folder in args.folders if (Path(folder) / "cells.json").exists() for row in class_cells(Path(folder))]
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "frontier.md").write_text(table)
+        (out / "frontier.json").write_text(json.dumps({"command": "python -m bench.frontier " + " ".join(sys.argv[1:]),
+                                                       "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
