@@ -206,6 +206,7 @@ def small_store_lines(cells):
     retrained model, and the random request's test accuracy within 0.5 points of the retrained model's."""
     gold = {(c["seed"], c["task"]): c for c in cells if c["method"] == "retrain"}
     seeds = sorted({c["seed"] for c in cells})
+    sample_request = any(c["task"] == "samples" for c in cells)
     rows = {}
     for cell in cells:
         if cell["method"] != PER_SAMPLE or cell.get("scale_mode") != "auto" or cell["task"] not in ("class", "samples"):
@@ -238,7 +239,12 @@ def small_store_lines(cells):
             if "ta" in entry:
                 misses += [] if abs(entry["ta"]) <= 0.005 else ["TA"]
                 figures.append(f"TA {entry['ta']:+.3f}")
-            verdicts.append(("met" if not misses else "missed: " + ", ".join(misses)) + f" ({'; '.join(figures)})")
+            elif sample_request:  # the study measured the random request, but not on this store
+                figures.append("TA not measured")
+            verdict = "met" if not misses else "missed: " + ", ".join(misses)
+            if not misses and sample_request and "ta" not in entry:
+                verdict = "class met"
+            verdicts.append(f"{verdict} ({'; '.join(figures)})")
         first = next(iter(by_seed.values()))
         lines.append(f"| {flavour} p = {keep:g} {codec} | {first['mb']:.1f} | {first['ratio']:.1f} | " + " | ".join(verdicts) + " |")
     return lines + ["", "(forgotten-class accuracy, rest minus the retrained model's; TA: the random request's test accuracy "
