@@ -1,7 +1,7 @@
 """`python -m bench.frontier out/frontier/*/ --out docs/study-frontier`: issue 25's target across several study
 folders (one per forgotten class or set of seeds): every per-sample store's class cell at scale auto, its size
 against the original method's store of the same training run, and the verdict (>= 100x smaller at p >= 0.0025,
-forgotten <= 0.01, rest within 1 point of the retrained model). Writes frontier.md and frontier.json.
+forgotten <= 0.01, rest at most 1 point below the retrained model's). Writes frontier.md and frontier.json.
 """
 
 import argparse
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="study folders (each with cells.json)")
     parser.add_argument("--out", help="where frontier.md and frontier.json go (default: print only)")
     args = parser.parse_args(argv)
-    rows = [row for folder in args.folders if (Path(folder) / "cells.json").exists() for row in class_cells(Path(folder))]
+    missing = [folder for folder in args.folders if not (Path(folder) / "cells.json").exists()]
+    if missing:
+        raise SystemExit(f"no cells.json in {missing}: not study folders (or their study has not started)")
+    rows = [row for folder in args.folders for row in class_cells(Path(folder))]
     table = markdown(rows)
     print(table)
     if args.out:

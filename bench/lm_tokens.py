@@ -23,8 +23,9 @@ from bench import lm
 from bench.lm_memorised import load_run, model_of, verdict
 
 
-def rule_input(loaded: dict[str, Any], keys: np.ndarray, rows: np.ndarray, seed: int) -> Any:
-    """The RuleInput forget_keys would build for ``keys`` (a per-sample store: keys are samples)."""
+def rule_input(loaded: dict[str, Any], keys: np.ndarray, rows: np.ndarray, seed: int, store: Any) -> Any:
+    """The RuleInput forget_keys would build for ``keys`` (a per-sample store: keys are samples), with the open
+    ``store`` (the rule reads its control's rows there)."""
     from unlearn.forgetting.keys import TrainingData
     from unlearn.forgetting.requests import Removal, Request
     from unlearn.forgetting.rules import RuleInput
@@ -33,7 +34,7 @@ def rule_input(loaded: dict[str, Any], keys: np.ndarray, rows: np.ndarray, seed:
     model = model_of(loaded["settings"], loaded["trained"])
     request = Request(samples=keys, keys=keys, excluded=keys)
     return RuleInput(model=model, base=loaded["trained"].astype(np.float32), removal=Removal(request, rows, 0.0),
-                     data=TrainingData(train, np.zeros(len(train), np.int64)), seed=seed)
+                     data=TrainingData(train, np.zeros(len(train), np.int64)), store=store, seed=seed)
 
 
 def plain_rows(run: Path, keys: np.ndarray, size: int) -> np.ndarray:
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = {"canaries (all 256 windows)": (keys, canary_rows),
                 f"{keys.size} random plain windows": (plain, plain_rows(run_dir, plain, trained.size))}
     for name, (request_keys, rows) in requests.items():
-        given = rule_input(loaded, request_keys, rows, settings["seed"])
-        choice = run_rule(rule, given, "tokens")
+        import gradstore
+
+        with gradstore.open(run_dir / "store.h5") as store:
+            choice = run_rule(rule, rule_input(loaded, request_keys, rows, settings["seed"], store), "tokens")
         figures = lm.measure(model_of(settings, choice.weights), canaries, data, device, loaded["retained_sample"])
         figures["rule"] = choice.search()
         figures["change_norm"] = float(np.linalg.norm(choice.change))

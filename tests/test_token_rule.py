@@ -99,6 +99,36 @@ def test_a_random_request_is_left_alone(run, tmp_path):
     assert np.array_equal(flat_params(model), trained)
 
 
+@pytest.mark.parametrize("size", [4, 16])
+def test_random_requests_of_any_size_are_left_alone(run, tmp_path, size):
+    """Removing any windows' rows raises their own loss a little: the control's own rows make that the null,
+    so small random requests (where a share of 3x the control's happens by chance) still get step 0."""
+    model, trained, path, train, keys, _ = run
+    plain = np.setdiff1d(np.arange(len(train)), keys)
+    for draw in range(5):
+        store = tmp_path / f"store-{size}-{draw}.h5"
+        store.write_bytes(path.read_bytes())
+        load_flat_params(model, trained)
+        request = np.sort(np.random.default_rng([size, draw]).choice(plain, size, replace=False))
+        result = forget_keys(model, store, request, scale="tokens", dataset=list(train))
+        assert result.report["scale"] == 0.0, result.report["scale_search"]
+        assert np.array_equal(flat_params(model), trained)
+
+
+def test_a_model_frozen_for_inference_is_served_and_left_frozen(run, tmp_path):
+    model, trained, path, train, keys, _ = run
+    store = tmp_path / "store.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    model.requires_grad_(False)
+    try:
+        result = forget_keys(model, store, keys, scale="tokens", dataset=list(train))
+        assert result.report["scale_search"]["steps"] > 0
+        assert not any(p.requires_grad for p in model.parameters())
+    finally:
+        model.requires_grad_(True)
+
+
 def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
     model, trained, path, train, keys, _ = run
     store = tmp_path / "store.h5"
@@ -108,4 +138,6 @@ def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
         forget_keys(model, store, keys, scale="tokens")
     with pytest.raises(RequestError, match="token windows"):
         forget_keys(model, store, keys, scale="tokens", dataset=[(w.astype(np.float32), 0) for w in train])
+    with pytest.raises(RequestError, match="not an \\(input, label\\) pair nor a token window"):
+        forget_keys(model, store, keys, scale="tokens", dataset=[torch.as_tensor(w, dtype=torch.float32) for w in train])
     assert np.array_equal(flat_params(model), trained)

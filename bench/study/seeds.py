@@ -29,6 +29,10 @@ def run_seed(seed: int, config: Dict[str, Any], out: Path, log: Log, progress: C
     if all(key in progress for key in needed_cells(seed, {**config, "requests": tasks})):
         return
     recorded = study_record.record(seed, config, seed_dir, log)
+    unknown = sorted(set(config.get("only_stores") or ()) - set(recorded["stores"]))
+    if unknown:
+        raise SystemExit(f"--only-stores: {unknown} are not stores of this study (it records "
+                         f"{sorted(recorded['stores'])})")
     if any(not (seed_dir / entry["path"]).exists() for entry in recorded["stores"].values()):
         log(f"seed {seed}: cells are missing and the stores were deleted: recording again")
         (seed_dir / study_record.RECORDED).unlink()

@@ -165,8 +165,9 @@ def _is_token_window(item: Any) -> bool:
     if isinstance(item, (tuple, list)) or not hasattr(item, "shape") or len(item.shape) != 1:
         return False
     dtype = item.dtype
-    return bool(getattr(dtype, "kind", "") in "iu" or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point
-                                                        and not dtype.is_complex and dtype != torch.bool))
+    if isinstance(dtype, torch.dtype):
+        return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+    return isinstance(dtype, np.dtype) and dtype.kind in "iu"
 
 
 @dataclass

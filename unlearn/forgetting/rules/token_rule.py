@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 
+import gradstore
+
 from ...errors import RequestError
 from ...params import flat_params, parameters_named
 from .registry import RuleInput, Step, register_rule
@@ -21,14 +23,16 @@ class TokenRule:
     """Sample requests on a causal language model (token windows in, next-token logits [batch, T, vocab] out).
 
     1. Attribution, from the store: every token's next-token loss is measured at the base weights and with
-       ``attribution_scale`` times the request's rows removed, on the request's windows and on ``control``
-       random retained windows. A request token is attributed when its loss rises by more than the control
-       tokens' ``attribution_quantile`` rise (the rows raise it more than they raise 95% of text they did not
-       teach alone) and the model predicts it better than typical (its loss below the entropy of the model's
-       prediction at its position: what a model recites, not what it guesses).
-    2. Evidence: the request's windows' mean rises must exceed the control's (permutation test over windows,
-       p < ``evidence_p`` against ``control_draws`` draws), and the attributed share must be at least
-       ``min_excess`` times the control's. A random request is no more attributed than the control: step 0.
+       ``attribution_scale`` times rows removed: the request's windows with the request's rows, and a control
+       of as many retained windows (64 at least, ``control`` at most) with the control's own rows (the
+       removal's control where it has one). A request token is attributed when its loss rises by more than the
+       control tokens' ``attribution_quantile`` rise (removing windows' rows always raises their own loss a
+       little: these rise more than 95% of that) and the model predicts it better than typical (its loss below
+       the entropy of the model's prediction at its position: what a model recites, not what it guesses).
+    2. Evidence: the request's windows' attributed shares must exceed the control windows' (permutation test
+       over windows, p < ``evidence_p`` against ``control_draws`` draws), and the request's share must be at
+       least ``min_excess`` times the control's. A random request is exchangeable with the control: step 0
+       but for a false positive at rate ``evidence_p``.
     3. The walk: ``max_steps`` steps of length ``step_share`` times the weights' norm, each along the gradient of
        the attributed tokens' loss (mean per window, then over ``batch`` windows), projected off the gradient
        of ``retained_batch`` retained windows' loss where they conflict. The walk stops when at most
@@ -37,7 +41,9 @@ class TokenRule:
     4. Guard: the mean loss of ``guard_windows`` retained windows may rise by ``guard_tolerance`` (relative) at
        most; checked every ``check_every`` steps, the walk keeps the last checked weights that held it.
     Training data only (the request's windows and retained ones); nothing about a secret's format. The
-    parameters moved are the ones the store indexes.
+    parameters moved are the ones the store indexes (frozen ones too: requires_grad is restored after).
+    Memory: a step holds ``batch`` windows' logits [batch, T, vocab] several times over; lower ``batch`` for
+    a large vocabulary and long windows.
     """
 
     attribution_scale: float = 3.0
@@ -82,52 +88,94 @@ class TokenRule:
         model, base = given.model, given.base
         rng = np.random.default_rng([given.seed, 24])
         retained = given.retained()
-        if retained.size == 0:
-            return nothing("tokens: no retained window to compare with: nothing removed", base)
-        control = np.sort(rng.choice(retained, min(self.control, retained.size), replace=False))
+        control, control_rows = self._control(given, retained, samples.size, rng)
+        if control.size == 0:
+            return nothing("tokens: no retained window with a live row to compare with: nothing removed", base)
         guard = np.sort(rng.choice(retained, min(self.guard_windows, retained.size), replace=False))
         request_ids = torch.as_tensor(windows[samples], device=device)
         control_ids = torch.as_tensor(windows[control], device=device)
         guard_ids = torch.as_tensor(windows[guard], device=device)
 
+        scale = np.float32(self.attribution_scale)
         request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
-        predicted = _predicted_share(model, request_ids)  # tokens the model predicts better than typical
-        given.load(base + np.float32(self.attribution_scale) * given.rows)
+        request_predicted, control_predicted = _predicted(model, request_ids), _predicted(model, control_ids)
+        given.load(base + scale * given.rows)
         request_rise = token_losses(model, request_ids) - request_before
+        given.load(base + scale * control_rows)  # the control's own rows: what any windows' rows do to them
         control_rise = token_losses(model, control_ids) - control_before
         given.load(base)
         threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
-        attributed = (request_rise > threshold) & predicted
-        share = float(attributed.float().mean())
-        p_value = _permutation_p(request_rise.mean(1).double().cpu().numpy(), control_rise.mean(1).double().cpu().numpy(),
-                                 self.control_draws, rng)
+        attributed = (request_rise > threshold) & request_predicted
+        control_attributed = (control_rise > threshold) & control_predicted
+        share, control_share = float(attributed.float().mean()), float(control_attributed.float().mean())
+        p_value = _permutation_p(attributed.float().mean(1).double().cpu().numpy(),
+                                 control_attributed.float().mean(1).double().cpu().numpy(), self.control_draws, rng)
         report: dict[str, Any] = {
             "attribution": {"scale": self.attribution_scale, "quantile": self.attribution_quantile,
                             "threshold": threshold, "tokens": int(attributed.sum()), "share": share,
-                            "control_share": 1 - self.attribution_quantile, "windows": int(samples.size),
+                            "control_share": control_share, "windows": int(samples.size),
                             "control_windows": int(control.size)},
             "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess}}
-        if p_value >= self.evidence_p or share < self.min_excess * (1 - self.attribution_quantile):
+        if p_value >= self.evidence_p or share < self.min_excess * control_share or not attributed.any():
             why = (f"p = {p_value:.3g}, not below {self.evidence_p}" if p_value >= self.evidence_p else
                    f"{share:.3%} of the request's tokens attributed, under {self.min_excess:g}x the control's "
-                   f"{1 - self.attribution_quantile:.1%}")
+                   f"{control_share:.3%}")
             step = nothing(f"tokens: the rows single out none of the request's tokens ({why}): nothing removed", base)
             step.report = report
             return step
 
         params = parameters_named(model, given.names)
+        frozen = [p for p in params if not p.requires_grad]
+        for p in frozen:  # a model frozen for inference: its recorded parameters are what the rule moves
+            p.requires_grad_(True)
+        try:
+            return self._steps(given, params, windows, samples, retained, request_ids, guard_ids, attributed, rng,
+                               report, p_value, device)
+        finally:
+            given.load(base)
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def _control(self, given: RuleInput, retained: np.ndarray, size: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Retained windows with live rows, as many as the request (``control`` at most, 64 at least where there
+        are), and the sum of their own rows: the removal's own control where the request has one."""
+        removal = given.removal
+        if removal.control_samples is not None and removal.control is not None and removal.control_samples.size:
+            return np.asarray(removal.control_samples), removal.control
+        store = given.store
+        if store is None:
+            raise RequestError("step rule 'tokens' compares the request's windows with retained windows whose own "
+                               "rows are removed: it needs the open store (forget_keys and forget() give it). "
+                               "Nothing was changed")
+        if store.config.get("key_kind", "sample") != "sample":
+            raise RequestError("step rule 'tokens' reads one row per training window: this store's keys are steps, "
+                               "not samples. Nothing was changed")
+        live = retained[store.state[retained] == gradstore.RowState.LIVE]
+        count = min(live.size, self.control, max(size, 64))
+        control = np.sort(rng.choice(live, count, replace=False)) if count else np.zeros(0, np.int64)
+        rows = np.zeros(store.num_params, np.float32)
+        if control.size:
+            store.scatter_add(rows, control, 1.0)
+        return control, rows
+
+    def _steps(self, given: RuleInput, params: list, windows: np.ndarray, samples: np.ndarray, retained: np.ndarray,
+               request_ids: torch.Tensor, guard_ids: torch.Tensor, attributed: torch.Tensor,
+               rng: np.random.Generator, report: dict, p_value: float, device: torch.device) -> Step:
+        """The walk: projected steps raising the attributed tokens' loss, checked against the guard."""
+        model, base = given.model, given.base
         guard_before = float(token_losses(model, guard_ids).mean())
         ceiling = guard_before * (1 + self.guard_tolerance)
         length = self.step_share * float(np.linalg.norm(base))
         kept, kept_step, active_share, guard_after, stopped = np.asarray(base), 0, 1.0, guard_before, "max_steps"
         for taken in range(1, self.max_steps + 1):
             pick = np.sort(rng.choice(samples.size, min(self.batch, samples.size), replace=False))
-            forget = _gradient(model, params, lambda: _attributed_loss(model, request_ids[pick], attributed[pick]))
+            forget = _gradient(params, lambda: _attributed_loss(model, request_ids[pick], attributed[pick]))
             if forget is None:  # no attributed token in this batch's windows
                 continue
             spare_ids = torch.as_tensor(windows[rng.choice(retained, min(self.retained_batch, retained.size),
                                                            replace=False)], device=device)
-            spare = _gradient(model, params, lambda: token_losses(model, spare_ids, grad=True).mean())
+            spare = _gradient(params, lambda: token_losses(model, spare_ids, grad=True).mean())
             assert spare is not None
             overlap = float(forget @ spare)
             if overlap > 0:  # raising the request's loss would raise the retained loss too: leave that part out
@@ -144,13 +192,12 @@ class TokenRule:
             if active_share <= self.stop_share:
                 stopped = "attributed tokens predicted no better than typical"
                 break
-        given.load(base)
         report.update({"steps": kept_step, "step_length": length, "stopped_by": stopped,
                        "still_predicted_share": active_share, "guard_before": guard_before,
                        "guard_tolerance": self.guard_tolerance, "guard_last": guard_after})
         if kept_step == 0:
             step = nothing(f"tokens: the retained guard rose by more than {self.guard_tolerance:.0%} within "
-                            f"{self.check_every} steps: nothing removed", base)
+                           f"{self.check_every} steps: nothing removed", base)
             step.report = report
             return step
         rule = (f"tokens: {int(attributed.sum())} tokens the rows single out (p = {p_value:.3g}) raised for "
@@ -159,7 +206,7 @@ class TokenRule:
                     and stopped != "max_steps", weights=kept)
 
 
-def token_losses(model: torch.nn.Module, ids: torch.Tensor, grad: bool = False, batch: int = 64) -> torch.Tensor:
+def token_losses(model: torch.nn.Module, ids: torch.Tensor, grad: bool = False, batch: int = 16) -> torch.Tensor:
     """Next-token cross-entropy of every position: float32 [windows, T - 1]."""
     if grad:
         return _next_token_loss(_logits(model(ids)), ids)
@@ -194,7 +241,7 @@ def _attributed_loss(model: torch.nn.Module, ids: torch.Tensor, attributed: torc
     return (loss * weights / windows.clamp(min=1)).sum() / (windows > 0).sum()
 
 
-def _predicted_share(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def _predicted(model: torch.nn.Module, ids: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Whether the model predicts each next token better than typical (bool [n, T - 1])."""
     with torch.no_grad():
         return torch.cat([_still_predicted(_logits(model(ids[i:i + batch])), ids[i:i + batch])[1]
@@ -203,12 +250,11 @@ def _predicted_share(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64)
 
 def _active_share(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor) -> float:
     """Share of the attributed tokens the model still predicts better than typical."""
-    return float((_predicted_share(model, ids) & attributed).sum() / attributed.sum().clamp(min=1))
+    return float((_predicted(model, ids) & attributed).sum() / attributed.sum().clamp(min=1))
 
 
-def _gradient(model: torch.nn.Module, params: list, loss_of) -> Optional[torch.Tensor]:
-    """The flat gradient of ``loss_of()`` over ``params`` (None when it returns None)."""
-    model.zero_grad(set_to_none=True)
+def _gradient(params: list, loss_of) -> Optional[torch.Tensor]:
+    """The flat gradient of ``loss_of()`` over ``params`` (None when it returns None); ``.grad`` is left alone."""
     with torch.enable_grad():
         loss = loss_of()
         if loss is None:
