@@ -99,11 +99,13 @@ class TokenRule:
         scale = np.float32(self.attribution_scale)
         request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
         request_predicted, control_predicted = _predicted(model, request_ids), _predicted(model, control_ids)
-        given.load(base + scale * given.rows)
-        request_rise = token_losses(model, request_ids) - request_before
-        given.load(base + scale * control_rows)  # the control's own rows: what any windows' rows do to them
-        control_rise = token_losses(model, control_ids) - control_before
-        given.load(base)
+        try:
+            given.load(base + scale * given.rows)
+            request_rise = token_losses(model, request_ids) - request_before
+            given.load(base + scale * control_rows)  # the control's own rows: what any windows' rows do to them
+            control_rise = token_losses(model, control_ids) - control_before
+        finally:
+            given.load(base)
         threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
         attributed = (request_rise > threshold) & request_predicted
         control_attributed = (control_rise > threshold) & control_predicted
