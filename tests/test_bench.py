@@ -116,6 +116,52 @@ def test_study_writes_every_cell_and_resumes_without_redoing_any(tmp_path):
         run_study(out, "--sample-fraction", "0.05")
 
 
+def test_a_study_without_the_baselines_stores_compares_with_the_original_size_computed(tmp_path):
+    """--baselines computed (ResNet-18's default): no original or layer-wise store is recorded; "x smaller" is against
+    steps x M x 4 bytes, what the original's store would hold."""
+    import json
+
+    out = tmp_path / "study"
+    assert run_study(out, "--baselines", "computed", "--request", "class", "--keeps", "0.02", "--codecs", "int2",
+                     "--finetune-epochs", "0", "--epochs", "1", "--keep-stores") == 0
+    recorded = json.loads((out / "seed0" / "recorded.json").read_text())
+    assert set(recorded["stores"]) == {"ours-update-p0.02-int2"}  # neither baseline's store
+    assert not (out / "seed0" / "original.h5").exists()
+    assert recorded["original_bytes"] == recorded["steps"] * recorded["num_params"] * 4
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert {c["row"] for c in cells} == {"after train", "retrain", "ours-update-p0.02-int2"}
+    for cell in (c for c in cells if c["row"] == "ours-update-p0.02-int2"):
+        assert cell["ratio_vs_original"] == recorded["original_bytes"] / cell["bytes_on_disk"] > 1
+    assert "computed as steps x M x 4 bytes" in (out / "results.md").read_text()
+
+
+def test_the_study_takes_resnet18_with_the_masked_engine_and_computed_baselines():
+    """ResNet-18 is built from the study's options, recorded by the masked engine, and its original store (steps x
+    11.2 M x 4 bytes) is computed, not recorded; SimpleModel studies compare as they did before these options."""
+    import argparse
+
+    from bench import study
+    from bench.study import record
+    from bench.study.grid import needed_cells
+    from unlearn.runs import data as datasets
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    config = study.build_config(parser.parse_args(["--quick", "--model", "resnet18", "--request", "class"]))
+    assert (config["model"], config["baselines"], record.study_engine(config)) == ("resnet18", "computed", "masked")
+    assert not any("original" in key or "layer" in key for key in needed_cells(0, config))
+    data = datasets.load_dataset("digits")
+    model = record.study_model(config, data, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 11_175_370  # 1 channel and 10 classes, as on MNIST
+    assert any(type(m).__name__ == "GroupNorm" for m in model.modules())
+    assert not any(type(m).__name__.startswith("BatchNorm") for m in model.modules())
+    simple = study.build_config(parser.parse_args(["--quick"]))
+    assert (simple["model"], simple["baselines"], record.study_engine(simple)) == ("simple", "recorded", "vmap")
+    assert "model" not in record.comparable(simple) and "baselines" not in record.comparable(simple)
+    assert record.comparable(config)["model"] == "resnet18"
+    assert record.original_bytes({"epochs": 4, "batch_size": 64}, 54_051, 11_175_370) == 4 * 845 * 11_175_370 * 4
+
+
 def cells_by_key(cells):
     return {f"{c['seed']}|{c['task']}|{c['row']}" + (f"|{c['scale_mode']}" if c.get("scale_mode") else ""): c for c in cells}
 

@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .grid import CODECS, DEFAULT_CODECS, FLAVOURS, KEEPS, REQUESTS, build_config
+from .grid import BASELINES, CODECS, DEFAULT_CODECS, FLAVOURS, KEEPS, MODELS, REQUESTS, build_config
 from .record import STUDY_ENGINE
 from .seeds import run
 
@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, else ../shared/data/mnist relative to the working directory); "
                                            "for cifar100 the folder holding cifar-100-python/")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 with --quick, else 0 1")
+    parser.add_argument("--model", choices=MODELS, default="simple",
+                        help="simple (the seed's SimpleModel, default) or resnet18 (GroupNorm; recorded by the masked engine)")
+    parser.add_argument("--baselines", choices=BASELINES,
+                        help="recorded: the original method's and the layer-wise stores are recorded beside ours (default "
+                             "for simple); computed: not recorded, the original's size computed as steps x M x 4 bytes "
+                             "(default for resnet18, whose original store is ~38 GB an epoch on MNIST)")
     parser.add_argument("--forget-class", type=int, default=3)
     parser.add_argument("--keep-first", type=int,
                         help="samples of the forgotten class kept (default 100 on MNIST, all elsewhere; 0: all)")

@@ -30,8 +30,9 @@ def class_cells(model, data, cls):
             accuracy(model, data.test_x[~in_class], data.test_y[~in_class]))
 
 
-def fresh_model(data, weights):
-    model = build_model("simple", data.in_channels, data.num_classes)
+def fresh_model(data, weights, config=None):
+    """The study's model (``config["model"]``, SimpleModel without one) holding ``weights``."""
+    model = build_model((config or {}).get("model", "simple"), data.in_channels, data.num_classes)
     load_flat_params(model, weights)
     return model
 
@@ -57,7 +58,7 @@ def sample_metrics(model, data, samples, seed):
 
 def reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds):
     """A row without a store: 'after train', 'retrain' (from scratch), or 'finetune only'."""
-    model = fresh_model(data, weights)
+    model = fresh_model(data, weights, config)
     cell = {"seconds": seconds}
     if kind == "finetune only" and task != "poisoned":
         cell["finetune_seconds"] = fine_tune(model, data, subset, config, seed)
@@ -104,7 +105,7 @@ def store_cells(task, store_path, entry, trained, data, config, seed, samples, s
         info = store.info()
     common = {"bytes_on_disk": info["bytes_on_disk"], "bytes_per_value": info["bytes_per_value"],
               "keys_removed": int(removal.request.keys.size)}
-    model = fresh_model(data, trained)
+    model = fresh_model(data, trained, config)
     modes = {"1": 1.0}
     if entry["method"] == PER_SAMPLE:
         modes["auto"] = "auto"

@@ -14,6 +14,11 @@ CODECS = list(gradstore.codecs.CODECS)  # every registered codec may be transcod
 DEFAULT_CODECS = ["fp32", "fp16", "int8"]
 FLAVOURS = list(RUN_FLAVOURS)  # grad, update
 REQUESTS = ["class", "samples", "poisoned"]
+MODELS = ["simple", "resnet18"]
+# The baselines' stores (the original method's, the layer-wise one): recorded beside ours, or (for models whose
+# original store exceeds this disk: ResNet-18's is ~38 GB an epoch on MNIST) left out and the original's size
+# computed as steps x M x 4 bytes, what it would hold.
+BASELINES = ["recorded", "computed"]
 
 
 def build_config(args: Any) -> Dict[str, Any]:
@@ -25,7 +30,11 @@ def build_config(args: Any) -> Dict[str, Any]:
         keep_first = args.keep_first or None  # 0: keep every sample of the class
     else:
         keep_first = 100 if dataset == "mnist" else None  # the seed's MNIST protocol
+    model = getattr(args, "model", None) or "simple"
+    baselines = getattr(args, "baselines", None) or ("recorded" if model == "simple" else "computed")
     return {
+        "model": model,
+        "baselines": baselines,
         "dataset": dataset,
         "data_dir": args.data_dir,
         "forget_class": args.forget_class,
@@ -68,8 +77,9 @@ def cell_id(seed: int, task: str, row: str) -> str:
 
 def needed_cells(seed: int, config: Dict[str, Any]) -> List[str]:
     """Every cell a seed contributes, by id (reference rows, then each store's scale modes)."""
-    baselines: List[Tuple[str, Sequence[str]]] = [(store_name(ORIGINAL), ("1",)),
-                                                  (store_name(LAYER, keep=config["layer_keep"]), ("1",))]
+    baselines: List[Tuple[str, Sequence[str]]] = []
+    if recorded_baselines(config):
+        baselines = [(store_name(ORIGINAL), ("1",)), (store_name(LAYER, keep=config["layer_keep"]), ("1",))]
     ids = []
     for task in config["requests"]:
         codecs, keeps = ([INT8], config["poison_keeps"]) if task == "poisoned" else (config["codecs"], config["keeps"])
@@ -79,3 +89,9 @@ def needed_cells(seed: int, config: Dict[str, Any]) -> List[str]:
         ids += [cell_id(seed, task, kind) for kind in ["after train", "retrain"] + (["finetune only"] if fine_tuned else [])]
         ids += [cell_id(seed, task, f"{name}|{mode}") for name, modes in stores for mode in modes]
     return ids
+
+
+def recorded_baselines(config: Dict[str, Any]) -> bool:
+    """Whether the study records the original method's and the layer-wise stores (else the original's size is
+    computed)."""
+    return config.get("baselines", "recorded") == "recorded"

@@ -32,12 +32,31 @@ from unlearn.recording.recorders import create_recorder
 from unlearn.runs.config import FP16, FP32, INT8, LAYER, ORIGINAL, PER_SAMPLE
 from unlearn.runs.loop import train
 
-from .grid import store_name
+from .grid import recorded_baselines, store_name
 
 RECORDED = "recorded.json"
 # The per-sample engine of the study's one recording run (12 stores, 6 masks whose p sum to 0.455):
 # measured side by side in docs/RESULTS.md.
 STUDY_ENGINE = "vmap"
+# Defaults added after the published studies: left out of the options a study is compared by while they hold,
+# so those studies' cells.json and markers still resume.
+LATER_DEFAULTS = {"model": "simple", "baselines": "recorded"}
+
+
+def study_model(config, data, seed):
+    """The study's model (``config["model"]``: SimpleModel or ResNet-18 with GroupNorm), its weights from ``seed``."""
+    return build_model(config.get("model", "simple"), data.in_channels, data.num_classes, seed=seed)
+
+
+def study_engine(config):
+    """The per-sample engine of the class and sample requests' run: --engine, else vmap for SimpleModel's many masks
+    and masked for ResNet-18 (vmap's dense per-sample gradients cost 71x plain there: docs/RESULTS.md)."""
+    return config.get("engine") or (STUDY_ENGINE if config.get("model", "simple") == "simple" else "masked")
+
+
+def original_bytes(config, num_samples, num_params):
+    """What the original method's store holds: one float32 parameter delta a step (steps x M x 4 bytes)."""
+    return config["epochs"] * math.ceil(num_samples / config["batch_size"]) * num_params * 4
 
 
 def load_data(config):
@@ -65,7 +84,8 @@ def comparable(config, task=None):
     requests run, not the engine: both give the same per-sample gradients to float32 rounding). The poison's
     options decide only the poisoned request's (``task="poisoned"``)."""
     ignored = ("progress", "seeds", "engine", "requests", "only_stores") + (() if task == "poisoned" else POISON_OPTIONS)
-    return {key: value for key, value in config.items() if key not in ignored}
+    return {key: value for key, value in config.items()
+            if key not in ignored and not (key in LATER_DEFAULTS and value == LATER_DEFAULTS[key])}
 
 
 def poison_spec(config, seed, num_samples):
@@ -106,7 +126,8 @@ def disk_needed(config, num_samples, num_params):
     # float32 sums (in scratch files, then in the fp32 stores: each store's scratch goes as it
     # finalizes, so the two overlap by one store at most), then the transcoded codecs beside them
     overlap = values * 4 * max(config["keeps"]) / sum(config["keeps"])
-    return int(values * (4 + derived) + overlap + steps * num_params * 4 * (1 + config["layer_keep"]))
+    baselines = steps * num_params * 4 * (1 + config["layer_keep"]) if recorded_baselines(config) else 0
+    return int(values * (4 + derived) + overlap + baselines)
 
 
 def codec_bytes(codec):
@@ -128,7 +149,7 @@ def record(seed, config, seed_dir, log=print):
         shutil.rmtree(seed_dir)
     seed_dir.mkdir(parents=True)
     data = load_data(config)
-    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    model = study_model(config, data, seed)
     num_params = sum(p.numel() for p in model.parameters())
     free = shutil.disk_usage(seed_dir).free
     needed = disk_needed(config, len(data), num_params)
@@ -147,7 +168,7 @@ def record(seed, config, seed_dir, log=print):
                                              memory_budget=len(data) * k * 4, buffer_dir=scratch))
             stores[name] = {"method": PER_SAMPLE, "flavour": flavour, "keep": keep, "codec": FP32}
     recorders += step_recorders(seed, config, seed_dir, model, data, steps, stores)
-    run = train_recording(seed, config, model, data, recorders, config.get("engine") or STUDY_ENGINE, log)
+    run = train_recording(seed, config, model, data, recorders, study_engine(config), log)
     shutil.rmtree(scratch)
     started = time.perf_counter()
     for name, entry in list(stores.items()):
@@ -164,6 +185,7 @@ def record(seed, config, seed_dir, log=print):
     np.save(seed_dir / "trained.npy", flat_params(model))
     result = {
         "config": comparable(config), "seed": seed, "num_samples": len(data), "num_params": num_params, "steps": run["steps"],
+        "original_bytes": original_bytes(config, len(data), num_params),
         "train_seconds": run["seconds"], "record_seconds": run["record_seconds"],
         "transcode_seconds": time.perf_counter() - started,
         "stores": {name: {**entry, "path": f"{name}.h5"} for name, entry in stores.items()},
@@ -174,8 +196,11 @@ def record(seed, config, seed_dir, log=print):
 
 
 def step_recorders(seed, config, seed_dir, model, data, steps, stores):
-    """The baselines' recorders (the original method's store, the layer-wise one), entered in ``stores``."""
+    """The baselines' recorders (the original method's store, the layer-wise one), entered in ``stores``; none when
+    the study computes the original's size instead (--baselines computed)."""
     recorders = []
+    if not recorded_baselines(config):
+        return recorders
     for method, keep in ((ORIGINAL, 1.0), (LAYER, config["layer_keep"])):
         name = store_name(method, keep=keep)
         recorders.append(create_recorder(seed_dir / f"{name}.h5", method, model, len(data), steps, keep=keep,
@@ -207,7 +232,7 @@ def record_poisoned(seed, config, seed_dir, log=print):
         shutil.rmtree(seed_dir)
     seed_dir.mkdir(parents=True)
     data = poisoned_data(config, seed)
-    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    model = study_model(config, data, seed)
     steps = config["epochs"] * math.ceil(len(data) / config["batch_size"])
     stores, recorders = {}, []
     for flavour in config["flavours"]:
@@ -250,7 +275,7 @@ def reference_model(kind, seed, config, seed_dir, data, log=print):
     else:
         raise ValueError(kind)
     log(f"seed {seed}: retraining from scratch without the {kind} request")
-    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
+    model = study_model(config, data, seed)
     run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], seed,
                 device=torch.device("cpu"), progress=config["progress"], description=f"seed {seed} retrain ({kind})")
     np.save(weights, flat_params(model))

@@ -29,6 +29,7 @@ CODEC_COLOURS = {FP32: "tab:blue", FP16: "tab:orange", INT8: "tab:green", "int4"
 SMALL_STORE_RATIO = 100
 SMALL_STORE_MIN_KEEP = 0.0025
 SUB_BYTE = [codec for codec in CODEC_ORDER if codec not in (FP32, FP16, INT8)]
+MODEL_TITLES = {"simple": "SimpleModel", "resnet18": "ResNet-18 (GroupNorm)"}
 TASK_TITLES = {"class": "class request (forgotten, rest)", "samples": "random-sample request (UA, RA, TA, MIA)",
                "poisoned": "poisoned request (ASR, target class, TA)"}
 
@@ -64,7 +65,8 @@ def with_ratios(cells):
     original = {(c["seed"], c["task"]): c["bytes_on_disk"] for c in cells if c["method"] == ORIGINAL}
     retrain = {(c["seed"], c["task"]): c for c in cells if c["method"] == "retrain"}
     for cell in cells:
-        base = original.get((cell["seed"], cell["task"]))
+        # the original's store of the same run, else its size computed (steps x M x 4 bytes: --baselines computed)
+        base = original.get((cell["seed"], cell["task"])) or cell.get("original_bytes")
         if base and cell.get("bytes_on_disk"):
             cell["ratio_vs_original"] = base / cell["bytes_on_disk"]
         reference = retrain.get((cell["seed"], cell["task"]))
@@ -426,9 +428,13 @@ def write(cells_by_id, config, out, command=None):
         f"Command: `{command or 'python -m bench study'}`; machine: {machine}; date: {date}; seeds: {seeds} "
         "(cells are the mean over seeds, ± the spread (population std) when there are several).",
         "",
-        f"Protocol: SimpleModel, {config['epochs']} epochs, B = {config['batch_size']}, Adam 1e-3"
+        f"Protocol: {MODEL_TITLES[config.get('model', 'simple')]}, {config['epochs']} epochs, B = {config['batch_size']}, Adam 1e-3"
         + (f", class {config['forget_class']} kept at its first {config['keep_first']} training samples" if config["keep_first"] else "")
-        + ". One training run per seed records every store. \"After retrain\": the removal, then "
+        + ". One training run per seed records every store"
+        + ("" if config.get("baselines", "recorded") == "recorded" else
+           " (the original method's and the layer-wise stores are not recorded: \"x smaller than original\" is against "
+           "the original's size computed as steps x M x 4 bytes, what its store would hold)")
+        + ". \"After retrain\": the removal, then "
         f"{config['finetune_epochs']} epoch(s) of fine-tuning on "
         + (f"{config['finetune_samples']:,} retained samples" if config["finetune_samples"] else "the retained samples")
         + " (the same samples for every row and for the fine-tune-only control). Scale auto: the step chosen "

@@ -84,8 +84,10 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
         started = time.perf_counter()
         cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
                                         samples, subset)
+        computed = {} if "original" in recorded["stores"] else {"original_bytes": recorded.get("original_bytes")}
         for mode, cell in cells.items():
             row = {key: value for key, value in entry.items() if key != "path"}
+            row.update(computed)  # the original's size, computed where its store was not recorded
             progress.add(keys[mode], {"seed": seed, "task": task, "row": name, "scale_mode": mode, **row, **extra, **cell})
         log(f"seed {seed} {task:<8} {name:<26} " + study_report.cell_line(task, cells)
             + f"  ({time.perf_counter() - started:.1f} s)")
