@@ -38,13 +38,14 @@ def rule_input(loaded: dict[str, Any], keys: np.ndarray, rows: np.ndarray, seed:
 
 
 def plain_rows(run: Path, keys: np.ndarray, size: int) -> np.ndarray:
-    """The sum of live rows ``keys`` read from the run's store."""
+    """The sum of live rows ``keys`` read from the run's store (the library's own ``removal_vector``)."""
     import gradstore
+    from unlearn.forgetting.removal import removal_vector
 
-    rows = np.zeros(size, np.float32)
     with gradstore.open(run / "store.h5") as store:
-        store.scatter_add(rows, np.sort(keys))
-    return rows
+        if store.num_params != size:
+            raise SystemExit(f"{run}/store.h5 indexes {store.num_params} parameters; the model has {size}")
+        return removal_vector(store, np.sort(keys))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
