@@ -1,6 +1,7 @@
 """`python -m bench.frontier out/frontier/*/ --out docs/study-frontier`: issue 25's target across several study
-folders (one per forgotten class or set of seeds): every per-sample store's class cell at scale auto, its size
-against the original method's store of the same training run, and the verdict (>= 100x smaller at p >= 0.0025,
+folders (one per forgotten class, set of seeds or model): every per-sample store's class cell at scale auto, its
+size against the original method's store of the same training run (or, where the study did not record it,
+``--baselines computed``, against its size computed as steps x M x 4 bytes), and the verdict (>= 100x smaller at p >= 0.0025,
 forgotten <= 0.01, rest at most 1 point below the retrained model's). Writes frontier.md and frontier.json.
 """
 
@@ -23,18 +24,23 @@ def class_cells(folder: Path) -> list[dict[str, Any]]:
             return cells.get(f"{seed}|class|{row}")
 
         original, retrain, after = cell("original|1"), cell("retrain"), cell("after train")
-        if original is None or retrain is None:
+        if retrain is None:
             continue
         for key, value in sorted(cells.items()):
             if not key.startswith(f"{seed}|class|ours-") or value.get("scale_mode") != "auto":
                 continue
-            ratio = original["bytes_on_disk"] / value["bytes_on_disk"]
+            original_bytes = original["bytes_on_disk"] if original else value.get("original_bytes")
+            if not original_bytes:
+                continue  # neither the original's store nor its computed size: no ratio to judge
+            ratio = original_bytes / value["bytes_on_disk"]
             gap = value["rest"] - retrain["rest"]
             misses = [what for what, ok in (("size", ratio >= SMALL_STORE_RATIO and value["keep"] >= SMALL_STORE_MIN_KEEP),
                                             ("forgotten", value["forgotten"] <= 0.01), ("rest", gap >= -0.01)) if not ok]
-            rows.append({"folder": folder.name, "seed": seed, "class": config["forget_class"], "store": value["row"],
+            rows.append({"folder": folder.name, "model": config.get("model", "simple"), "seed": seed,
+                         "class": config["forget_class"], "store": value["row"],
                          "flavour": value["flavour"], "keep": value["keep"], "codec": value["codec"],
-                         "mb": value["bytes_on_disk"] / 1e6, "original_mb": original["bytes_on_disk"] / 1e6,
+                         "mb": value["bytes_on_disk"] / 1e6, "original_mb": original_bytes / 1e6,
+                         "original_computed": original is None,
                          "ratio": ratio, "forgotten": value["forgotten"], "rest": value["rest"],
                          "retrain_rest": retrain["rest"], "rest_gap": gap, "scale": value["scale"],
                          "after_train": [after["forgotten"], after["rest"]] if after else None,
@@ -43,11 +49,12 @@ def class_cells(folder: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| seed | class | store (scale auto) | MB | original MB | x smaller | forgotten | rest (retrained) | auto scale | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["seed"], r["class"], -r["ratio"])):
+    lines = ["| model | seed | class | store (scale auto) | MB | original MB | x smaller | forgotten | rest (retrained) | auto scale | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("model", "simple") != "simple", r["seed"], r["class"], -r["ratio"])):
         verdict = "met" if r["met"] else "missed: " + ", ".join(r["misses"])
-        lines.append(f"| {r['seed']} | {r['class']} | {r['store']} | {r['mb']:.2f} | {r['original_mb']:.1f} | {r['ratio']:.0f} | "
+        original = f"{r['original_mb']:.1f}" + (" (computed)" if r.get("original_computed") else "")
+        lines.append(f"| {r.get('model', 'simple')} | {r['seed']} | {r['class']} | {r['store']} | {r['mb']:.2f} | {original} | {r['ratio']:.0f} | "
                      f"{r['forgotten']:.3f} | {r['rest']:.3f} ({r['retrain_rest']:.3f}) | {r['scale']:.3g} | {verdict} |")
     return "\n".join(lines) + "\n"
 
