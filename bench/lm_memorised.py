@@ -160,8 +160,10 @@ def search(model: torch.nn.Module, train: np.ndarray, canaries: list[dict[str, A
     return out
 
 
-def first_round(features: np.ndarray, named: np.ndarray, truth: np.ndarray, quantile: float = 5.0) -> dict[str, Any]:
-    """Diagnostic of a search: find_similar's first round redone on ``features`` (every window's head input),
+def first_round(features: np.ndarray, named: np.ndarray, truth: np.ndarray,
+                quantile: float | None = None) -> dict[str, Any]:
+    """Diagnostic of a search: find_similar's first round redone on ``features`` (every window's head input), at
+    its percentile (``quantile``: find_similar's default when None) and without its ``balanced`` floor,
     before later rounds add what it found to the direction: its threshold, what it finds, and the AUC with which
     the named direction ranks the unnamed ``truth`` windows above the other candidates (0.5: chance)."""
     candidates = np.setdiff1d(np.arange(len(features)), named)
@@ -170,6 +172,12 @@ def first_round(features: np.ndarray, named: np.ndarray, truth: np.ndarray, quan
     total = units[named].sum(0)
     scores = units[candidates] @ (total / np.linalg.norm(total))
     leave_one_out = [float(u @ (total - u)) / float(np.linalg.norm(total - u)) for u in units[named]]
+    if quantile is None:
+        import inspect
+
+        from unlearn.forgetting.similar import find_similar
+
+        quantile = inspect.signature(find_similar).parameters["quantile"].default
     threshold = float(np.percentile(leave_one_out, quantile))
     found = candidates[scores >= threshold]
     hits = int(np.isin(found, truth).sum())
