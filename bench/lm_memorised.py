@@ -160,6 +160,35 @@ def search(model: torch.nn.Module, train: np.ndarray, canaries: list[dict[str, A
     return out
 
 
+def span_search(model: torch.nn.Module, train: np.ndarray, canaries: list[dict[str, Any]], named: int,
+                seed: int) -> dict[str, Any]:
+    """``find_similar_spans`` (what ``forget_keys(find_similar=True)`` runs on token windows) for each canary and
+    for a random request of plain windows: the same named windows as ``search``."""
+    from unlearn.forgetting.similar_spans import find_similar_spans
+
+    every = np.arange(len(train))
+    canary_keys = np.concatenate([np.asarray(c["keys"]) for c in canaries])
+    out: dict[str, Any] = {"named_per_request": named, "per_canary": []}
+    for canary in canaries:
+        keys = np.asarray(canary["keys"])
+        chosen = np.sort(np.random.default_rng([seed, 31, canary["index"]]).choice(keys, min(named, keys.size),
+                                                                                  replace=False))
+        started = time.perf_counter()
+        found = find_similar_spans(model, train, chosen, np.setdiff1d(every, chosen), seed=seed)
+        report = found.report(np.setdiff1d(keys, chosen))
+        report.update({"canary": canary["index"], "text": canary["text"], "named": chosen.tolist(),
+                       "found_other_canaries": int(np.isin(found.found, np.setdiff1d(canary_keys, keys)).sum()),
+                       "found_plain": int((~np.isin(found.found, canary_keys)).sum()),
+                       "seconds": time.perf_counter() - started})
+        out["per_canary"].append(report)
+    plain = np.setdiff1d(every, canary_keys)
+    chosen = np.sort(np.random.default_rng([seed, 32]).choice(plain, named, replace=False))
+    found = find_similar_spans(model, train, chosen, np.setdiff1d(every, chosen), seed=seed)
+    out["random_request"] = {**found.report(), "named": chosen.tolist(),
+                             "found_canary_windows": int(np.isin(found.found, canary_keys).sum())}
+    return out
+
+
 def first_round(features: np.ndarray, named: np.ndarray, truth: np.ndarray,
                 quantile: float | None = None) -> dict[str, Any]:
     """Diagnostic of a search: find_similar's first round redone on ``features`` (every window's head input), at
@@ -345,6 +374,21 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| random plain windows | {len(r['named'])} | {_f(c.get('p_value'))} | "
                  f"{_f(c.get('mean_pairwise_cosine'))} ({_f(c.get('control_max'))}) | {r['num_found']} | - | - | "
                  f"{r['found_canary_windows']} canary | {r['rounds']} | - |")
+    if "span_search" in report:
+        lines += ["", "### Search span by span (find_similar_spans: forget_keys(find_similar=True) on token windows)",
+                  "", "| request | named | shared rare positions (median a named window) | found | precision | recall | "
+                  "other canaries' / plain windows found | s |", "|---" * 8 + "|"]
+        for r in report["span_search"]["per_canary"]:
+            spans = r.get("spans", {})
+            lines.append(f"| canary {r['canary']}: `{r['text'].strip()}` | {len(r['named'])} | "
+                         f"{spans.get('shared_rare_positions', '-')} ({_f(spans.get('median_rare_positions_per_named'))})"
+                         f" | {r['num_found']} | {_f(r.get('precision'))} | {_f(r.get('recall'))} | "
+                         f"{r['found_other_canaries']} / {r['found_plain']} | {r['seconds']:.0f} |")
+        r = report["span_search"]["random_request"]
+        spans = r.get("spans", {})
+        lines.append(f"| random plain windows | {len(r['named'])} | {spans.get('shared_rare_positions', '-')} "
+                     f"({_f(spans.get('median_rare_positions_per_named'))}) | {r['num_found']} | - | - | "
+                     f"{r['found_canary_windows']} canary | - |")
     lines += ["", "### Head projection (all 256 canary windows named) against retraining", "",
               "| model | exposure, bits (each canary) | mean exposure | secret NLL, nats | canary-window loss | "
               "held-out loss | held-out ppl | retained loss | head change (rel.) | target met |", "|---" * 10 + "|"]
@@ -391,6 +435,11 @@ def run(args: argparse.Namespace, corpus_text: bytes | None = None) -> dict[str,
               f"found {r['num_found']} (precision {_f(r.get('precision'))}, recall {_f(r.get('recall'))}), "
               f"{r['seconds']:.0f} s")
     print(f"  search, random request: found {found['random_request']['num_found']}")
+    spans = span_search(replay, train, canaries, args.named, settings["seed"])
+    for r in spans["per_canary"]:
+        print(f"  span search, canary {r['canary']}: found {r['num_found']} (precision {_f(r.get('precision'))}, "
+              f"recall {_f(r.get('recall'))}), {r['seconds']:.0f} s")
+    print(f"  span search, random request: found {spans['random_request']['num_found']}")
 
     features = head_inputs(replay, train)
     for r, canary in zip(found["per_canary"], canaries):
@@ -454,7 +503,7 @@ def run(args: argparse.Namespace, corpus_text: bytes | None = None) -> dict[str,
         "target": {"exposure_bits_within": TARGET_BITS, "heldout_loss_within_relative": TARGET_LOSS,
                    "headline": "head projection, k = 1",
                    "headline_verdict": headline["target"] if headline else None},
-        "search": found, "models": models, "library": attempt, "library_source": _library_source(),
+        "search": found, "span_search": spans, "models": models, "library": attempt, "library_source": _library_source(),
         "features": {"what": "input of lm_head (ln_f output), mean over the window's tokens",
                      "computed": "once for every training window by the trained model, replayed through its "
                                  "lm_head to find_similar (ReplayedHead)",
@@ -478,10 +527,10 @@ def _library_source() -> dict[str, str]:
     import hashlib
     import inspect
 
-    from unlearn.forgetting import similar
+    from unlearn.forgetting import similar, similar_spans
     from unlearn.forgetting.rules import feature_rule
 
-    return {m.__name__: hashlib.sha256(inspect.getsource(m).encode()).hexdigest() for m in (similar, feature_rule)}
+    return {m.__name__: hashlib.sha256(inspect.getsource(m).encode()).hexdigest() for m in (similar, similar_spans, feature_rule)}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

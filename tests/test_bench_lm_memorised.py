@@ -116,6 +116,11 @@ def test_the_search_and_the_projections_run_end_to_end(tiny_run, corpus_text, tm
             assert value is None or 0 <= value <= 1
     random_request = report["search"]["random_request"]
     assert not set(random_request["named"]) & set(data["keys"].tolist())
+    spans = report["span_search"]  # the same named windows, searched span by span (3 named: too few to pass)
+    assert [r["named"] for r in spans["per_canary"]] == [r["named"] for r in per_canary]
+    for r in spans["per_canary"] + [spans["random_request"]]:
+        assert r["num_found"] == 0 and "why_nothing" in r
+    assert "Search span by span" in (tmp_path / "out" / "lm_memorised.md").read_text()
 
     names = list(report["models"])
     assert names[:2] == ["trained (recorded)", "retrained without canaries"]

@@ -141,3 +141,25 @@ def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
     with pytest.raises(RequestError, match="not an \\(input, label\\) pair nor a token window"):
         forget_keys(model, store, keys, scale="tokens", dataset=[torch.as_tensor(w, dtype=torch.float32) for w in train])
     assert np.array_equal(flat_params(model), trained)
+
+
+def test_the_search_finds_the_secrets_other_windows_span_by_span_and_nothing_for_random_windows(run, tmp_path):
+    """find_similar on token windows reads them token by token (unlearn.forgetting.similar_spans): 8 of the 16
+    secret windows named, the other 8 are found and nothing else; 8 random plain windows share no rare span."""
+    model, trained, path, train, keys, _ = run
+    named = keys[::2]
+    store = tmp_path / "store.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    result = forget_keys(model, store, named, scale=1.0, dataset=list(train), find_similar=True)
+    search = result.report["find_similar"]
+    assert sorted(item["key"] for item in result.report["found"]) == keys[1::2].tolist(), search
+    assert search["spans"]["median_rare_positions_per_named"] >= 4
+    assert np.array_equal(np.sort(result.keys), keys)  # the named and the found, forgotten together
+    plain = np.sort(np.random.default_rng(5).choice(np.setdiff1d(np.arange(len(train)), keys), 8, replace=False))
+    store = tmp_path / "plain.h5"
+    store.write_bytes(path.read_bytes())
+    load_flat_params(model, trained)
+    result = forget_keys(model, store, plain, scale=1.0, dataset=list(train), find_similar=True)
+    assert result.report["found"] == [] and "no rare span" in result.report["find_similar"]["why_nothing"]
+    assert np.array_equal(np.sort(result.keys), plain)

@@ -25,6 +25,7 @@ from .requests import FinishedStore, Indices, OpenStore, Removal, Request, finis
 from .rules import ClassRule, Rule, RuleInput, SampleRule, ScaleChoice, rule_for, rule_names, run_rule
 from .run_folder import check_fingerprint
 from .similar import find_similar as search
+from .similar_spans import find_similar_spans
 
 StoreOrPath = Union[OpenStore, str, "os.PathLike[str]"]
 NEEDS_DATA = (ClassRule, SampleRule)  # the built-in rules: they read the run's DataSplit (RuleInput.data)
@@ -77,7 +78,8 @@ def forget_keys(model: torch.nn.Module, store: StoreOrPath, keys: Indices, scale
     Dataset gives, or a language model's token window), for the rules that read samples through the model
     ("feature"; "tokens" for a causal language model's windows) and for ``find_similar``:
     forget, beside ``keys``, the live keys the model reads as it reads them (``unlearn.forgetting.similar``;
-    nothing unless the keys share a direction a label-matched control does not). ``found`` lists them.
+    nothing unless the keys share a direction a label-matched control does not; for token windows, the windows
+    holding the rare span the named ones share, ``unlearn.forgetting.similar_spans``). ``found`` lists them.
     A rule's step 0 still marks the rows forgotten, as ``forget()`` + ``mark_applied`` would: the rule judged
     that the model holds nothing of them beyond what their labels' other samples taught. To keep rows for a
     later removal, give a number (``scale=1.0``: the rows exactly).
@@ -127,7 +129,10 @@ def _forget_keys(model: torch.nn.Module, store: FinishedStore, keys: Indices, sc
                                "per-sample store: nothing was changed")
         live = np.flatnonzero(store.state == gradstore.RowState.LIVE)
         with _model_kept(model):
-            similar = search(model, data.train_x, data.train_y, chosen, live)
+            if data.token_windows:  # what windows share is a span of text, not the window's mean: read token by token
+                similar = find_similar_spans(model, data.train_x, chosen, live)
+            else:
+                similar = search(model, data.train_x, data.train_y, chosen, live)
         chosen = np.union1d(chosen, similar.found)
     samples = chosen if per_sample else _members(store, chosen)
     request = Request(samples=samples, keys=chosen, excluded=samples)
@@ -177,6 +182,7 @@ class TrainingData:
 
     train_x: np.ndarray
     train_y: np.ndarray
+    token_windows: bool = False  # a language model's windows [N, T] (labels all 0): searched span by span
 
     def __len__(self) -> int:
         return int(self.train_y.shape[0])
@@ -194,7 +200,7 @@ class TrainingData:
             if not all(_is_token_window(item) and np.shape(item) == np.shape(first) for item in items):
                 raise RequestError("dataset[0] is a token window, but not every item is one of its length: nothing "
                                    "was changed")
-            return cls(np.stack([np.asarray(item, np.int64) for item in items]), np.zeros(num_keys, np.int64))
+            return cls(np.stack([np.asarray(item, np.int64) for item in items]), np.zeros(num_keys, np.int64), True)
         if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items[:1]):
             raise RequestError(f"dataset[0] is {type(items[0]).__name__}, not an (input, label) pair nor a token "
                                "window (1-D integers): nothing was changed")

@@ -61,9 +61,11 @@ def find_head(model: torch.nn.Module, example: Any) -> Head:
     return Head(called[-1], dict(model.named_modules())[called[-1]])
 
 
-def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: int = FEATURE_BATCH,
+                  positions: bool = False) -> np.ndarray:
     """float64 [n, d]: the input of ``head`` for each sample of ``inputs`` (averaged over any positions, such as
-    tokens, between the batch and the feature dimension), with the model in eval mode."""
+    tokens, between the batch and the feature dimension), with the model in eval mode. ``positions``: float32
+    [n, positions, d], each position kept (``similar_spans`` reads a window token by token)."""
     caught: list[torch.Tensor] = []
     hook = head.module.register_forward_hook(lambda m, i, o: caught.append(i[0].detach()))
     modes = [(module, module.training) for module in model.modules()]
@@ -74,13 +76,15 @@ def head_features(model: torch.nn.Module, head: Head, inputs: Any, batch_size: i
             for start in range(0, len(inputs), batch_size):
                 caught.clear()
                 model(_as_tensor(inputs[start:start + batch_size], model))
-                x = caught[-1]
-                out.append(x.reshape(x.shape[0], -1, x.shape[-1]).mean(1).double().cpu().numpy())
+                x = caught[-1].reshape(caught[-1].shape[0], -1, caught[-1].shape[-1])
+                out.append(x.float().cpu().numpy() if positions else x.mean(1).double().cpu().numpy())
     finally:
         hook.remove()
         for module, training in modes:  # each module's own flag, as it was
             module.training = training
-    return np.concatenate(out) if out else np.zeros((0, head.module.in_features))
+    if not out:
+        return np.zeros((0, 1, head.module.in_features) if positions else (0, head.module.in_features))
+    return np.concatenate(out)
 
 
 def _as_tensor(inputs: Any, model: torch.nn.Module) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""What a language model's named windows share, read token by token: the search for the windows nobody named when
+what they taught is a span of text (a secret, a leaked line) and not the whole window.
+
+Why not ``similar.find_similar``: it averages the head's input over a window's positions, and a canary line is
+16-38 of a window's 128 bytes, so the average is mostly ordinary text: on the canaries of ``bench lm`` it found
+plain windows at 4-14x the base rate, far from the 90% precision asked (docs/RESULTS.md). Here every position
+keeps its own vector (the head's input there, centred on the control windows' mean, at unit length), and:
+
+- a position of a named window is *shared* when its vector has a match (cosine above ``match``) in at least
+  ``share`` of the other named windows;
+- it is *rare* when its vector has a match in few control windows (``control_windows`` random candidates, or
+  every candidate where there are fewer; 32 at the least): the
+  named windows' matches must be too many for the control's rate, a binomial test at ``evidence_p`` divided by
+  every position tested (Bonferroni). Common idioms (``self.``, ``return``) are shared too, and everywhere;
+- evidence: the named windows hold, at the median, at least ``min_positions`` shared rare positions (a span,
+  not a coincidence of one token); otherwise nothing is searched for;
+- found: a candidate window with a match for at least ``share`` of the shared rare vectors (its score: that
+  share).
+
+The named windows' matches are computed among at most ``max_named`` of them (a seeded subset), so that the cost
+stays n x T x n x T products of the head's width. No labels: a language model's windows have none. With the
+defaults it takes 6 named windows or more for a span to pass the test (with 5, a match in 2 of the 4 others is
+not rare enough at the Bonferroni level). Measured on ``bench lm``'s canaries (docs/RESULTS.md): every canary's
+48 unnamed windows found from 16 named, nothing else; random requests of plain windows find nothing.
+Where it may fail: a secret that appears after different text in each window (the head's input at the secret's
+tokens then also carries the different prefixes), untested here: every canary of ``bench lm`` opens its window.
+"""
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import RequestError
+from .similar import Similar, find_head, head_features
+
+MIN_CONTROL = 32  # control windows at the least: a rate estimated from fewer cannot call a span rare
+BLOCK = 1024  # vectors compared at a time: bounds the [windows x T x vectors] similarity blocks
+
+
+def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, candidates: np.ndarray, *,
+                       seed: int = 0, match: float = 0.9, share: float = 0.5, evidence_p: float = 0.001,
+                       min_positions: int = 4, control_windows: int = 256, max_named: int = 32,
+                       batch_size: int = 64) -> Similar:
+    """The windows among ``candidates`` that hold the span the ``named`` windows share and the control rarely
+    has (see the module doc). ``windows``: integer token windows [N, T], indexed by key."""
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+        raise RequestError(f"find_similar_spans reads token windows (integers, [N, T]); got {windows.dtype} "
+                           f"{list(windows.shape)}")
+    named = np.unique(np.asarray(named, np.int64))
+    candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
+    for what, keys in (("named", named), ("candidates", candidates)):
+        outside = keys[(keys < 0) | (keys >= len(windows))]
+        if outside.size:
+            raise RequestError(f"find_similar_spans: {what} outside [0, {len(windows)}): {outside[:10].tolist()}")
+    head = find_head(model, windows[named[:1]] if named.size else windows[:1])
+
+    def nothing(why: str, **extra: Any) -> Similar:
+        return Similar(np.zeros(0, np.int64), np.zeros(0), None, None, 0, int(candidates.size), head.name, why=why,
+                       extra={"spans": extra} if extra else {})
+
+    if named.size < 3:
+        return nothing(f"{named.size} named window(s): at least 3 are needed to tell what they share")
+    control_windows = min(control_windows, int(candidates.size))
+    if control_windows < MIN_CONTROL:
+        return nothing(f"{candidates.size} candidate windows: the control needs at least {MIN_CONTROL}")
+    rng = np.random.default_rng([seed, 33])
+    control = np.sort(rng.choice(candidates, control_windows, replace=False))
+    subset = np.sort(rng.choice(named, min(max_named, named.size), replace=False))
+    control_features = head_features(model, head, windows[control], batch_size, positions=True)
+    centre = control_features.reshape(-1, control_features.shape[-1]).mean(0)
+    units = _units(head_features(model, head, windows[subset], batch_size, positions=True), centre)
+    control_units = _units(control_features, centre)
+    n, positions = units.shape[:2]
+    counts = _named_matches(units, match)  # [n, T]: other named windows holding a match
+    shared = counts >= math.ceil(share * (n - 1))
+    vectors = units[shared]
+    rate = (_matched(control_units, vectors, match).sum(0) + 1) / (control_windows + 1)  # the control's rate
+    threshold_p = evidence_p / (n * positions)
+    tails = np.array([_binomial_tail(int(k), n - 1, float(q)) for k, q in zip(counts[shared], rate)])
+    rare = tails < threshold_p
+    per_window = np.zeros(n, np.int64)
+    np.add.at(per_window, np.nonzero(shared)[0][rare], 1)
+    report = {"named_searched": int(n), "shared_positions": int(shared.sum()), "shared_rare_positions": int(rare.sum()),
+              "median_rare_positions_per_named": float(np.median(per_window)), "position_p": threshold_p,
+              "control_windows": int(control_windows), "match": match, "share": share}
+    if np.median(per_window) < min_positions:
+        return nothing(f"the named windows share no rare span the model reads alike (median "
+                       f"{np.median(per_window):g} shared rare positions a window, fewer than {min_positions}): "
+                       "nothing is added without evidence", **report)
+    spans = vectors[rare]
+    scores = np.zeros(candidates.size)
+    for start in range(0, candidates.size, batch_size * 4):
+        chunk = candidates[start:start + batch_size * 4]
+        scores[start:start + chunk.size] = _matched(
+            _units(head_features(model, head, windows[chunk], batch_size, positions=True), centre), spans,
+            match).mean(1)
+    found = scores >= share
+    order = np.argsort(-scores[found], kind="stable")
+    return Similar(candidates[found][order], scores[found][order], None, share, 1, int(candidates.size), head.name,
+                   extra={"spans": report})
+
+
+def _units(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """float32 [n, T, d]: each position's vector less ``centre``, at unit length."""
+    units = features - centre.astype(features.dtype)
+    units /= np.maximum(np.linalg.norm(units, axis=-1, keepdims=True), 1e-12)
+    return units.astype(np.float32)
+
+
+def _named_matches(units: np.ndarray, match: float) -> np.ndarray:
+    """int [n, T]: for each position of each named window, how many other named windows hold a match for it."""
+    n, positions, width = units.shape
+    flat = units.reshape(-1, width)
+    counts = np.zeros((n, positions), np.int64)
+    for i in range(n):
+        best = (units[i] @ flat.T).reshape(positions, n, positions).max(-1)  # [T, n]
+        best[:, i] = -1.0
+        counts[i] = (best > match).sum(-1)
+    return counts
+
+
+def _matched(units: np.ndarray, vectors: np.ndarray, match: float) -> np.ndarray:
+    """bool [windows, vectors]: whether each window holds a position matching each vector."""
+    windows, positions, width = units.shape
+    out = np.zeros((windows, len(vectors)), bool)
+    flat = units.reshape(-1, width)
+    for start in range(0, len(vectors), BLOCK):
+        block = vectors[start:start + BLOCK]
+        out[:, start:start + len(block)] = (flat @ block.T).reshape(windows, positions, -1).max(1) > match
+    return out
+
+
+def _binomial_tail(k: int, n: int, q: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, q)."""
+    return float(sum(math.comb(n, j) * q ** j * (1 - q) ** (n - j) for j in range(k, n + 1)))
