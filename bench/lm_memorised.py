@@ -376,18 +376,18 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{r['found_canary_windows']} canary | {r['rounds']} | - |")
     if "span_search" in report:
         lines += ["", "### Search span by span (find_similar_spans: forget_keys(find_similar=True) on token windows)",
-                  "", "| request | named | shared rare positions (median a named window) | found | precision | recall | "
+                  "", "| request | named | shared rare positions; in spans (median a named window) | found | precision | recall | "
                   "other canaries' / plain windows found | s |", "|---" * 8 + "|"]
         for r in report["span_search"]["per_canary"]:
             spans = r.get("spans", {})
             lines.append(f"| canary {r['canary']}: `{r['text'].strip()}` | {len(r['named'])} | "
-                         f"{spans.get('shared_rare_positions', '-')} ({_f(spans.get('median_rare_positions_per_named'))})"
+                         f"{spans.get('shared_rare_positions', '-')} ({_f(spans.get('median_span_positions_per_named'))})"
                          f" | {r['num_found']} | {_f(r.get('precision'))} | {_f(r.get('recall'))} | "
                          f"{r['found_other_canaries']} / {r['found_plain']} | {r['seconds']:.0f} |")
         r = report["span_search"]["random_request"]
         spans = r.get("spans", {})
         lines.append(f"| random plain windows | {len(r['named'])} | {spans.get('shared_rare_positions', '-')} "
-                     f"({_f(spans.get('median_rare_positions_per_named'))}) | {r['num_found']} | - | - | "
+                     f"({_f(spans.get('median_span_positions_per_named'))}) | {r['num_found']} | - | - | "
                      f"{r['found_canary_windows']} canary | - |")
     lines += ["", "### Head projection (all 256 canary windows named) against retraining", "",
               "| model | exposure, bits (each canary) | mean exposure | secret NLL, nats | canary-window loss | "

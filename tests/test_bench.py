@@ -136,7 +136,7 @@ def test_a_study_without_the_baselines_stores_compares_with_the_original_size_co
     from bench import frontier  # the target across folders reads the computed size where no original was recorded
     (row,) = frontier.class_cells(out)
     assert row["original_computed"] and row["original_mb"] == recorded["original_bytes"] / 1e6
-    assert "(computed)" in frontier.markdown([row])
+    assert "(computed, raw)" in frontier.markdown([row])
 
 
 def test_the_study_takes_resnet18_with_the_masked_engine_and_computed_baselines():

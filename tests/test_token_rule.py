@@ -154,7 +154,7 @@ def test_the_search_finds_the_secrets_other_windows_span_by_span_and_nothing_for
     result = forget_keys(model, store, named, scale=1.0, dataset=list(train), find_similar=True)
     search = result.report["find_similar"]
     assert sorted(item["key"] for item in result.report["found"]) == keys[1::2].tolist(), search
-    assert search["spans"]["median_rare_positions_per_named"] >= 4
+    assert search["spans"]["median_span_positions_per_named"] >= 4
     assert np.array_equal(np.sort(result.keys), keys)  # the named and the found, forgotten together
     plain = np.sort(np.random.default_rng(5).choice(np.setdiff1d(np.arange(len(train)), keys), 8, replace=False))
     store = tmp_path / "plain.h5"

@@ -73,5 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-stores", action="store_true", help="keep the .h5 stores of finished seeds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--engine", choices=["masked", "vmap"],
-                        help=f"per-sample gradient engine (default: {STUDY_ENGINE} for the class and sample "
-                             "requests' run, the faster for its many masks (docs/RESULTS.md); masked for the poisoned run's few)")
+                        help=f"per-sample gradient engine (default: {STUDY_ENGINE} for SimpleModel's class and sample "
+                             "requests' run, the faster for its many masks (docs/RESULTS.md); masked for ResNet-18 and "
+                             "for the poisoned run's few)")

@@ -84,7 +84,12 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
         started = time.perf_counter()
         cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
                                         samples, subset)
-        computed = {} if "original" in recorded["stores"] else {"original_bytes": recorded.get("original_bytes")}
+        computed = {}
+        if "original" not in recorded["stores"]:  # --baselines computed: the original's size, computed
+            if recorded.get("original_bytes") is None:
+                raise SystemExit(f"{seed_dir}/recorded.json has neither the original's store nor its computed size: "
+                                 "delete it to record again")
+            computed = {"original_bytes": recorded["original_bytes"]}
         for mode, cell in cells.items():
             row = {key: value for key, value in entry.items() if key != "path"}
             row.update(computed)  # the original's size, computed where its store was not recorded

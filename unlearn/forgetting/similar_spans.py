@@ -12,18 +12,31 @@ keeps its own vector (the head's input there, centred on the control windows' me
   every candidate where there are fewer; 32 at the least): the
   named windows' matches must be too many for the control's rate, a binomial test at ``evidence_p`` divided by
   every position tested (Bonferroni). Common idioms (``self.``, ``return``) are shared too, and everywhere;
-- evidence: the named windows hold, at the median, at least ``min_positions`` shared rare positions (a span,
-  not a coincidence of one token); otherwise nothing is searched for;
-- found: a candidate window with a match for at least ``share`` of the shared rare vectors (its score: that
-  share).
+- a *span*: only shared rare positions in runs of at least ``min_positions`` consecutive positions of their
+  window count (a line of text, not tokens of a vocabulary scattered over the window);
+- evidence: the named windows hold, at the median, at least ``min_positions`` such positions; otherwise nothing
+  is searched for;
+- found: a candidate window with a match for at least ``share`` of the span vectors (its score: that share).
+
+What the test rejects is exchangeability: that the named windows are like random candidates. A request whose
+windows share something else rare (a template, a language, one author's boilerplate) passes it too, and the
+windows holding that are found: ``found`` lists them, and ``forget_keys(find_similar=True)`` forgets them with the
+named ones. Ask for the search only where the named windows were chosen for what they share.
 
 The named windows' matches are computed among at most ``max_named`` of them (a seeded subset), so that the cost
-stays n x T x n x T products of the head's width. No labels: a language model's windows have none. With the
-defaults it takes 6 named windows or more for a span to pass the test (with 5, a match in 2 of the 4 others is
-not rare enough at the Bonferroni level). Measured on ``bench lm``'s canaries (docs/RESULTS.md): every canary's
+stays n x T x n x T products of the head's width; scoring reads every candidate window through the model once.
+No labels: a language model's windows have none. How few named windows can pass depends on the control and the
+window: with 256 control windows and 128 positions, 4 named windows whose span is in all 4 can; 3 never can (a
+match in both others is not rare enough at the Bonferroni level); with fewer control windows it takes more.
+Measured on ``bench lm``'s canaries (docs/RESULTS.md): every canary's
 48 unnamed windows found from 16 named, nothing else; random requests of plain windows find nothing.
-Where it may fail: a secret that appears after different text in each window (the head's input at the secret's
-tokens then also carries the different prefixes), untested here: every canary of ``bench lm`` opens its window.
+Where it may fail (untested here):
+- a secret that appears after different text in each window: the head's input at the secret's tokens then also
+  carries the different prefixes. Every canary of ``bench lm`` opens its window;
+- a request where the span is in fewer than half of the named windows: it is not shared, and nothing is found;
+- copies of one named window's text elsewhere: only what the named windows share is searched for;
+- the control is drawn from the candidates, so it holds some unnamed copies of the span: a span copied into a
+  large share of the corpus is not rare, and is not found.
 """
 
 import math
@@ -71,26 +84,27 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
     subset = np.sort(rng.choice(named, min(max_named, named.size), replace=False))
     control_features = head_features(model, head, windows[control], batch_size, positions=True)
     centre = control_features.reshape(-1, control_features.shape[-1]).mean(0)
-    units = _units(head_features(model, head, windows[subset], batch_size, positions=True), centre)
     control_units = _units(control_features, centre)
+    del control_features
+    units = _units(head_features(model, head, windows[subset], batch_size, positions=True), centre)
     n, positions = units.shape[:2]
     counts = _named_matches(units, match)  # [n, T]: other named windows holding a match
     shared = counts >= math.ceil(share * (n - 1))
-    vectors = units[shared]
-    rate = (_matched(control_units, vectors, match).sum(0) + 1) / (control_windows + 1)  # the control's rate
+    rate = (_matched(control_units, units[shared], match).sum(0) + 1) / (control_windows + 1)  # the control's rate
     threshold_p = evidence_p / (n * positions)
-    tails = np.array([_binomial_tail(int(k), n - 1, float(q)) for k, q in zip(counts[shared], rate)])
-    rare = tails < threshold_p
-    per_window = np.zeros(n, np.int64)
-    np.add.at(per_window, np.nonzero(shared)[0][rare], 1)
+    rare = np.zeros_like(shared)
+    rare[shared] = [_binomial_tail(int(k), n - 1, float(q)) < threshold_p for k, q in zip(counts[shared], rate)]
+    in_span = _in_runs(rare, min_positions)
+    per_window = in_span.sum(1)
     report = {"named_searched": int(n), "shared_positions": int(shared.sum()), "shared_rare_positions": int(rare.sum()),
-              "median_rare_positions_per_named": float(np.median(per_window)), "position_p": threshold_p,
-              "control_windows": int(control_windows), "match": match, "share": share}
+              "span_positions": int(in_span.sum()), "median_span_positions_per_named": float(np.median(per_window)),
+              "position_p": threshold_p, "control_windows": int(control_windows), "match": match, "share": share,
+              "min_positions": min_positions}
     if np.median(per_window) < min_positions:
         return nothing(f"the named windows share no rare span the model reads alike (median "
-                       f"{np.median(per_window):g} shared rare positions a window, fewer than {min_positions}): "
-                       "nothing is added without evidence", **report)
-    spans = vectors[rare]
+                       f"{np.median(per_window):g} positions a window in runs of {min_positions} or more shared rare "
+                       "ones): nothing is added without evidence", **report)
+    spans = units[in_span]
     scores = np.zeros(candidates.size)
     for start in range(0, candidates.size, batch_size * 4):
         chunk = candidates[start:start + batch_size * 4]
@@ -105,9 +119,20 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
 
 def _units(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """float32 [n, T, d]: each position's vector less ``centre``, at unit length."""
-    units = features - centre.astype(features.dtype)
+    units = features.astype(np.float32, copy=False) - centre.astype(np.float32)
     units /= np.maximum(np.linalg.norm(units, axis=-1, keepdims=True), 1e-12)
-    return units.astype(np.float32)
+    return units
+
+
+def _in_runs(mask: np.ndarray, length: int) -> np.ndarray:
+    """bool [n, T]: the True entries of ``mask`` that lie in runs of at least ``length`` consecutive ones."""
+    out = np.zeros_like(mask)
+    for i, row in enumerate(mask):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        for start, end in zip(edges[::2], edges[1::2]):
+            if end - start >= length:
+                out[i, start:end] = True
+    return out
 
 
 def _named_matches(units: np.ndarray, match: float) -> np.ndarray:
@@ -123,13 +148,17 @@ def _named_matches(units: np.ndarray, match: float) -> np.ndarray:
 
 
 def _matched(units: np.ndarray, vectors: np.ndarray, match: float) -> np.ndarray:
-    """bool [windows, vectors]: whether each window holds a position matching each vector."""
+    """bool [windows, vectors]: whether each window holds a position matching each vector (in blocks of at most
+    BLOCK positions x BLOCK vectors)."""
     windows, positions, width = units.shape
     out = np.zeros((windows, len(vectors)), bool)
-    flat = units.reshape(-1, width)
-    for start in range(0, len(vectors), BLOCK):
-        block = vectors[start:start + BLOCK]
-        out[:, start:start + len(block)] = (flat @ block.T).reshape(windows, positions, -1).max(1) > match
+    step = max(1, BLOCK // positions)
+    for first in range(0, windows, step):
+        flat = units[first:first + step].reshape(-1, width)
+        for start in range(0, len(vectors), BLOCK):
+            block = vectors[start:start + BLOCK]
+            out[first:first + step, start:start + len(block)] = \
+                (flat @ block.T).reshape(-1, positions, len(block)).max(1) > match
     return out
 
 
