@@ -194,12 +194,7 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
     if 1.0 / (1 + control_draws) >= evidence_p:
         raise RequestError(f"control_draws={control_draws} cannot give a p-value below evidence_p={evidence_p} "
                            f"(the smallest is 1/(1 + draws)): give at least {int(np.ceil(1 / evidence_p))} draws")
-    named = np.unique(np.asarray(named, np.int64))
-    candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
-    for what, keys in (("named", named), ("candidates", candidates)):
-        outside = keys[(keys < 0) | (keys >= len(inputs))]
-        if outside.size:
-            raise RequestError(f"find_similar: {what} outside [0, {len(inputs)}): {outside[:10].tolist()}")
+    named, candidates = checked_search_keys("find_similar", named, candidates, len(inputs))
     all_labels = np.zeros(len(inputs), np.int64) if labels is None else np.asarray(labels)
     head = find_head(model, inputs[named[:1]])
     candidates = candidates[np.isin(all_labels[candidates], all_labels[named])]
@@ -232,6 +227,17 @@ def find_similar(model: torch.nn.Module, inputs: Any, labels: Optional[np.ndarra
     order = np.argsort(-scores[found], kind="stable")
     return Similar(candidates[found][order], scores[found][order], test, threshold, rounds, int(candidates.size),
                    head.name)
+
+
+def checked_search_keys(search: str, named: Any, candidates: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(named, candidates less the named) as sorted unique int64; RequestError naming the keys outside [0, size)."""
+    named = np.unique(np.asarray(named, np.int64))
+    candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
+    for what, keys in (("named", named), ("candidates", candidates)):
+        outside = keys[(keys < 0) | (keys >= size)]
+        if outside.size:
+            raise RequestError(f"{search}: {what} outside [0, {size}): {outside[:10].tolist()}")
+    return named, candidates
 
 
 def centred_units(request: np.ndarray, request_labels: np.ndarray, pool: np.ndarray,

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import RequestError
-from .similar import Similar, find_head, head_features
+from .similar import Similar, checked_search_keys, find_head, head_features
 
 MIN_CONTROL = 32  # control windows at the least: a rate estimated from fewer cannot call a span rare
 BLOCK = 1024  # vectors compared at a time: bounds the [windows x T x vectors] similarity blocks
@@ -62,12 +62,7 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
     if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
         raise RequestError(f"find_similar_spans reads token windows (integers, [N, T]); got {windows.dtype} "
                            f"{list(windows.shape)}")
-    named = np.unique(np.asarray(named, np.int64))
-    candidates = np.setdiff1d(np.asarray(candidates, np.int64), named)
-    for what, keys in (("named", named), ("candidates", candidates)):
-        outside = keys[(keys < 0) | (keys >= len(windows))]
-        if outside.size:
-            raise RequestError(f"find_similar_spans: {what} outside [0, {len(windows)}): {outside[:10].tolist()}")
+    named, candidates = checked_search_keys("find_similar_spans", named, candidates, len(windows))
     head = find_head(model, windows[named[:1]] if named.size else windows[:1])
 
     def nothing(why: str, **extra: Any) -> Similar:
