@@ -64,6 +64,19 @@ def test_memorised_runs_every_cell_on_a_kept_diagnose_run(tmp_path):
     md = (out / "memorised.md").read_text()
     assert "| all 20: feature |" in md and "find_similar, 5 of 20 named" in md
 
+    # bench.reference_spread on the same kept run: the run's reference and two more retrainings, cached
+    from bench import reference_spread
+    assert reference_spread.main(["--diagnose-dir", str(runs), "--seed", "0", "--retrain-seeds", "5", "6",
+                                  "--out", str(tmp_path / "spread")]) == 0
+    spread = json.loads((tmp_path / "spread" / "reference_spread.json").read_text())
+    assert [r["model"] for r in spread["rows"]] == ["after train (poisoned)", "retrained, seed 0 (the run's reference)",
+                                                    "retrained, seed 5", "retrained, seed 6"]
+    assert spread["rows"][1]["ta"] == entry["cells"]["retrain"]["ta"]  # the run's own reference, as memorised read it
+    assert spread["rows"][2]["ta"] != spread["rows"][3]["ta"] or spread["rows"][2]["asr"] != spread["rows"][3]["asr"]
+    for field in ("asr", "target_class_acc", "ta"):
+        assert spread["spread"][field]["min"] <= spread["spread"][field]["max"]
+    assert (runs / "seed0" / "reference-spread5.npy").exists() and (runs / "seed0" / "reference-spread6.json").exists()
+
 
 def diagnose_keys(runs):
     return json.loads((runs / "diagnose.json").read_text())["seeds"]["0"]["poisoned_keys"]
