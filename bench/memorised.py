@@ -124,17 +124,25 @@ def fine_tuned(model, trained, data, keep, epochs, seed):
 
 def retrained_without(named, seed, config, seed_dir, data, log):
     """A model trained from scratch (the run's options) without ``named``; cached as reference-named<n>.npy."""
-    weights, marker = seed_dir / f"reference-named{named.size}.npy", seed_dir / f"reference-named{named.size}.json"
-    expected = {"config": config, "named": named.tolist()}
+    return cached_training(seed_dir, f"reference-named{named.size}", {"config": config, "named": named.tolist()},
+                           datasets.exclude(data, samples=named), config, seed, data,
+                           lambda: log(f"seed {seed}: retraining from scratch without the {named.size} named samples"))
+
+
+def cached_training(seed_dir, name, expected, kept, config, training_seed, data, announce=lambda: None):
+    """Weights trained from scratch on ``kept`` (the run's options, ``training_seed`` for the initial weights and
+    the batch order), cached as seed_dir/<name>.npy beside a marker holding ``expected``. Returns (weights,
+    seconds)."""
+    weights, marker = seed_dir / f"{name}.npy", seed_dir / f"{name}.json"
+    expected = json.loads(json.dumps(expected))
     if marker.exists() and weights.exists():
         saved = json.loads(marker.read_text())
-        if {key: saved.get(key) for key in expected} == json.loads(json.dumps(expected)):
+        if {key: saved.get(key) for key in expected} == expected:
             return np.asarray(np.load(weights, allow_pickle=False), np.float32), saved["seconds"]
-    log(f"seed {seed}: retraining from scratch without the {named.size} named samples")
-    kept = datasets.exclude(data, samples=named)
-    model = build_model("simple", data.in_channels, data.num_classes, seed=seed)
-    run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], seed,
-                device=torch.device("cpu"), progress=False, description=f"seed {seed} retrain (named {named.size})")
+    announce()
+    model = build_model("simple", data.in_channels, data.num_classes, seed=training_seed)
+    run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], training_seed,
+                device=torch.device("cpu"), progress=False, description=f"{name} (seed {training_seed})")
     np.save(weights, flat_params(model))
     study_record.write_json(marker, {**expected, "seconds": run["seconds"]})
     return flat_params(model), run["seconds"]

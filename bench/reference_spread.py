@@ -16,33 +16,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from unlearn.params import flat_params
 from unlearn.runs import data as datasets
-from unlearn.runs.loop import train
 from unlearn.runs.models import build_model
 
 from .diagnose import figures
-from .memorised import load_seed
-from .study import record as study_record
+from .memorised import cached_training, load_seed
 
 
 def retrained(seed_dir: Path, config: dict, data, training_seed: int) -> tuple[np.ndarray, float]:
     """Weights trained from scratch without the poisoned samples, with ``training_seed`` (cached)."""
-    weights, marker = seed_dir / f"reference-spread{training_seed}.npy", seed_dir / f"reference-spread{training_seed}.json"
-    expected = json.loads(json.dumps({"config": config, "training_seed": training_seed}))
-    if marker.exists() and weights.exists():
-        saved = json.loads(marker.read_text())
-        if {key: saved.get(key) for key in expected} == expected:
-            return np.asarray(np.load(weights, allow_pickle=False), np.float32), saved["seconds"]
-    kept = datasets.exclude(data, samples=data.poison.keys)
-    model = build_model("simple", data.in_channels, data.num_classes, seed=training_seed)
-    run = train(model, kept.train_x, kept.train_y, config["epochs"], config["batch_size"], training_seed,
-                device=torch.device("cpu"), progress=False, description=f"retrain (seed {training_seed})")
-    np.save(weights, flat_params(model))
-    study_record.write_json(marker, {**expected, "seconds": run["seconds"]})
-    return flat_params(model), run["seconds"]
+    return cached_training(seed_dir, f"reference-spread{training_seed}",
+                           {"config": config, "training_seed": training_seed},
+                           datasets.exclude(data, samples=data.poison.keys), config, training_seed, data)
 
 
 def row(name: str, result: dict) -> dict:
