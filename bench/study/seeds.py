@@ -74,6 +74,12 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
         if key not in progress:
             cell = study_cells.reference_cells(task, kind, weights, data, config, seed, samples, subset, seconds)
             progress.add(key, {"seed": seed, "task": task, "row": kind, "method": kind, **extra, **cell})
+    computed = {}
+    if "original" not in recorded["stores"]:  # --baselines computed: the original's size, computed
+        if recorded.get("original_bytes") is None:
+            raise SystemExit(f"{seed_dir}/recorded.json has neither the original's store nor its computed size: "
+                             "delete it to record again")
+        computed = {"original_bytes": recorded["original_bytes"]}
     for name, entry in recorded["stores"].items():
         if config.get("only_stores") and name not in config["only_stores"]:
             continue  # left for a later run of the study without --only-stores
@@ -84,12 +90,6 @@ def measure_request(seed, task, config, seed_dir, recorded, trained, reference, 
         started = time.perf_counter()
         cells = study_cells.store_cells(task, seed_dir / entry["path"], entry, trained, data, config, seed,
                                         samples, subset)
-        computed = {}
-        if "original" not in recorded["stores"]:  # --baselines computed: the original's size, computed
-            if recorded.get("original_bytes") is None:
-                raise SystemExit(f"{seed_dir}/recorded.json has neither the original's store nor its computed size: "
-                                 "delete it to record again")
-            computed = {"original_bytes": recorded["original_bytes"]}
         for mode, cell in cells.items():
             row = {key: value for key, value in entry.items() if key != "path"}
             row.update(computed)  # the original's size, computed where its store was not recorded
