@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "reference_spread.md").write_text(table)
         (out / "reference_spread.json").write_text(json.dumps(
-            {"command": "python -m bench.reference_spread " + " ".join(sys.argv[1:]), "seed": args.seed,
+            {"command": "python -m bench.reference_spread " + " ".join(sys.argv[1:] if argv is None else argv),
+             "seed": args.seed,
              "rows": rows, "spread": spread, "seconds": seconds}, indent=1))
     return 0
 
