@@ -140,6 +140,34 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     with pytest.raises(SystemExit):
         lm_tokens.parser().parse_args(["--option", "no_such_field=1"])
 
+    # bench.lm_reference_spread: the rule's model against the run's reference and one more retraining, cached
+    from bench import lm_reference_spread
+
+    rule = tmp_path / "lm_tokens.json"
+    assert lm_reference_spread.main(["--run", str(out), "--rule", str(rule), "--retrain-seeds", "5",
+                                     "--out", str(tmp_path / "spread")]) == 0
+    spread = json.loads((tmp_path / "spread" / "lm_reference_spread.json").read_text())
+    reference, other = spread["rows"]
+    assert reference["verdict"] == report["models"][names[2]]["target"]  # the run's reference: lm_tokens' verdict
+    assert other["model"] == "retrained, seed 5" and (out / "reference-spread5.npy").exists()
+    assert other["mean_exposure_bits"] != reference["mean_exposure_bits"]  # another init and order: another model
+    assert spread["training"]["5"]["steps"] == report_steps(out)
+    assert spread["rule"]["of"] == 2 and 0 <= spread["rule"]["met_against"] <= 2
+    assert spread["spread"]["heldout_loss"]["min"] <= spread["spread"]["heldout_loss"]["max"]
+    cached = np.load(out / "reference-spread5.npy")
+    assert lm_reference_spread.main(["--run", str(out), "--retrain-seeds", "5"]) == 0  # cached: not retrained
+    assert np.array_equal(np.load(out / "reference-spread5.npy"), cached)
+    foreign = json.loads(rule.read_text())
+    foreign["models"]["retrained without canaries"]["heldout_loss"] += 0.1
+    (tmp_path / "foreign.json").write_text(json.dumps(foreign))
+    with pytest.raises(SystemExit, match="not a report of"):
+        lm_reference_spread.main(["--run", str(out), "--rule", str(tmp_path / "foreign.json"), "--retrain-seeds", "5"])
+
+
+def report_steps(out: Path) -> int:
+    """The run's retraining's steps (the other seeds' retrainings leave out the same windows: as many steps)."""
+    return json.loads((out / "lm.json").read_text())["training"]["retrained"]["steps"]
+
 
 def test_the_exact_rank_is_the_brute_force_rank():
     torch.manual_seed(1)
