@@ -16,7 +16,12 @@ keeps its own vector (the head's input there, centred on the control windows' me
   window count (a line of text, not tokens of a vocabulary scattered over the window);
 - evidence: the named windows hold, at the median, at least ``min_positions`` such positions; otherwise nothing
   is searched for;
-- found: a candidate window with a match for at least ``share`` of the span vectors (its score: that share).
+- found: a candidate window that holds the span of at least ``share`` of the named windows (its score: that
+  share). It holds a named window's span when, for one of the window's runs, ``min_positions`` or more
+  consecutive span vectors are matched by as many consecutive positions of the candidate, in order: the span's
+  text, not its tokens one by one (a window of other digits matches a secret's digits one by one; scored by the
+  share of span vectors matched anywhere, such windows were found beside a secret placed after different text,
+  in an exploration on a tiny GPT-2: docs/DESIGN.md).
 
 What the test rejects is exchangeability: that the named windows are like random candidates. A request whose
 windows share something else rare (a template, a language, one author's boilerplate) passes it too, and the
@@ -30,9 +35,11 @@ window: with 256 control windows and 128 positions, 4 named windows whose span i
 match in both others is not rare enough at the Bonferroni level); with fewer control windows it takes more.
 Measured on ``bench lm``'s canaries (docs/RESULTS.md): every canary's
 48 unnamed windows found from 16 named, nothing else; random requests of plain windows find nothing.
-Where it may fail (untested here):
+Where it may fail:
 - a secret that appears after different text in each window: the head's input at the secret's tokens then also
-  carries the different prefixes. Every canary of ``bench lm`` opens its window;
+  carries the different prefixes and positions. Every canary of ``bench lm`` opens its window; on a tiny GPT-2
+  (an exploration, docs/DESIGN.md "The search span by span") such secrets were found with fewer of their windows,
+  or not at all, but no other window was;
 - a request where the span is in fewer than half of the named windows: it is not shared, and nothing is found;
 - copies of one named window's text elsewhere: only what the named windows share is searched for;
 - the control is drawn from the candidates, so it holds some unnamed copies of the span: a span copied into a
@@ -99,13 +106,20 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
         return nothing(f"the named windows share no rare span the model reads alike (median "
                        f"{np.median(per_window):g} positions a window in runs of {min_positions} or more shared rare "
                        "ones): nothing is added without evidence", **report)
-    spans = units[in_span]
+    runs, run_owner = [], []  # each named window's runs of span positions: the span's text, piece by piece
+    for window, row in enumerate(in_span):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        for first, end in zip(edges[::2], edges[1::2]):
+            runs.append(units[window, first:end])
+            run_owner.append(window)
+    owners = np.unique(run_owner)
+    by_owner = np.asarray(run_owner)[None, :] == owners[:, None]  # [named windows with a span, runs]
     scores = np.zeros(candidates.size)
     for start in range(0, candidates.size, batch_size * 4):
         chunk = candidates[start:start + batch_size * 4]
-        scores[start:start + chunk.size] = _matched(
-            _units(head_features(model, head, windows[chunk], batch_size, positions=True), centre), spans,
-            match).mean(1)
+        held = _holds_in_order(_units(head_features(model, head, windows[chunk], batch_size, positions=True),
+                                      centre), runs, match, min_positions)
+        scores[start:start + chunk.size] = (held[:, None, :] & by_owner[None]).any(2).mean(1)
     found = scores >= share
     order = np.argsort(-scores[found], kind="stable")
     return Similar(candidates[found][order], scores[found][order], None, share, 1, int(candidates.size), head.name,
@@ -154,6 +168,23 @@ def _matched(units: np.ndarray, vectors: np.ndarray, match: float) -> np.ndarray
             block = vectors[start:start + BLOCK]
             out[first:first + step, start:start + len(block)] = \
                 (flat @ block.T).reshape(-1, positions, len(block)).max(1) > match
+    return out
+
+
+def _holds_in_order(units: np.ndarray, runs: list[np.ndarray], match: float, length: int) -> np.ndarray:
+    """bool [windows, runs]: whether each window holds ``length`` or more consecutive vectors of each run, matched
+    by as many consecutive positions of the window, in order. That is the span's text itself: a window of other
+    digits matches a secret's digits one by one, and not its run of them in order."""
+    windows, positions, _ = units.shape
+    out = np.zeros((windows, len(runs)), bool)
+    for r, run in enumerate(runs):
+        hits = (units @ run.T) > match  # [windows, T, run length]
+        diagonal = np.zeros((windows, len(run)), np.int32)  # in-order matches ending at (t, j)
+        for t in range(positions):
+            previous = np.zeros_like(diagonal)
+            previous[:, 1:] = diagonal[:, :-1]
+            diagonal = np.where(hits[:, t], previous + 1, 0)
+            out[:, r] |= (diagonal >= length).any(1)
     return out
 
 
