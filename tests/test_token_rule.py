@@ -163,3 +163,25 @@ def test_the_search_finds_the_secrets_other_windows_span_by_span_and_nothing_for
     result = forget_keys(model, store, plain, scale=1.0, dataset=list(train), find_similar=True)
     assert result.report["found"] == [] and "no rare span" in result.report["find_similar"]["why_nothing"]
     assert np.array_equal(np.sort(result.keys), plain)
+
+
+def test_a_span_is_held_only_by_a_window_that_matches_a_piece_of_it_in_order():
+    """find_similar_spans' candidate scoring (synthetic unit vectors): a window holds a named window's run when 4
+    consecutive positions match 4 consecutive span vectors in order. The same vectors scattered, reversed or
+    too few in a row do not hold it: the pattern of a window of other digits matching a secret's digits one by
+    one, which the earlier scoring (the share of span vectors matched anywhere) found beside a secret placed
+    after different text."""
+    from unlearn.forgetting.similar_spans import _holds_in_order
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(40, 16))
+    basis /= np.linalg.norm(basis, axis=1, keepdims=True)
+    run = basis[:6]  # a named window's run of 6 span vectors
+    windows_ = np.repeat(basis[None, 20:32], 5, axis=0).copy()  # 5 windows of 12 positions, other vectors
+    windows_[0, 3:9] = run  # the whole run, in order
+    windows_[1, 7:11] = run[2:6]  # 4 of it, in order: a piece long enough
+    windows_[2, [0, 3, 6, 9, 11]] = run[:5]  # every vector but one, scattered
+    windows_[3, 2:8] = run[::-1]  # reversed
+    windows_[4, 5:8] = run[1:4]  # 3 in order: too short
+    held = _holds_in_order(windows_, [run], match=0.9, length=4)
+    assert held[:, 0].tolist() == [True, True, False, False, False]
