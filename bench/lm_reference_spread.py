@@ -4,10 +4,11 @@ retrained without the same canaries land (issue 24's canary target compares a re
 Reads a finished `bench lm` run (its settings, canaries and data, rebuilt and hash-checked), then trains the
 run's GPT-2 from scratch without the canary windows once per --retrain-seeds value: that seed draws the initial
 weights and the batch order; the data, the schedule and every other setting are the run's. Each model gets bench
-lm's figures (exact exposure of every canary, held-out and retained loss). With --rule (a `bench.lm_tokens`
-report of the same run), the rule's model is judged against every retrained model by issue 24's target (mean
-exposure within 2 bits, held-out loss within 1%). Each retraining is cached in the run's folder as
-reference-spread<seed>.npy beside a JSON marker holding its options.
+lm's figures (exact exposure of every canary, held-out and retained loss), on the run's own device. With --rule
+(a `bench.lm_tokens` report of the same run), the rule's model is judged against every retrained model by issue
+24's target (mean exposure within 2 bits, held-out loss within 1%). Each retraining is cached in the run's folder
+as reference-spread<seed>.npy beside a JSON marker holding its options, the run's data hashes and the training
+code's hash.
 """
 
 import argparse
@@ -34,7 +35,10 @@ def retrained(run: Path, loaded: dict[str, Any], training_seed: int) -> tuple[np
 
     settings, data = loaded["settings"], loaded["data"]
     weights_path, marker = run / f"reference-spread{training_seed}.npy", run / f"reference-spread{training_seed}.json"
-    expected = json.loads(json.dumps({"settings": settings, "training_seed": training_seed}))
+    expected = json.loads(json.dumps({"settings": settings, "training_seed": training_seed,
+                                      "train_sha256": loaded["report"]["train_sha256"],
+                                      "corpus_sha256": loaded["report"]["corpus"]["sha256"],
+                                      "training_source": training_source()}))
     if marker.exists() and weights_path.exists():
         saved = json.loads(marker.read_text())
         if {key: saved.get(key) for key in expected} == expected:
@@ -44,7 +48,7 @@ def retrained(run: Path, loaded: dict[str, Any], training_seed: int) -> tuple[np
     plan = lm.batches(len(data["train"]), settings["batch_size"], settings["epochs"], training_seed, data["keys"])
     print(f"retraining without the {data['keys'].size} canary windows, training seed {training_seed}, "
           f"{len(plan)} steps")
-    training = lm.train(model, data["train"], plan, settings["lr"], settings["warmup"], torch.device("cpu"))
+    training = lm.train(model, data["train"], plan, settings["lr"], settings["warmup"], device_of(settings))
     training = {k: v for k, v in training.items() if k != "losses"}
     weights = flat_params(model)
     np.save(weights_path, weights, allow_pickle=False)
@@ -52,11 +56,29 @@ def retrained(run: Path, loaded: dict[str, Any], training_seed: int) -> tuple[np
     return weights, training
 
 
+def training_source() -> str:
+    """sha256 of the training's source as imported (a cached model from other code is not reused)."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256("".join(inspect.getsource(f) for f in (lm.train, lm.batches, lm.warmup_cosine, build_gpt2))
+                          .encode()).hexdigest()
+
+
+def device_of(settings: dict[str, Any]) -> torch.device:
+    """The run's own device: its reference was trained and measured there, and the spread is read beside it."""
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"the run was made on {device}; no CUDA device here")
+    return device
+
+
 def figures_of(loaded: dict[str, Any], weights: np.ndarray) -> dict[str, Any]:
     from .lm_memorised import model_of
 
-    return lm.measure(model_of(loaded["settings"], weights), loaded["canaries"], loaded["data"],
-                      torch.device("cpu"), loaded["retained_sample"])
+    device = device_of(loaded["settings"])
+    return lm.measure(model_of(loaded["settings"], weights).to(device), loaded["canaries"], loaded["data"], device,
+                      loaded["retained_sample"])
 
 
 def rule_model(rule: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -133,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['heldout_loss']:.4f}, final training loss {trainings[training_seed]['final_loss']:.3f}")
     report: dict[str, Any] = {
         "command": "python -m bench.lm_reference_spread " + " ".join(sys.argv[1:] if argv is None else argv),
-        "run": str(run), "retrain_seeds": args.retrain_seeds, "rows": rows, "spread": spread(rows),
+        "run": str(run), "device": str(device_of(loaded["settings"])), "retrain_seeds": args.retrain_seeds,
+        "rows": rows, "spread": spread(rows),
         "training": trainings}
     if rule is not None:
         report["rule"] = {"model": rule_name, **{field: rule[field] for field in FIELDS},

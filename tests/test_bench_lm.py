@@ -154,14 +154,24 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     assert spread["training"]["5"]["steps"] == report_steps(out)
     assert spread["rule"]["of"] == 2 and 0 <= spread["rule"]["met_against"] <= 2
     assert spread["spread"]["heldout_loss"]["min"] <= spread["spread"]["heldout_loss"]["max"]
-    cached = np.load(out / "reference-spread5.npy")
+    written = (out / "reference-spread5.npy").stat().st_mtime_ns
     assert lm_reference_spread.main(["--run", str(out), "--retrain-seeds", "5"]) == 0  # cached: not retrained
-    assert np.array_equal(np.load(out / "reference-spread5.npy"), cached)
+    assert (out / "reference-spread5.npy").stat().st_mtime_ns == written
+    marker = json.loads((out / "reference-spread5.json").read_text())
+    marker["train_sha256"] = "0" * 64  # a cache of other data: retrained
+    (out / "reference-spread5.json").write_text(json.dumps(marker))
+    assert lm_reference_spread.main(["--run", str(out), "--retrain-seeds", "5"]) == 0
+    assert (out / "reference-spread5.npy").stat().st_mtime_ns != written
+    assert json.loads((out / "reference-spread5.json").read_text())["train_sha256"] == report_sha(out)
     foreign = json.loads(rule.read_text())
     foreign["models"]["retrained without canaries"]["heldout_loss"] += 0.1
     (tmp_path / "foreign.json").write_text(json.dumps(foreign))
     with pytest.raises(SystemExit, match="not a report of"):
         lm_reference_spread.main(["--run", str(out), "--rule", str(tmp_path / "foreign.json"), "--retrain-seeds", "5"])
+
+
+def report_sha(out: Path) -> str:
+    return json.loads((out / "lm.json").read_text())["train_sha256"]
 
 
 def report_steps(out: Path) -> int:

@@ -165,23 +165,49 @@ def test_the_search_finds_the_secrets_other_windows_span_by_span_and_nothing_for
     assert np.array_equal(np.sort(result.keys), plain)
 
 
-def test_a_span_is_held_only_by_a_window_that_matches_a_piece_of_it_in_order():
-    """find_similar_spans' candidate scoring (synthetic unit vectors): a window holds a named window's run when 4
-    consecutive positions match 4 consecutive span vectors in order. The same vectors scattered, reversed or
-    too few in a row do not hold it: the pattern of a window of other digits matching a secret's digits one by
-    one, which the earlier scoring (the share of span vectors matched anywhere) found beside a secret placed
-    after different text."""
-    from unlearn.forgetting.similar_spans import _holds_in_order
+def test_a_span_is_held_only_by_a_window_that_covers_half_of_it_in_order():
+    """find_similar_spans' candidate scoring (synthetic unit vectors). A span vector is covered by a window where
+    4 or more consecutive vectors of its run are matched by as many consecutive positions, in order; the same
+    vectors scattered, reversed or 3 in a row cover nothing (a window of other digits matches a secret's digits
+    one by one: the earlier scoring, a match anywhere for half of all span vectors, found such windows beside a
+    secret placed after different text). A named window's span is held when half of its vectors are covered: a
+    window sharing only a template's piece of it (4 of 10) does not hold it."""
+    from unlearn.forgetting.similar_spans import _covered_in_order, _span_scores
 
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(40, 16))
     basis /= np.linalg.norm(basis, axis=1, keepdims=True)
     run = basis[:6]  # a named window's run of 6 span vectors
+    starts = np.zeros(6, bool)
+    starts[0] = True
     windows_ = np.repeat(basis[None, 20:32], 5, axis=0).copy()  # 5 windows of 12 positions, other vectors
     windows_[0, 3:9] = run  # the whole run, in order
     windows_[1, 7:11] = run[2:6]  # 4 of it, in order: a piece long enough
     windows_[2, [0, 3, 6, 9, 11]] = run[:5]  # every vector but one, scattered
     windows_[3, 2:8] = run[::-1]  # reversed
     windows_[4, 5:8] = run[1:4]  # 3 in order: too short
-    held = _holds_in_order(windows_, [run], match=0.9, length=4)
-    assert held[:, 0].tolist() == [True, True, False, False, False]
+    covered = _covered_in_order(windows_, run, starts, match=0.9, length=4)
+    assert covered.sum(1).tolist() == [6, 4, 0, 0, 0] and covered[1, 2:].all()
+
+    # named window A: one run of 6 (basis 0-5); B: runs of 4 (6-9, its template) and 6 (10-15), 10 vectors
+    spans = basis[:16]
+    owner = np.array([0] * 6 + [1] * 10)
+    starts = np.zeros(16, bool)
+    starts[[0, 6, 10]] = True
+    candidates = np.repeat(basis[None, 20:36], 4, axis=0).copy()  # 16 positions each
+    candidates[0, 0:6], candidates[0, 6:12] = basis[0:6], basis[10:16]  # A whole, B's second run: both held
+    candidates[1, 2:6] = basis[6:10]  # B's template only: 4 of 10, not held
+    candidates[2, 1:5], candidates[2, 8:11] = basis[1:5], basis[10:13]  # 4 of A: held; 3 of B's run: not
+    candidates[3, 0:6] = basis[6:12]  # B's template then its run's first 2: one diagonal crosses runs, 4 of 10
+    scores = _span_scores(candidates, spans, starts, owner, match=0.9, length=4, share=0.5)
+    assert scores.tolist() == [1.0, 0.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("option, value", [("min_positions", 1), ("min_positions", 0), ("share", 0.0),
+                                           ("share", 1.5), ("match", 1.0)])
+def test_span_search_options_that_would_find_tokens_one_by_one_are_refused(option, value):
+    from unlearn.forgetting.similar_spans import find_similar_spans
+
+    windows_ = np.zeros((40, 8), np.int64)
+    with pytest.raises(RequestError, match=option):
+        find_similar_spans(None, windows_, np.arange(4), np.arange(4, 40), **{option: value})

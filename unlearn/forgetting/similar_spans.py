@@ -16,12 +16,13 @@ keeps its own vector (the head's input there, centred on the control windows' me
   window count (a line of text, not tokens of a vocabulary scattered over the window);
 - evidence: the named windows hold, at the median, at least ``min_positions`` such positions; otherwise nothing
   is searched for;
-- found: a candidate window that holds the span of at least ``share`` of the named windows (its score: that
-  share). It holds a named window's span when, for one of the window's runs, ``min_positions`` or more
-  consecutive span vectors are matched by as many consecutive positions of the candidate, in order: the span's
-  text, not its tokens one by one (a window of other digits matches a secret's digits one by one; scored by the
-  share of span vectors matched anywhere, such windows were found beside a secret placed after different text,
-  in an exploration on a tiny GPT-2: docs/DESIGN.md).
+- found: a candidate window that holds the span of at least ``share`` of the searched named windows that have one
+  (its score: that share). It holds a named window's span when it covers ``share`` of that window's span vectors,
+  each by a piece of ``min_positions`` or more consecutive vectors of its run matched by as many consecutive
+  positions of the candidate, in order: the span's text, not its tokens one by one (a window of other digits
+  matches a secret's digits one by one: scored by the share of span vectors matched anywhere, such windows were
+  found beside a secret placed after different text, in an exploration on a tiny GPT-2: docs/DESIGN.md), and
+  more than a shared template's piece of it.
 
 What the test rejects is exchangeability: that the named windows are like random candidates. A request whose
 windows share something else rare (a template, a language, one author's boilerplate) passes it too, and the
@@ -70,6 +71,12 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
         raise RequestError(f"find_similar_spans reads token windows (integers, [N, T]); got {windows.dtype} "
                            f"{list(windows.shape)}")
     named, candidates = checked_search_keys("find_similar_spans", named, candidates, len(windows))
+    if int(min_positions) != min_positions or min_positions < 2:
+        raise RequestError(f"find_similar_spans: min_positions must be an integer of at least 2 (a span is a run of "
+                           f"positions, in order), got {min_positions}")
+    if not (0 < share <= 1 and -1 < match < 1):
+        raise RequestError(f"find_similar_spans: share must be in (0, 1] and match a cosine in (-1, 1); got share "
+                           f"{share}, match {match}")
     head = find_head(model, windows[named[:1]] if named.size else windows[:1])
 
     def nothing(why: str, **extra: Any) -> Similar:
@@ -106,20 +113,15 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
         return nothing(f"the named windows share no rare span the model reads alike (median "
                        f"{np.median(per_window):g} positions a window in runs of {min_positions} or more shared rare "
                        "ones): nothing is added without evidence", **report)
-    runs, run_owner = [], []  # each named window's runs of span positions: the span's text, piece by piece
-    for window, row in enumerate(in_span):
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
-        for first, end in zip(edges[::2], edges[1::2]):
-            runs.append(units[window, first:end])
-            run_owner.append(window)
-    owners = np.unique(run_owner)
-    by_owner = np.asarray(run_owner)[None, :] == owners[:, None]  # [named windows with a span, runs]
+    spans = units[in_span]  # the span vectors, window by window, each window's in position order
+    owner = np.nonzero(in_span)[0]  # the named window each is from
+    starts = np.ones(len(spans), bool)  # where a run begins: a diagonal never crosses from one run into the next
+    starts[1:] = (owner[1:] != owner[:-1]) | (np.nonzero(in_span)[1][1:] != np.nonzero(in_span)[1][:-1] + 1)
     scores = np.zeros(candidates.size)
     for start in range(0, candidates.size, batch_size * 4):
         chunk = candidates[start:start + batch_size * 4]
-        held = _holds_in_order(_units(head_features(model, head, windows[chunk], batch_size, positions=True),
-                                      centre), runs, match, min_positions)
-        scores[start:start + chunk.size] = (held[:, None, :] & by_owner[None]).any(2).mean(1)
+        chunk_units = _units(head_features(model, head, windows[chunk], batch_size, positions=True), centre)
+        scores[start:start + chunk.size] = _span_scores(chunk_units, spans, starts, owner, match, min_positions, share)
     found = scores >= share
     order = np.argsort(-scores[found], kind="stable")
     return Similar(candidates[found][order], scores[found][order], None, share, 1, int(candidates.size), head.name,
@@ -171,21 +173,53 @@ def _matched(units: np.ndarray, vectors: np.ndarray, match: float) -> np.ndarray
     return out
 
 
-def _holds_in_order(units: np.ndarray, runs: list[np.ndarray], match: float, length: int) -> np.ndarray:
-    """bool [windows, runs]: whether each window holds ``length`` or more consecutive vectors of each run, matched
-    by as many consecutive positions of the window, in order. That is the span's text itself: a window of other
-    digits matches a secret's digits one by one, and not its run of them in order."""
-    windows, positions, _ = units.shape
-    out = np.zeros((windows, len(runs)), bool)
-    for r, run in enumerate(runs):
-        hits = (units @ run.T) > match  # [windows, T, run length]
-        diagonal = np.zeros((windows, len(run)), np.int32)  # in-order matches ending at (t, j)
+def _span_scores(units: np.ndarray, spans: np.ndarray, starts: np.ndarray, owner: np.ndarray, match: float,
+                 length: int, share: float) -> np.ndarray:
+    """float [windows]: the share of the named windows (those with a span) whose span each window holds: at least
+    ``share`` of that named window's span vectors covered by in-order pieces (``_covered_in_order``)."""
+    covered = _covered_in_order(units, spans, starts, match, length)
+    owners = np.unique(owner)
+    held = np.stack([covered[:, owner == window].mean(1) >= share for window in owners], axis=1)
+    return held.mean(1)
+
+
+def _covered_in_order(units: np.ndarray, spans: np.ndarray, starts: np.ndarray, match: float,
+                      length: int) -> np.ndarray:
+    """bool [windows, span vectors]: whether each window covers each span vector by a piece of ``length`` or more
+    consecutive vectors of its run, matched by as many consecutive positions of the window, in order. That is the
+    span's text itself: a window of other digits matches a secret's digits one by one, not a run of them in
+    order. ``starts`` marks the first vector of each run."""
+    windows, positions, width = units.shape
+    covered = np.zeros((windows, len(spans)), bool)
+    step = max(1, (1 << 24) // max(1, positions * len(spans)))  # windows at a time: hits stay under ~16 M entries
+    for first in range(0, windows, step):
+        block = units[first:first + step]
+        count = len(block)
+        hits = (block.reshape(-1, width) @ spans.T > match).reshape(count, positions, len(spans))
+        diagonal = np.zeros((positions, count, len(spans)), np.int16)  # in-order matches ending at (t, j)
         for t in range(positions):
-            previous = np.zeros_like(diagonal)
-            previous[:, 1:] = diagonal[:, :-1]
-            diagonal = np.where(hits[:, t], previous + 1, 0)
-            out[:, r] |= (diagonal >= length).any(1)
-    return out
+            previous = np.zeros((count, len(spans)), np.int16)
+            if t:
+                previous[:, 1:] = diagonal[t - 1][:, :-1]
+                previous[:, starts] = 0
+            diagonal[t] = np.where(hits[:, t], previous + 1, 0)
+        # each diagonal's final length, carried back along it: the piece a match lies in, not the part before it
+        final = diagonal[positions - 1].copy()
+        piece = covered[first:first + count]
+        piece |= final >= length
+        ends = np.zeros(len(spans), bool)  # the last vector of each run: nothing follows it on a diagonal
+        ends[:-1] = starts[1:]
+        ends[-1] = True
+        for t in range(positions - 2, -1, -1):
+            after = np.zeros_like(final)
+            after[:, :-1] = final[:, 1:]
+            after[:, ends] = 0
+            following = np.zeros_like(diagonal[t])  # the match after (t, j) on its diagonal, where there is one
+            following[:, :-1] = diagonal[t + 1][:, 1:]
+            following[:, ends] = 0
+            final = np.where(diagonal[t] > 0, np.where(following == diagonal[t] + 1, after, diagonal[t]), 0)
+            piece |= final >= length
+    return covered
 
 
 def _binomial_tail(k: int, n: int, q: float) -> float:
