@@ -1,4 +1,4 @@
-"""python -m bench {store,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,diagnose,candidates,memorised,crash,corrupt,purge,lm} ...: benchmarks (see README and docs/RESULTS.md)."""
+"""python -m bench {store,scatter,positions,codecs,scale,footprint,throughput,protocol,study,backdoor,diagnose,candidates,memorised,crash,corrupt,purge,lm} ...: benchmarks (see README and docs/RESULTS.md)."""
 
 import argparse
 import os
@@ -25,12 +25,13 @@ def _reexec_with_stable_env():
 def main():
     from gradstore.cli import run_reporting_errors
 
-    from . import backdoor, candidates, codecs_study, corrupt, crash, diagnose, footprint, lm, memorised, positions, protocol, purge, scale, store, study, throughput
+    from . import backdoor, candidates, codecs_study, corrupt, crash, diagnose, footprint, lm, memorised, positions, protocol, purge, scale, scatter, store, study, throughput
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the gradient store and of unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, summary in (
         ("store", store, "bytes/value, ingest, read, scatter, forget on real gradients"),
+        ("scatter", scatter, "scatter_add of finished stores, side by side in rounds: each codec against int8"),
         ("positions", positions, "mask positions per second, bit for bit against another revision's (--against)"),
         ("codecs", codecs_study, "int8 block size and error growth over epochs"),
         ("footprint", footprint, "analytic vs measured bytes of every method"),

@@ -239,3 +239,35 @@ def test_throughput_rows_measure_engines_in_child_processes(tmp_path):
         assert opacus["seconds_per_step"] > 0, opacus["note"]
     else:
         assert opacus["seconds_per_step"] is None and "opacus is not installed" in opacus["note"]
+
+
+def test_bench_scatter_times_every_store_against_the_int8_store_of_its_p_in_rounds(tmp_path):
+    """`python -m bench scatter` on real stores (int8, int2, sign at one p; an fp16 store of another p): every
+    store timed in every round, ratios to the int8 store of the same p; a store without one is refused by name."""
+    import argparse
+    import json
+
+    import gradstore
+    import pytest
+
+    from bench import scatter
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for codec, keep in (("int8", 0.05), ("int2", 0.05), ("sign", 0.05), ("fp16", 0.1)):
+        path = tmp_path / f"{codec}-{keep}.h5"
+        store = gradstore.create(path, 4000, 64, keep, codec=codec, seed=3)
+        store.accumulate(np.arange(64), rng.standard_normal((64, store.k)).astype(np.float32))
+        store.finalize().close()
+        paths.append(path)
+    with pytest.raises(SystemExit, match="no int8 store of p = 0.1"):
+        scatter.run(paths, 2, "int8")
+    out = tmp_path / "out"
+    assert scatter.main(argparse.Namespace(stores=[str(p) for p in paths[:3]], rounds=3, baseline="int8", threads=None,
+                                           out=str(out))) == 0
+    results = {r["codec"]: r for r in json.loads((out / "scatter.json").read_text())}
+    assert set(results) == {"int8", "int2", "sign"} and results["int8"]["ratio_to_baseline_median"] == 1.0
+    for r in results.values():
+        assert r["rounds"] == 3 and r["rows"] == 64 and 0 < r["mvalues_s_min"] <= r["mvalues_s_median"] <= r["mvalues_s_max"]
+        assert 0 < r["ratio_to_baseline_median"] and 0 <= r["rounds_at_least_baseline"] <= 3
+    assert (out / "scatter.md").read_text().count("\n") == 2 + 3
