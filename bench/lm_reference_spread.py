@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import lm
-from .language import build_gpt2
+from .language import build_gpt2, gpt2_config
 from .lm_memorised import load_run, verdict
 
 FIELDS = ("mean_exposure_bits", "heldout_loss", "retained_loss", "forget_loss")
@@ -30,7 +30,8 @@ FIELDS = ("mean_exposure_bits", "heldout_loss", "retained_loss", "forget_loss")
 
 def retrained(run: Path, loaded: dict[str, Any], training_seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The run's GPT-2 trained without the canary windows, ``training_seed`` drawing init and batch order
-    (cached as run/reference-spread<seed>.npy, its marker holding the run's settings and the seed)."""
+    (cached as run/reference-spread<seed>.npy, its marker holding the run's settings, the seed, the run's data and
+    corpus hashes and ``training_source()``)."""
     from unlearn.params import flat_params
 
     settings, data = loaded["settings"], loaded["data"]
@@ -57,12 +58,16 @@ def retrained(run: Path, loaded: dict[str, Any], training_seed: int) -> tuple[np
 
 
 def training_source() -> str:
-    """sha256 of the training's source as imported (a cached model from other code is not reused)."""
+    """sha256 of the training's and the model's source as imported, with torch's and transformers' versions (a
+    cached model from other code is not reused)."""
     import hashlib
     import inspect
 
-    return hashlib.sha256("".join(inspect.getsource(f) for f in (lm.train, lm.batches, lm.warmup_cosine, build_gpt2))
-                          .encode()).hexdigest()
+    import transformers
+
+    functions = (lm.train, lm.batches, lm.warmup_cosine, build_gpt2, gpt2_config)
+    return hashlib.sha256(("".join(inspect.getsource(f) for f in functions) + torch.__version__
+                           + transformers.__version__).encode()).hexdigest()
 
 
 def device_of(settings: dict[str, Any]) -> torch.device:

@@ -2,7 +2,7 @@
 
 `bench store` times each store's scatter three times, one store after another: on a shared machine a burst of
 load lands on one codec and not on the next, and its per-run ratios spread from 0.7 to 1.2. Here every round
-times each store once, in an order rotated from round to round, and the figure kept is the median over rounds
+times each store once, in an order drawn afresh each round (seeded), and the figure kept is the median over rounds
 of each store's ratio to a baseline store of the same p measured in the same round (issue 25's target: packed
 codecs at least int8's values a second, end to end: read, zstd, decode and scatter).
 """
@@ -24,28 +24,38 @@ def scatter_seconds(store, flat: np.ndarray, keys: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
-def run(paths: list[Path], rounds: int, baseline: str, log=print) -> list[dict]:
-    """Each store's values a second over ``rounds`` rounds, and its per-round ratio to the baseline codec's store
-    of the same p (its median and spread)."""
-    stores = [gradstore.open(path) for path in paths]
-    try:
+def run(paths: list[Path], rounds: int, baseline: str, seed: int = 0, log=print) -> list[dict]:
+    """Each store's values a second over ``rounds`` rounds (each round in its own seeded order), and its per-round
+    ratio to the baseline codec's store of the same p (its median and spread)."""
+    from contextlib import ExitStack
+
+    from gradstore.format import RowState
+
+    with ExitStack() as opened:
+        stores = []
+        for path in paths:
+            store = gradstore.open(path)
+            opened.callback(store.close)
+            if not store.info()["finished"]:
+                raise SystemExit(f"{path}: not a finished store (a recording): nothing to time")
+            stores.append(store)
+        keys = [np.flatnonzero(np.asarray(store.state) == RowState.LIVE) for store in stores]  # what scatters
         described = [{"path": str(path), "codec": store.codec.codec_id, "keep": float(store.keep),
-                      "rows": int(store.num_keys), "k": int(store.k)} for path, store in zip(paths, stores)]
+                      "rows": int(live.size), "k": int(store.k)} for path, store, live in zip(paths, stores, keys)]
         for entry in described:
-            if not any(other["codec"] == baseline and other["keep"] == entry["keep"] for other in described):
-                raise SystemExit(f"{entry['path']}: no {baseline} store of p = {entry['keep']} among the stores "
-                                 "given, to measure it against")
+            bases = [other for other in described if other["codec"] == baseline and other["keep"] == entry["keep"]]
+            if len(bases) != 1:
+                raise SystemExit(f"{entry['path']}: {len(bases)} {baseline} stores of p = {entry['keep']} among the "
+                                 "stores given; one is needed to measure it against")
         flats = [np.zeros(store.num_params, np.float32) for store in stores]
-        keys = [np.arange(store.num_keys) for store in stores]
         for store, flat, key in zip(stores, flats, keys):  # compile and warm the page cache once
             scatter_seconds(store, flat, key)
+        rng = np.random.default_rng(seed)
         seconds = np.zeros((rounds, len(stores)))
         for r in range(rounds):
-            for i in np.roll(np.arange(len(stores)), r):
+            for i in rng.permutation(len(stores)):  # a new order each round: no store always follows the same one
                 seconds[r, i] = scatter_seconds(stores[i], flats[i], keys[i])
-    finally:
-        for store in stores:
-            store.close()
+                flats[i].fill(0.0)
     values = np.array([entry["rows"] * entry["k"] for entry in described], np.float64)
     rate = values[None, :] / seconds / 1e6  # Mvalues/s, [rounds, stores]
     results = []
@@ -56,7 +66,7 @@ def run(paths: list[Path], rounds: int, baseline: str, log=print) -> list[dict]:
                         "mvalues_s_min": float(rate[:, i].min()), "mvalues_s_max": float(rate[:, i].max()),
                         "ratio_to_baseline_median": float(np.median(ratios)),
                         "ratio_to_baseline_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.75])],
-                        "rounds_at_least_baseline": int((ratios >= 1).sum()), "baseline": baseline})
+                        "rounds_at_least_baseline": int((ratios >= 1).sum()), "baseline": baseline, "seed": seed})
     return results
 
 
@@ -78,7 +88,7 @@ def main(args) -> int:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     if args.threads:
         set_threads(args.threads)
-    results = run([Path(p) for p in args.stores], args.rounds, args.baseline)
+    results = run([Path(p) for p in args.stores], args.rounds, args.baseline, getattr(args, "seed", 0))
     table = markdown(results)
     print(table)
     if args.out:
@@ -92,6 +102,7 @@ def main(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("stores", nargs="+", help="finished stores (e.g. the ones `bench store --out` keeps)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0, help="draws each round's order")
     parser.add_argument("--baseline", default="int8", help="the codec each store is measured against (same p)")
     parser.add_argument("--threads", type=int, help="numba and zstd threads (default: every CPU); 1: per core")
     parser.add_argument("--out", help="folder for scatter.{json,md}")

@@ -260,8 +260,10 @@ def test_bench_scatter_times_every_store_against_the_int8_store_of_its_p_in_roun
         store.accumulate(np.arange(64), rng.standard_normal((64, store.k)).astype(np.float32))
         store.finalize().close()
         paths.append(path)
-    with pytest.raises(SystemExit, match="no int8 store of p = 0.1"):
+    with pytest.raises(SystemExit, match="0 int8 stores of p = 0.1"):
         scatter.run(paths, 2, "int8")
+    with pytest.raises(SystemExit, match="2 int8 stores of p = 0.05"):
+        scatter.run([paths[0], paths[0], paths[1]], 2, "int8")
     out = tmp_path / "out"
     assert scatter.main(argparse.Namespace(stores=[str(p) for p in paths[:3]], rounds=3, baseline="int8", threads=None,
                                            out=str(out))) == 0

@@ -203,8 +203,9 @@ def test_a_span_is_held_only_by_a_window_that_covers_half_of_it_in_order():
     assert scores.tolist() == [1.0, 0.0, 0.5, 0.0]
 
 
-@pytest.mark.parametrize("option, value", [("min_positions", 1), ("min_positions", 0), ("share", 0.0),
-                                           ("share", 1.5), ("match", 1.0)])
+@pytest.mark.parametrize("option, value", [("min_positions", 1), ("min_positions", 0), ("min_positions", "4"),
+                                           ("share", 0.0), ("share", 1.5), ("match", 1.0), ("evidence_p", 0.0),
+                                           ("max_named", 2), ("batch_size", 0), ("control_windows", 0)])
 def test_span_search_options_that_would_find_tokens_one_by_one_are_refused(option, value):
     from unlearn.forgetting.similar_spans import find_similar_spans
 

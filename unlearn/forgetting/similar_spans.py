@@ -21,8 +21,9 @@ keeps its own vector (the head's input there, centred on the control windows' me
   each by a piece of ``min_positions`` or more consecutive vectors of its run matched by as many consecutive
   positions of the candidate, in order: the span's text, not its tokens one by one (a window of other digits
   matches a secret's digits one by one: scored by the share of span vectors matched anywhere, such windows were
-  found beside a secret placed after different text, in an exploration on a tiny GPT-2: docs/DESIGN.md), and
-  more than a shared template's piece of it.
+  found beside a secret placed after different text, in an exploration on a tiny GPT-2: docs/DESIGN.md). A
+  template shared by the named windows (`password = '`) is part of their span: a window holding it alone is
+  found when it makes up ``share`` or more of the span (below: what the test rejects).
 
 What the test rejects is exchangeability: that the named windows are like random candidates. A request whose
 windows share something else rare (a template, a language, one author's boilerplate) passes it too, and the
@@ -48,6 +49,7 @@ Where it may fail:
 """
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -71,12 +73,16 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
         raise RequestError(f"find_similar_spans reads token windows (integers, [N, T]); got {windows.dtype} "
                            f"{list(windows.shape)}")
     named, candidates = checked_search_keys("find_similar_spans", named, candidates, len(windows))
-    if int(min_positions) != min_positions or min_positions < 2:
-        raise RequestError(f"find_similar_spans: min_positions must be an integer of at least 2 (a span is a run of "
-                           f"positions, in order), got {min_positions}")
-    if not (0 < share <= 1 and -1 < match < 1):
-        raise RequestError(f"find_similar_spans: share must be in (0, 1] and match a cosine in (-1, 1); got share "
-                           f"{share}, match {match}")
+    integers = {"min_positions": (min_positions, 2), "max_named": (max_named, 3), "batch_size": (batch_size, 1),
+                "control_windows": (control_windows, 1)}
+    for name, (value, least) in integers.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise RequestError(f"find_similar_spans: {name} must be an integer of at least {least}, got {value!r}"
+                               + (" (a span is a run of positions, in order)" if name == "min_positions" else ""))
+    for name, value, low, high in (("share", share, 0, 1), ("match", match, -1, 1), ("evidence_p", evidence_p, 0, 1)):
+        if not isinstance(value, numbers.Real) or not (low < value <= high) or (name != "share" and value == high):
+            raise RequestError(f"find_similar_spans: {name} must be in ({low}, {high}{']' if name == 'share' else ')'}, "
+                               f"got {value!r}")
     head = find_head(model, windows[named[:1]] if named.size else windows[:1])
 
     def nothing(why: str, **extra: Any) -> Similar:
@@ -85,6 +91,8 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
 
     if named.size < 3:
         return nothing(f"{named.size} named window(s): at least 3 are needed to tell what they share")
+    if control_windows < MIN_CONTROL:
+        return nothing(f"control_windows {control_windows}: the control needs at least {MIN_CONTROL}")
     control_windows = min(control_windows, int(candidates.size))
     if control_windows < MIN_CONTROL:
         return nothing(f"{candidates.size} candidate windows: the control needs at least {MIN_CONTROL}")
@@ -196,9 +204,9 @@ def _covered_in_order(units: np.ndarray, spans: np.ndarray, starts: np.ndarray, 
         block = units[first:first + step]
         count = len(block)
         hits = (block.reshape(-1, width) @ spans.T > match).reshape(count, positions, len(spans))
-        diagonal = np.zeros((positions, count, len(spans)), np.int16)  # in-order matches ending at (t, j)
+        diagonal = np.zeros((positions, count, len(spans)), np.int32)  # in-order matches ending at (t, j)
         for t in range(positions):
-            previous = np.zeros((count, len(spans)), np.int16)
+            previous = np.zeros((count, len(spans)), np.int32)
             if t:
                 previous[:, 1:] = diagonal[t - 1][:, :-1]
                 previous[:, starts] = 0
