@@ -79,10 +79,10 @@ def find_similar_spans(model: torch.nn.Module, windows: Any, named: np.ndarray, 
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise RequestError(f"find_similar_spans: {name} must be an integer of at least {least}, got {value!r}"
                                + (" (a span is a run of positions, in order)" if name == "min_positions" else ""))
-    for name, value, low, high in (("share", share, 0, 1), ("match", match, -1, 1), ("evidence_p", evidence_p, 0, 1)):
-        if not isinstance(value, numbers.Real) or not (low < value <= high) or (name != "share" and value == high):
+    for name, number, low, high in (("share", share, 0, 1), ("match", match, -1, 1), ("evidence_p", evidence_p, 0, 1)):
+        if not isinstance(number, numbers.Real) or not (low < number <= high) or (name != "share" and number == high):
             raise RequestError(f"find_similar_spans: {name} must be in ({low}, {high}{']' if name == 'share' else ')'}, "
-                               f"got {value!r}")
+                               f"got {number!r}")
     head = find_head(model, windows[named[:1]] if named.size else windows[:1])
 
     def nothing(why: str, **extra: Any) -> Similar:
