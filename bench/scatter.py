@@ -24,7 +24,7 @@ def scatter_seconds(store, flat: np.ndarray, keys: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
-def run(paths: list[Path], rounds: int, baseline: str, seed: int = 0, log=print) -> list[dict]:
+def run(paths: list[Path], rounds: int, baseline: str, seed: int = 0) -> list[dict]:
     """Each store's values a second over ``rounds`` rounds (each round in its own seeded order), and its per-round
     ratio to the baseline codec's store of the same p (its median and spread)."""
     from contextlib import ExitStack
