@@ -88,7 +88,7 @@ def figures_of(loaded: dict[str, Any], weights: np.ndarray) -> dict[str, Any]:
 
 def rule_model(rule: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The canary request's model of a bench.lm_tokens report."""
-    names = [name for name in rule["models"] if name.startswith("tokens rule, canaries")]
+    names = [name for name in rule["models"] if " rule, canaries" in name]
     if len(names) != 1:
         raise SystemExit(f"the rule report holds {len(names)} canary models ({list(rule['models'])}); expected one")
     return names[0], rule["models"][names[0]]

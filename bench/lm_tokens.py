@@ -1,5 +1,6 @@
 """`python -m bench.lm_tokens --run out/lm --out out/lm-tokens`: the canaries of a finished `bench lm` run through
-the "tokens" step rule (unlearn/forgetting/rules/token_rule.py), against the model retrained without them.
+the "tokens" step rule (unlearn/forgetting/rules/token_rule.py), or another registered TokenRule such as
+"tokens-repair" (`--rule`), against the model retrained without them.
 
 The rule runs through the library's own ``run_rule`` on the trained model, with the request's rows read from
 the run: bench lm applied ``forget_keys(scale=1)`` to the canary keys, so forgotten.npy - trained.npy is the
@@ -49,7 +50,7 @@ def plain_rows(run: Path, keys: np.ndarray, size: int) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from unlearn.forgetting.rules import TokenRule, run_rule
+    from unlearn.forgetting.rules import run_rule
 
     started = time.perf_counter()
     run_dir, out = Path(args.run), Path(args.out)
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"{run_dir}: bench lm applied scale {scale}, so forgotten - trained is not the rows' sum")
     rng = np.random.default_rng([settings["seed"], 27])
     plain = np.sort(rng.choice(loaded["retained_keys"], keys.size, replace=False))
-    rule = TokenRule(**dict(args.option))
+    rule = token_rule(args.rule, dict(args.option))
     device = torch.device("cpu")
     recorded = loaded["report"]["models"]
     retrained = recorded["retrained without canaries"]
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import gradstore
 
         with gradstore.open(run_dir / "store.h5") as store:
-            choice = run_rule(rule, rule_input(loaded, request_keys, rows, settings["seed"], store), "tokens")
+            choice = run_rule(rule, rule_input(loaded, request_keys, rows, settings["seed"], store), args.rule)
         figures = lm.measure(model_of(settings, choice.weights), canaries, data, device, loaded["retained_sample"])
         figures["rule"] = choice.search()
         figures["change_norm"] = float(np.linalg.norm(choice.change))
@@ -82,11 +83,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["target"] = verdict(figures, retrained)
         else:
             figures["unchanged"] = bool(figures["change_norm"] == 0.0)
-        models[f"tokens rule, {name}"] = figures
+        models[f"{args.rule} rule, {name}"] = figures
         print(f"  {name}: {choice.rule}; exposure {figures['mean_exposure_bits']:.2f} bits, held-out loss "
               f"{figures['heldout_loss']:.4f} ({choice.seconds:.0f} s)")
     report = {"command": "python -m bench.lm_tokens " + " ".join(sys.argv[1:]), "run": str(run_dir),
-              "rule_options": dict(args.option), "rule": {k: getattr(rule, k) for k in rule.__dataclass_fields__},
+              "rule_name": args.rule, "rule_options": dict(args.option), "rule": {k: getattr(rule, k) for k in rule.__dataclass_fields__},
               "models": models, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_tokens.json").write_text(json.dumps(report, indent=1, default=float))
@@ -113,6 +114,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def token_rule(name: str, options: dict[str, Any]) -> Any:
+    """The TokenRule registered as ``name``, with ``options`` (TokenRule fields) replaced."""
+    import dataclasses
+
+    from unlearn.forgetting.rules import TokenRule, registered_rules
+
+    rule = registered_rules().get(name)
+    if not isinstance(rule, TokenRule):
+        tokens = sorted(n for n, r in registered_rules().items() if isinstance(r, TokenRule))
+        raise SystemExit(f"--rule {name!r}: give a registered TokenRule: {', '.join(tokens)}")
+    return dataclasses.replace(rule, **options)
+
+
 def option(text: str) -> tuple[str, Any]:
     """KEY=VALUE for a TokenRule field, typed as the field's default."""
     from unlearn.forgetting.rules import TokenRule
@@ -127,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.lm_tokens", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="out/lm", help="a finished `bench lm` run folder")
     p.add_argument("--out", default="out/lm-tokens")
+    p.add_argument("--rule", default="tokens", help="a registered TokenRule: tokens, tokens-repair")
     p.add_argument("--option", type=option, action="append", default=[], help="a TokenRule field, FIELD=VALUE")
     return p
 

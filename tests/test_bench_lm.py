@@ -124,9 +124,11 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
 
     out, _, _ = run
     report = lm_tokens.run(lm_tokens.parser().parse_args(["--run", str(out), "--out", str(tmp_path),
-                                                          "--option", "control_draws=1000"]))
+                                                          "--rule", "tokens-repair", "--option", "control_draws=1000"]))
     names = list(report["models"])
     assert names[:2] == ["trained (recorded)", "retrained without canaries"] and len(names) == 4
+    assert names[2].startswith("tokens-repair rule, canaries") and report["rule_name"] == "tokens-repair"
+    assert report["rule"]["repair"] == 1.0 and report["rule"]["control_draws"] == 1000
     for name in names[2:]:
         figures = report["models"][name]
         assert figures["rule"]["rule"].startswith("tokens") and "attribution" in figures["rule"]
@@ -139,6 +141,8 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     assert json.loads((tmp_path / "lm_tokens.json").read_text())["models"].keys() == report["models"].keys()
     with pytest.raises(SystemExit):
         lm_tokens.parser().parse_args(["--option", "no_such_field=1"])
+    with pytest.raises(SystemExit, match="registered TokenRule: tokens, tokens-repair"):
+        lm_tokens.token_rule("samples", {})
 
     # bench.lm_reference_spread: the rule's model against the run's reference and one more retraining, cached
     from bench import lm_reference_spread

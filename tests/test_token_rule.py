@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from bench.language import build_gpt2, encode, stdlib_corpus, windows
 from unlearn import attach, create_recorder, forget_keys
 from unlearn.errors import RequestError
+from unlearn.forgetting.rules import TokenRule
 from unlearn.params import flat_params, load_flat_params
 
 T = 32
@@ -87,13 +88,36 @@ def test_the_secret_is_forgotten_and_held_out_text_is_not(run, tmp_path):
     assert search["guard_last"] <= search["guard_before"] * 1.1
 
 
-def test_a_random_request_is_left_alone(run, tmp_path):
+def test_the_repair_rule_forgets_the_secret_and_descends_the_retained_loss(run, tmp_path):
+    """"tokens-repair": the same walk with the retained batch's loss descended at each step (a fine-tune on retained
+    data, reported apart): the secret goes, and the retained windows end no worse than the walk alone leaves them."""
+    model, trained, path, train, keys, heldout = run
+    load_flat_params(model, trained)
+    before, held_before = secret_nll(model), loss(model, heldout)
+    results = {}
+    for name in ("tokens", "tokens-repair"):
+        store = tmp_path / f"{name}.h5"
+        store.write_bytes(path.read_bytes())
+        load_flat_params(model, trained)
+        result = forget_keys(model, store, keys, scale=name, dataset=list(train))
+        results[name] = result.report["scale_search"], secret_nll(model), loss(model, heldout)
+    search, after, held_after = results["tokens-repair"]
+    assert search["repair"] == 1.0 and results["tokens"][0]["repair"] == 0.0
+    assert "descended" in search["rule"] and search["stopped_by"] == "attributed tokens predicted no better than typical"
+    assert search["still_predicted_share"] <= 0.5
+    assert after > before + 5.0, (before, after, search)
+    assert abs(held_after - held_before) < 0.02 * held_before
+    assert search["guard_last"] <= results["tokens"][0]["guard_last"], (search, results["tokens"][0])
+
+
+@pytest.mark.parametrize("rule", ["tokens", "tokens-repair"])
+def test_a_random_request_is_left_alone(run, tmp_path, rule):
     model, trained, path, train, keys, _ = run
     store = tmp_path / "store.h5"
     store.write_bytes(path.read_bytes())
     load_flat_params(model, trained)
     plain = np.sort(np.random.default_rng(3).choice(np.setdiff1d(np.arange(len(train)), keys), 16, replace=False))
-    result = forget_keys(model, store, plain, scale="tokens", dataset=list(train))
+    result = forget_keys(model, store, plain, scale=rule, dataset=list(train))
     search = result.report["scale_search"]
     assert result.report["scale"] == 0.0 and "single out none" in search["rule"]
     assert np.array_equal(flat_params(model), trained)
@@ -140,6 +164,9 @@ def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
         forget_keys(model, store, keys, scale="tokens", dataset=[(w.astype(np.float32), 0) for w in train])
     with pytest.raises(RequestError, match="not an \\(input, label\\) pair nor a token window"):
         forget_keys(model, store, keys, scale="tokens", dataset=[torch.as_tensor(w, dtype=torch.float32) for w in train])
+    for bad in ({"stop_share": 1.0}, {"stop_share": -0.1}, {"repair": -1.0}, {"repair": float("nan")}):
+        with pytest.raises(RequestError, match=f"{next(iter(bad))}="):
+            forget_keys(model, store, keys, scale=TokenRule(**bad), dataset=list(train))
     assert np.array_equal(flat_params(model), trained)
 
 

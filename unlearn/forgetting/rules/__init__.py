@@ -1,6 +1,6 @@
 """Step rules: the registry, the two that "auto" picks by request kind ("class" and "samples"), "feature"
-(what a group of samples taught together, such as a backdoor) and "tokens" (what a language model's windows
-taught, such as a secret)."""
+(what a group of samples taught together, such as a backdoor), "tokens" (what a language model's windows
+taught, such as a secret) and "tokens-repair" (the same, with the retained loss descended at each step)."""
 
 from .class_rule import ClassRule, choose_scale
 from .feature_rule import FeatureRule

@@ -35,9 +35,12 @@ class TokenRule:
        but for a false positive at rate ``evidence_p``.
     3. The walk: ``max_steps`` steps of length ``step_share`` times the weights' norm, each along the gradient of
        the attributed tokens' loss (mean per window, then over ``batch`` windows), projected off the gradient
-       of ``retained_batch`` retained windows' loss where they conflict. The walk stops when at most
-       ``stop_share`` of the attributed tokens are still predicted better than typical: a token's loss below
-       the entropy of the model's prediction at its position.
+       of ``retained_batch`` retained windows' loss where they conflict. With ``repair`` > 0, each step also
+       descends that retained batch's loss by ``repair`` times the step's length: a fine-tune on retained data
+       interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). The walk stops when
+       at most ``stop_share`` of the attributed tokens are still predicted better than typical (a token's loss
+       below the entropy of the model's prediction at its position): half, about what models retrained
+       without the windows leave (0.49-0.55 on the bench lm runs; docs/DESIGN.md).
     4. Guard: the mean loss of ``guard_windows`` retained windows may rise by ``guard_tolerance`` (relative) at
        most; checked every ``check_every`` steps, the walk keeps the last checked weights that held it.
     Training data only (the request's windows and retained ones); nothing about a secret's format. The
@@ -56,7 +59,8 @@ class TokenRule:
     max_steps: int = 80
     batch: int = 64
     retained_batch: int = 32
-    stop_share: float = 0.02
+    stop_share: float = 0.5
+    repair: float = 0.0
     check_every: int = 5
     guard_windows: int = 256
     guard_tolerance: float = 0.10
@@ -64,6 +68,9 @@ class TokenRule:
 
     def __call__(self, given: RuleInput) -> Step:
         data, model, base = given.data, given.model, given.base
+        if not 0.0 <= self.stop_share < 1.0 or not self.repair >= 0.0:
+            raise RequestError(f"step rule 'tokens': stop_share={self.stop_share} must lie in [0, 1) and "
+                               f"repair={self.repair} must be 0 or more. Nothing was changed")
         if 1.0 / (1 + self.control_draws) >= self.evidence_p:
             raise RequestError(f"step rule 'tokens': control_draws={self.control_draws} cannot give a p-value below "
                                f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
@@ -182,7 +189,10 @@ class TokenRule:
             overlap = float(forget @ spare)
             if overlap > 0:  # raising the request's loss would raise the retained loss too: leave that part out
                 forget = forget - overlap / float(spare @ spare) * spare
-            _move(params, forget * (length / float(forget.norm())))
+            change = forget * (length / float(forget.norm()))
+            if self.repair:  # the retained batch's loss, descended: the fine-tune "tokens-repair" adds
+                change = change - spare * (self.repair * length / float(spare.norm()))
+            _move(params, change)
             if taken % self.check_every and taken != self.max_steps:
                 continue
             guard_after = float(token_losses(model, guard_ids).mean())
@@ -194,7 +204,7 @@ class TokenRule:
             if active_share <= self.stop_share:
                 stopped = "attributed tokens predicted no better than typical"
                 break
-        report.update({"steps": kept_step, "step_length": length, "stopped_by": stopped,
+        report.update({"steps": kept_step, "step_length": length, "repair": self.repair, "stopped_by": stopped,
                        "still_predicted_share": active_share, "guard_before": guard_before,
                        "guard_tolerance": self.guard_tolerance, "guard_last": guard_after})
         if kept_step == 0:
@@ -202,10 +212,14 @@ class TokenRule:
                            f"{self.check_every} steps: nothing removed", base)
             step.report = report
             return step
+        repaired = f", the retained loss descended at {self.repair:g}x the step" if self.repair else ""
         rule = (f"tokens: {int(attributed.sum())} tokens the rows single out (p = {p_value:.3g}) raised for "
-                f"{kept_step} steps, until {stopped}")
+                f"{kept_step} steps{repaired}, until {stopped}")
         return Step(kept - base, report, evaluations=kept_step, rule=rule, reached=stopped != "guard"
                     and stopped != "max_steps", weights=kept)
+
+
+register_rule("tokens-repair")(TokenRule(repair=1.0, max_steps=200))
 
 
 def token_losses(model: torch.nn.Module, ids: torch.Tensor, grad: bool = False, batch: int = 16) -> torch.Tensor:
