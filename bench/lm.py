@@ -60,6 +60,7 @@ FORMATS = (
 )
 SECRET_DIGITS = 6
 DIGIT_TOKENS = torch.tensor([ord(c) for c in "0123456789"])
+CANARY_AT = ("start", "anywhere")  # where a canary's line sits in its windows
 
 QUICK = {"steps": 24, "warmup": 4, "batch_size": 8, "seq_len": 32, "canaries": 2, "repeats": 4, "epochs": 2,
          "heldout": 16, "keep": 0.05, "n_embd": 32, "n_layer": 2, "n_head": 2, "scales": [10.0]}
@@ -84,12 +85,16 @@ def canary_set(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def build_dataset(tokens: np.ndarray, canaries: list[dict[str, Any]], seq_len: int, plain: int, repeats: int,
-                  heldout: int, seed: int) -> dict[str, Any]:
+                  heldout: int, seed: int, canary_at: str = "start") -> dict[str, Any]:
     """The training set (``plain`` stdlib windows from the corpus' start, and ``repeats`` windows per canary at
     random indices), the held-out windows (the corpus' last ``heldout`` windows) and the canary keys.
 
-    A canary window is the canary's line followed by stdlib text from a random place in the training part of the
-    corpus, so the retrained model sees that text too: only the canary line is the canaries' own."""
+    A canary window is stdlib text from a random place in the training part of the corpus with the canary's line
+    in it, so the retrained model sees that text too: only the canary line is the canaries' own. The line opens
+    the window (``canary_at="start"``) or sits at a random offset in it, after different text in each window
+    (``"anywhere"``: the same windows, the line moved; its offsets drawn from a stream of their own)."""
+    if canary_at not in CANARY_AT:
+        raise SystemExit(f"--canary-at must be one of {', '.join(CANARY_AT)}, got {canary_at!r}")
     needed = (plain + heldout) * seq_len
     if needed > tokens.size:
         raise SystemExit(f"{plain} training and {heldout} held-out windows of {seq_len} bytes need {needed} bytes; "
@@ -105,11 +110,13 @@ def build_dataset(tokens: np.ndarray, canaries: list[dict[str, Any]], seq_len: i
     is_canary = np.zeros(total, bool)
     is_canary[keys] = True
     train[~is_canary] = windows(tokens, seq_len, plain)
+    offsets = np.random.default_rng([seed, 28])
     for key, which in zip(keys.tolist(), owner.tolist()):
         line = encode(canaries[which]["text"].encode())
         at = int(rng.integers(0, plain * seq_len - seq_len))
-        train[key, :line.size] = line
-        train[key, line.size:] = tokens[at:at + seq_len - line.size]
+        text = tokens[at:at + seq_len - line.size]
+        offset = 0 if canary_at == "start" else int(offsets.integers(0, text.size + 1))
+        train[key] = np.concatenate([text[:offset], line, text[offset:]])
     for index, canary in enumerate(canaries):
         canary["keys"] = keys[owner == index].tolist()
     held = windows(tokens, seq_len, heldout, start=tokens.size - heldout * seq_len)
@@ -331,7 +338,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings: --quick's small ones where it is given, each checked."""
     chosen: dict[str, Any] = {name: getattr(args, name) for name in
                               ("steps", "batch_size", "seq_len", "canaries", "repeats", "epochs", "heldout", "keep",
-                               "scales", "scale", "lr", "warmup", "seed", "device")}
+                               "scales", "scale", "lr", "warmup", "seed", "device", "canary_at")}
     chosen.update(FULL_MODEL)
     if args.quick:  # its values replace the options left at their defaults; the model's size always
         defaults = parser_defaults()
@@ -383,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
     (out / "corpus.json").write_text(json.dumps(corpus.identity, indent=1))
     canaries = canary_set(config["canaries"], seed)
     data = build_dataset(encode(corpus.text), canaries, seq_len, config["plain_windows"], config["repeats"],
-                         config["heldout"], seed)
+                         config["heldout"], seed, config["canary_at"])
     train_set, keys = data["train"], data["keys"]
     train_sha = hashlib.sha256(train_set.tobytes()).hexdigest()
     (out / "canaries.json").write_text(json.dumps(
@@ -497,6 +504,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes over the training set (its size: steps x batch size / epochs)")
     parser.add_argument("--canaries", type=int, default=4, help=f"canaries, one per format (at most {len(FORMATS)})")
     parser.add_argument("--repeats", type=int, default=64, help="training windows holding each canary")
+    parser.add_argument("--canary-at", choices=CANARY_AT, default="start",
+                        help="where a canary's line sits in its windows: opening them, or after different text in "
+                             "each (at a random offset)")
     parser.add_argument("--heldout", type=int, default=256, help="held-out windows (the corpus' last bytes)")
     parser.add_argument("--keep", type=float, default=0.01,
                         help="p: the fraction of each row recorded (0.01, the p of the project's targets: a row is "

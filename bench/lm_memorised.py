@@ -60,7 +60,7 @@ def load_run(run: Path, corpus_text: bytes | None = None) -> dict[str, Any]:
     canaries = lm.canary_set(settings["canaries"], settings["seed"])
     text = stdlib_corpus().text if corpus_text is None else corpus_text
     data = lm.build_dataset(encode(text), canaries, settings["seq_len"], settings["plain_windows"],
-                            settings["repeats"], settings["heldout"], settings["seed"])
+                            settings["repeats"], settings["heldout"], settings["seed"], settings.get("canary_at", "start"))
     for mine, theirs in zip(canaries, recorded["canaries"]):
         if mine["secret"] != theirs["secret"] or mine["keys"] != theirs["keys"]:
             raise SystemExit(f"{run}: canaries.json does not match the canaries rebuilt from its settings")
@@ -418,6 +418,9 @@ def run(args: argparse.Namespace, corpus_text: bytes | None = None) -> dict[str,
     run_dir, out = Path(args.run), Path(args.out)
     loaded = load_run(run_dir, corpus_text)
     settings, canaries, data = loaded["settings"], loaded["canaries"], loaded["data"]
+    if args.digits and settings.get("canary_at", "start") != "start":
+        raise SystemExit(f"{run_dir}: its canaries sit anywhere in their windows; the digit-position diagnostic "
+                         "reads them at the window's start: give --no-digits")
     train, keys = data["train"], data["keys"]
     device = torch.device("cpu")
     model = model_of(settings, loaded["trained"])

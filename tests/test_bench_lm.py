@@ -227,3 +227,29 @@ def test_a_training_set_larger_than_the_corpus_is_refused():
         lm.build_dataset(encode(corpus.text), lm.canary_set(1, 0), 128, len(corpus.text) // 128, 2, 16, 0)
     with pytest.raises(SystemExit, match="too short for the canary"):
         lm.build_dataset(encode(corpus.text), lm.canary_set(1, 0), 8, 100, 2, 16, 0)
+
+
+def test_canaries_anywhere_move_the_line_and_nothing_else():
+    """--canary-at anywhere: the same windows, keys and text as the default, each canary's line moved to an offset
+    of its own after different text (the case where nothing in the window's start gives the secret away)."""
+    tokens = encode(stdlib_corpus(max_files=20).text)
+    canaries = lm.canary_set(2, 0)
+    start = lm.build_dataset(tokens, canaries, 64, 200, 8, 4, 0)
+    anywhere = lm.build_dataset(tokens, canaries, 64, 200, 8, 4, 0, "anywhere")
+    assert np.array_equal(start["keys"], anywhere["keys"]) and np.array_equal(start["heldout"], anywhere["heldout"])
+    plain = np.setdiff1d(np.arange(len(start["train"])), start["keys"])
+    assert np.array_equal(start["train"][plain], anywhere["train"][plain])
+    offsets = set()
+    for canary in canaries:
+        line = encode(canary["text"].encode())
+        for key in canary["keys"]:
+            moved, opening = anywhere["train"][key], start["train"][key]
+            assert np.array_equal(opening[:line.size], line)
+            at = [i for i in range(moved.size - line.size + 1) if np.array_equal(moved[i:i + line.size], line)]
+            assert len(at) == 1
+            offsets.add(at[0])
+            rest = np.concatenate([moved[:at[0]], moved[at[0] + line.size:]])
+            assert np.array_equal(rest, opening[line.size:])  # the same text around it
+    assert len(offsets) > 8  # after different text in each window
+    with pytest.raises(SystemExit, match="--canary-at must be one of start, anywhere"):
+        lm.build_dataset(tokens, canaries, 64, 200, 8, 4, 0, "end")
