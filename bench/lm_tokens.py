@@ -11,6 +11,7 @@ held-out loss within 1% of it.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name}: {choice.rule}; exposure {figures['mean_exposure_bits']:.2f} bits, held-out loss "
               f"{figures['heldout_loss']:.4f} ({choice.seconds:.0f} s)")
     report = {"command": "python -m bench.lm_tokens " + " ".join(sys.argv[1:]), "run": str(run_dir),
-              "rule_name": args.rule, "rule_options": dict(args.option), "rule": {k: getattr(rule, k) for k in rule.__dataclass_fields__},
+              "rule_name": args.rule, "rule_options": dict(args.option), "rule": dataclasses.asdict(rule),
               "models": models, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_tokens.json").write_text(json.dumps(report, indent=1, default=float))
@@ -116,8 +117,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 def token_rule(name: str, options: dict[str, Any]) -> Any:
     """The TokenRule registered as ``name``, with ``options`` (TokenRule fields) replaced."""
-    import dataclasses
-
     from unlearn.forgetting.rules import TokenRule, registered_rules
 
     rule = registered_rules().get(name)
@@ -131,9 +130,10 @@ def option(text: str) -> tuple[str, Any]:
     """KEY=VALUE for a TokenRule field, typed as the field's default."""
     from unlearn.forgetting.rules import TokenRule
 
+    fields = sorted(field.name for field in dataclasses.fields(TokenRule))
     key, _, value = text.partition("=")
-    if key not in TokenRule.__dataclass_fields__ or not value:
-        raise argparse.ArgumentTypeError(f"{text!r}: give FIELD=VALUE for one of {sorted(TokenRule.__dataclass_fields__)}")
+    if key not in fields or not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIELD=VALUE for one of {fields}")
     return key, type(getattr(TokenRule, key))(value)
 
 
@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.lm_tokens", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="out/lm", help="a finished `bench lm` run folder")
     p.add_argument("--out", default="out/lm-tokens")
-    p.add_argument("--rule", default="tokens", help="a registered TokenRule: tokens, tokens-repair")
+    p.add_argument("--rule", default="tokens", help="a registered TokenRule (tokens, tokens-repair, or one of yours)")
     p.add_argument("--option", type=option, action="append", default=[], help="a TokenRule field, FIELD=VALUE")
     return p
 

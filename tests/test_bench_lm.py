@@ -117,18 +117,20 @@ def test_the_report_measures_every_model(run):
     assert (out / "lm.md").read_text().count("\n") == 2 + len(names)
 
 
-def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp_path):
+@pytest.mark.parametrize("rule", ["tokens", "tokens-repair"])
+def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp_path, rule):
     """bench.lm_tokens on the quick run: the canaries' rows are the run's forgotten - trained, both requests go
     through the library's rule, every model gets the figures and issue 24's verdict."""
     from bench import lm_tokens
 
     out, _, _ = run
-    report = lm_tokens.run(lm_tokens.parser().parse_args(["--run", str(out), "--out", str(tmp_path),
-                                                          "--rule", "tokens-repair", "--option", "control_draws=1000"]))
+    argv = ["--run", str(out), "--out", str(tmp_path), "--option", "control_draws=1000"]
+    report = lm_tokens.run(lm_tokens.parser().parse_args(argv + (["--rule", rule] if rule != "tokens" else [])))
     names = list(report["models"])
     assert names[:2] == ["trained (recorded)", "retrained without canaries"] and len(names) == 4
-    assert names[2].startswith("tokens-repair rule, canaries") and report["rule_name"] == "tokens-repair"
-    assert report["rule"]["repair"] == 1.0 and report["rule"]["control_draws"] == 1000
+    assert names[2].startswith(f"{rule} rule, canaries") and report["rule_name"] == rule
+    assert report["rule"]["repair"] == (1.0 if rule == "tokens-repair" else 0.0)
+    assert report["rule"]["control_draws"] == 1000
     for name in names[2:]:
         figures = report["models"][name]
         assert figures["rule"]["rule"].startswith("tokens") and "attribution" in figures["rule"]

@@ -15,7 +15,7 @@ from unlearn.cli import main as unlearn_main
 from unlearn.errors import RequestError, UnlearnError
 from unlearn.forgetting import (ClassRule, RuleInput, SampleRule, Step, apply_removal, parse_scale, plan_removal,
                                 registered_rules, unregister_rule)
-from unlearn.forgetting.rules import rule_kinds
+from unlearn.forgetting.rules import TokenRule, rule_kinds
 from unlearn.params import flat_params, load_flat_params
 from unlearn.runs import data as datasets
 from unlearn.runs import folders as runs
@@ -25,7 +25,8 @@ from unlearn.runs.models import build_model
 # rule registered by the library (not by a test) is held to the contract without a new test.
 CASES = [(name, kind) for name, rule in registered_rules().items() for kind in rule_kinds(rule)]
 REQUESTS = {"class": {"cls": 3}, "samples": {"samples": np.arange(0, 400, 20)}}
-LANGUAGE_MODEL_RULES = {"tokens"}  # rules that serve causal language models only
+LANGUAGE_MODEL_RULES = {name for name, rule in registered_rules().items()  # causal language models only
+                        if isinstance(rule, TokenRule)}
 
 
 def file_digest(path):
@@ -214,5 +215,5 @@ def test_parse_scale_takes_numbers_auto_and_registered_names(external_rules):
         with pytest.raises(RequestError, match=f"--scale .*got {bad}"):
             parse_scale(bad)
     with pytest.raises(RequestError, match=r"--scale must be a number, 'auto' or a registered rule \(class, feature, "
-                                           r"samples, test-dampen, test-first-tensor, test-half-class, tokens\), got 'fast'"):
+                                           r"samples, test-dampen, test-first-tensor, test-half-class, tokens, tokens-repair\), got 'fast'"):
         parse_scale("fast")

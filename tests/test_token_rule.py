@@ -102,12 +102,20 @@ def test_the_repair_rule_forgets_the_secret_and_descends_the_retained_loss(run, 
         result = forget_keys(model, store, keys, scale=name, dataset=list(train))
         results[name] = result.report["scale_search"], secret_nll(model), loss(model, heldout)
     search, after, held_after = results["tokens-repair"]
-    assert search["repair"] == 1.0 and results["tokens"][0]["repair"] == 0.0
-    assert "descended" in search["rule"] and search["stopped_by"] == "attributed tokens predicted no better than typical"
-    assert search["still_predicted_share"] <= 0.5
+    plain = results["tokens"][0]
+    assert search["repair"] == 1.0 and plain["repair"] == 0.0
+    assert search["rule"].startswith("tokens-repair:") and "descended" in search["rule"]
+    assert search["stopped_by"] == "attributed tokens predicted no better than typical"
+    assert search["still_predicted_share"] <= 0.5 and search["checks"][-1][2] == search["still_predicted_share"]
     assert after > before + 5.0, (before, after, search)
     assert abs(held_after - held_before) < 0.02 * held_before
-    assert search["guard_last"] <= results["tokens"][0]["guard_last"], (search, results["tokens"][0])
+    # the repair acts: at the first check both walks reach, the guard's windows (never trained on by the repair)
+    # have a lower loss than the walk alone leaves them, and each step is longer than the walk's own length
+    first = {step: guard for step, guard, _ in plain["checks"]}
+    step, guard, _ = search["checks"][0]
+    assert step in first and guard < first[step], (search["checks"], plain["checks"])
+    assert search["step_norm_mean"] > 1.2 * search["step_length"]
+    assert plain["step_norm_mean"] == pytest.approx(plain["step_length"], rel=1e-4)
 
 
 @pytest.mark.parametrize("rule", ["tokens", "tokens-repair"])
@@ -164,7 +172,8 @@ def test_what_the_rule_cannot_serve_is_refused_by_name(run, tmp_path):
         forget_keys(model, store, keys, scale="tokens", dataset=[(w.astype(np.float32), 0) for w in train])
     with pytest.raises(RequestError, match="not an \\(input, label\\) pair nor a token window"):
         forget_keys(model, store, keys, scale="tokens", dataset=[torch.as_tensor(w, dtype=torch.float32) for w in train])
-    for bad in ({"stop_share": 1.0}, {"stop_share": -0.1}, {"repair": -1.0}, {"repair": float("nan")}):
+    for bad in ({"stop_share": 1.0}, {"stop_share": -0.1}, {"stop_share": float("nan")}, {"repair": -1.0},
+                {"repair": float("nan")}, {"repair": float("inf")}):
         with pytest.raises(RequestError, match=f"{next(iter(bad))}="):
             forget_keys(model, store, keys, scale=TokenRule(**bad), dataset=list(train))
     assert np.array_equal(flat_params(model), trained)

@@ -3,6 +3,7 @@ rows taught, and only those, then make the model stop predicting them. What a ca
 recite) needs, where the rows as recorded remove too little and larger multiples of them wreck the model
 (docs/RESULTS.md, "Language model: canaries"; docs/DESIGN.md, "Memorised data")."""
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -36,8 +37,10 @@ class TokenRule:
     3. The walk: ``max_steps`` steps of length ``step_share`` times the weights' norm, each along the gradient of
        the attributed tokens' loss (mean per window, then over ``batch`` windows), projected off the gradient
        of ``retained_batch`` retained windows' loss where they conflict. With ``repair`` > 0, each step also
-       descends that retained batch's loss by ``repair`` times the step's length: a fine-tune on retained data
-       interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). The walk stops when
+       descends that retained batch's loss by ``repair`` times the step's length, projected off the attributed
+       tokens' gradient where the two conflict (so that it does not undo the step): a fine-tune on retained data
+       interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). Its batches are drawn
+       from retained windows outside the guard's, which then stays a measure of damage. The walk stops when
        at most ``stop_share`` of the attributed tokens are still predicted better than typical (a token's loss
        below the entropy of the model's prediction at its position): half, about what models retrained
        without the windows leave (0.49-0.55 on the bench lm runs; docs/DESIGN.md).
@@ -68,9 +71,12 @@ class TokenRule:
 
     def __call__(self, given: RuleInput) -> Step:
         data, model, base = given.data, given.model, given.base
-        if not 0.0 <= self.stop_share < 1.0 or not self.repair >= 0.0:
-            raise RequestError(f"step rule 'tokens': stop_share={self.stop_share} must lie in [0, 1) and "
-                               f"repair={self.repair} must be 0 or more. Nothing was changed")
+        if not 0.0 <= self.stop_share < 1.0:
+            raise RequestError(f"step rule '{self.label}': stop_share={self.stop_share} must lie in [0, 1). "
+                               "Nothing was changed")
+        if not (math.isfinite(self.repair) and self.repair >= 0.0):
+            raise RequestError(f"step rule '{self.label}': repair={self.repair} must be a finite number, 0 or more. "
+                               "Nothing was changed")
         if 1.0 / (1 + self.control_draws) >= self.evidence_p:
             raise RequestError(f"step rule 'tokens': control_draws={self.control_draws} cannot give a p-value below "
                                f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
@@ -91,6 +97,11 @@ class TokenRule:
             for module, mode in modes.items():
                 module.training = mode
 
+    @property
+    def label(self) -> str:
+        """The name the rule's messages use: "tokens", or "tokens-repair" for a rule that repairs."""
+        return "tokens-repair" if self.repair else "tokens"
+
     def _walk(self, given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device) -> Step:
         model, base = given.model, given.base
         rng = np.random.default_rng([given.seed, 24])
@@ -102,6 +113,10 @@ class TokenRule:
         request_ids = torch.as_tensor(windows[samples], device=device)
         control_ids = torch.as_tensor(windows[control], device=device)
         guard_ids = torch.as_tensor(windows[guard], device=device)
+        # without a repair the retained batches only veto directions; with one they are trained on, so not the guard's
+        spare_pool = np.setdiff1d(retained, guard) if self.repair else retained
+        if spare_pool.size == 0:
+            spare_pool = retained
 
         scale = np.float32(self.attribution_scale)
         request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
@@ -124,7 +139,8 @@ class TokenRule:
                             "threshold": threshold, "tokens": int(attributed.sum()), "share": share,
                             "control_share": control_share, "windows": int(samples.size),
                             "control_windows": int(control.size)},
-            "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess}}
+            "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess},
+            "repair": self.repair}
         if p_value >= self.evidence_p or share < self.min_excess * control_share or not attributed.any():
             why = (f"p = {p_value:.3g}, not below {self.evidence_p}" if p_value >= self.evidence_p else
                    f"{share:.3%} of the request's tokens attributed, under {self.min_excess:g}x the control's "
@@ -138,7 +154,7 @@ class TokenRule:
         for p in frozen:  # a model frozen for inference: its recorded parameters are what the rule moves
             p.requires_grad_(True)
         try:
-            return self._steps(given, params, windows, samples, retained, request_ids, guard_ids, attributed, rng,
+            return self._steps(given, params, windows, samples, spare_pool, request_ids, guard_ids, attributed, rng,
                                report, p_value, device)
         finally:
             given.load(base)
@@ -171,12 +187,15 @@ class TokenRule:
     def _steps(self, given: RuleInput, params: list, windows: np.ndarray, samples: np.ndarray, retained: np.ndarray,
                request_ids: torch.Tensor, guard_ids: torch.Tensor, attributed: torch.Tensor,
                rng: np.random.Generator, report: dict, p_value: float, device: torch.device) -> Step:
-        """The walk: projected steps raising the attributed tokens' loss, checked against the guard."""
+        """The walk: projected steps raising the attributed tokens' loss, checked against the guard (``retained``:
+        the windows its retained batches are drawn from)."""
         model, base = given.model, given.base
         guard_before = float(token_losses(model, guard_ids).mean())
         ceiling = guard_before * (1 + self.guard_tolerance)
         length = self.step_share * float(np.linalg.norm(base))
         kept, kept_step, active_share, guard_after, stopped = np.asarray(base), 0, 1.0, guard_before, "max_steps"
+        checks: list[list[Optional[float]]] = []  # [step, guard loss, share still predicted (None where the guard failed)]
+        norms: list[float] = []
         for taken in range(1, self.max_steps + 1):
             pick = np.sort(rng.choice(samples.size, min(self.batch, samples.size), replace=False))
             forget = _gradient(params, lambda: _attributed_loss(model, request_ids[pick], attributed[pick]))
@@ -187,33 +206,40 @@ class TokenRule:
             spare = _gradient(params, lambda: token_losses(model, spare_ids, grad=True).mean())
             assert spare is not None
             overlap = float(forget @ spare)
+            repair = -spare
             if overlap > 0:  # raising the request's loss would raise the retained loss too: leave that part out
+                repair = repair + overlap / float(forget @ forget) * forget  # and the repair must not lower it
                 forget = forget - overlap / float(spare @ spare) * spare
             change = forget * (length / float(forget.norm()))
-            if self.repair:  # the retained batch's loss, descended: the fine-tune "tokens-repair" adds
-                change = change - spare * (self.repair * length / float(spare.norm()))
+            repair_norm = float(repair.norm())
+            if self.repair and repair_norm > 0:  # the retained batch's loss, descended: "tokens-repair"'s fine-tune
+                change = change + repair * (self.repair * length / repair_norm)
+            norms.append(float(change.norm()))
             _move(params, change)
             if taken % self.check_every and taken != self.max_steps:
                 continue
             guard_after = float(token_losses(model, guard_ids).mean())
             if guard_after > ceiling:
+                checks.append([taken, guard_after, None])
                 stopped = "guard"
                 break
             kept, kept_step = flat_params(model, given.names), taken
             active_share = _active_share(model, request_ids, attributed)
+            checks.append([taken, guard_after, active_share])
             if active_share <= self.stop_share:
                 stopped = "attributed tokens predicted no better than typical"
                 break
-        report.update({"steps": kept_step, "step_length": length, "repair": self.repair, "stopped_by": stopped,
+        report.update({"steps": kept_step, "step_length": length,
+                       "step_norm_mean": float(np.mean(norms)) if norms else 0.0, "stopped_by": stopped,
                        "still_predicted_share": active_share, "guard_before": guard_before,
-                       "guard_tolerance": self.guard_tolerance, "guard_last": guard_after})
+                       "guard_tolerance": self.guard_tolerance, "guard_last": guard_after, "checks": checks})
         if kept_step == 0:
             step = nothing(f"tokens: the retained guard rose by more than {self.guard_tolerance:.0%} within "
                            f"{self.check_every} steps: nothing removed", base)
             step.report = report
             return step
         repaired = f", the retained loss descended at {self.repair:g}x the step" if self.repair else ""
-        rule = (f"tokens: {int(attributed.sum())} tokens the rows single out (p = {p_value:.3g}) raised for "
+        rule = (f"{self.label}: {int(attributed.sum())} tokens the rows single out (p = {p_value:.3g}) raised for "
                 f"{kept_step} steps{repaired}, until {stopped}")
         return Step(kept - base, report, evaluations=kept_step, rule=rule, reached=stopped != "guard"
                     and stopped != "max_steps", weights=kept)
