@@ -146,6 +146,23 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     with pytest.raises(SystemExit, match="registered TokenRule: tokens, tokens-repair"):
         lm_tokens.token_rule("samples", {})
 
+    # bench.lm_fine_tune: the repair's steps alone, from the trained weights (a rule without a repair is refused)
+    from bench import lm_fine_tune
+
+    control_args = lm_fine_tune.parser().parse_args(["--run", str(out), "--rule", str(tmp_path / "lm_tokens.json")])
+    if rule == "tokens":
+        with pytest.raises(SystemExit, match="no repair"):
+            lm_fine_tune.run(control_args)
+    else:
+        control = lm_fine_tune.run(control_args)
+        tuned = control["models"]["fine-tune only (the repair's steps alone)"]
+        walked = report["models"][names[2]]["rule"]
+        assert tuned["fine_tune"]["steps"] == walked.get("steps", 0)
+        assert tuned["fine_tune"]["step_length"] == pytest.approx(walked.get("step_length", 0.0))
+        assert set(tuned["target"]) >= {"met", "exposure_met", "heldout_loss_met"}
+        if tuned["fine_tune"]["steps"]:  # the control moved the model
+            assert tuned["heldout_loss"] != report["models"][names[0]]["heldout_loss"]
+
     # bench.lm_reference_spread: the rule's model against the run's reference and one more retraining, cached
     from bench import lm_reference_spread
 

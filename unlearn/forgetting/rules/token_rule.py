@@ -85,7 +85,7 @@ class TokenRule:
                                "training data (forget_keys(..., dataset=...), or a run folder). Nothing was changed")
         samples = given.removal.request.samples
         if samples.size == 0 or not np.any(given.rows):
-            return nothing("tokens: empty request: nothing to remove", base)
+            return nothing(f"{self.label}: empty request: nothing to remove", base)
         windows = _token_windows(data.train_x)
         device = next(model.parameters()).device
         modes = {module: module.training for module in model.modules()}
@@ -108,7 +108,7 @@ class TokenRule:
         retained = given.retained()
         control, control_rows = self._control(given, retained, samples.size, rng)
         if control.size == 0:
-            return nothing("tokens: no retained window with a live row to compare with: nothing removed", base)
+            return nothing(f"{self.label}: no retained window with a live row to compare with: nothing removed", base)
         guard = np.sort(rng.choice(retained, min(self.guard_windows, retained.size), replace=False))
         request_ids = torch.as_tensor(windows[samples], device=device)
         control_ids = torch.as_tensor(windows[control], device=device)
@@ -145,7 +145,8 @@ class TokenRule:
             why = (f"p = {p_value:.3g}, not below {self.evidence_p}" if p_value >= self.evidence_p else
                    f"{share:.3%} of the request's tokens attributed, under {self.min_excess:g}x the control's "
                    f"{control_share:.3%}")
-            step = nothing(f"tokens: the rows single out none of the request's tokens ({why}): nothing removed", base)
+            step = nothing(f"{self.label}: the rows single out none of the request's tokens ({why}): nothing removed",
+                           base)
             step.report = report
             return step
 
@@ -194,7 +195,7 @@ class TokenRule:
         ceiling = guard_before * (1 + self.guard_tolerance)
         length = self.step_share * float(np.linalg.norm(base))
         kept, kept_step, active_share, guard_after, stopped = np.asarray(base), 0, 1.0, guard_before, "max_steps"
-        checks: list[list[Optional[float]]] = []  # [step, guard loss, share still predicted (None where the guard failed)]
+        checks: list[list[Optional[float]]] = []  # [step, guard loss, share still predicted (None: guard failed)]
         norms: list[float] = []
         for taken in range(1, self.max_steps + 1):
             pick = np.sort(rng.choice(samples.size, min(self.batch, samples.size), replace=False))
@@ -234,7 +235,7 @@ class TokenRule:
                        "still_predicted_share": active_share, "guard_before": guard_before,
                        "guard_tolerance": self.guard_tolerance, "guard_last": guard_after, "checks": checks})
         if kept_step == 0:
-            step = nothing(f"tokens: the retained guard rose by more than {self.guard_tolerance:.0%} within "
+            step = nothing(f"{self.label}: the retained guard rose by more than {self.guard_tolerance:.0%} within "
                            f"{self.check_every} steps: nothing removed", base)
             step.report = report
             return step
