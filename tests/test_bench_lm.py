@@ -153,6 +153,19 @@ def test_the_tokens_rule_bench_reads_the_run_and_measures_both_requests(run, tmp
     if rule == "tokens":
         with pytest.raises(SystemExit, match="no repair"):
             lm_fine_tune.run(control_args)
+        # bench.lm_still_predicted: the attributed tokens' share each model still predicts (the stop's yardstick)
+        from bench import lm_still_predicted
+
+        shares = lm_still_predicted.run(lm_still_predicted.parser().parse_args(["--run", str(out)]))
+        assert shares["attributed_tokens"] == report["models"][names[2]]["rule"]["attribution"]["tokens"]
+        trained = shares["models"]["trained (recorded)"]
+        if shares["attributed_tokens"]:
+            assert trained["attributed_still_predicted"] == 1.0  # attribution keeps only tokens predicted so
+        else:  # the quick run's rows single out no token: no share to read
+            assert all(f["attributed_still_predicted"] is None for f in shares["models"].values())
+        assert set(shares["models"]) == {"trained (recorded)", "retrained without canaries"}
+        for figures in shares["models"].values():
+            assert 0.0 < figures["heldout_still_predicted"] < 1.0
     else:
         control = lm_fine_tune.run(control_args)
         tuned = control["models"]["fine-tune only (the repair's steps alone)"]

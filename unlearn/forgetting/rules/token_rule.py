@@ -37,10 +37,11 @@ class TokenRule:
     3. The walk: ``max_steps`` steps of length ``step_share`` times the weights' norm, each along the gradient of
        the attributed tokens' loss (mean per window, then over ``batch`` windows), projected off the gradient
        of ``retained_batch`` retained windows' loss where they conflict. With ``repair`` > 0, each step also
-       descends that retained batch's loss by ``repair`` times the step's length, projected off the attributed
-       tokens' gradient where the two conflict (so that it does not undo the step): a fine-tune on retained data
-       interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). Its batches are drawn
-       from retained windows outside the guard's, which then stays a measure of damage. The walk stops when
+       descends that retained batch's loss by ``repair`` times the step's length: a fine-tune on retained data
+       interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). It may restore what
+       retained text also teaches, attributed or not (it is not projected off the attributed tokens' gradient:
+       measured both ways in docs/DESIGN.md). Its batches are drawn from retained windows outside the guard's,
+       which then stays a measure of damage. The walk stops when
        at most ``stop_share`` of the attributed tokens are still predicted better than typical (a token's loss
        below the entropy of the model's prediction at its position): half, about what models retrained
        without the windows leave (0.49-0.55 on the bench lm runs; docs/DESIGN.md).
@@ -80,19 +81,39 @@ class TokenRule:
         if 1.0 / (1 + self.control_draws) >= self.evidence_p:
             raise RequestError(f"step rule 'tokens': control_draws={self.control_draws} cannot give a p-value below "
                                f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
-        if data is None or not hasattr(data, "train_x"):
-            raise RequestError("step rule 'tokens' reads the request's windows through the model: it needs the "
-                               "training data (forget_keys(..., dataset=...), or a run folder). Nothing was changed")
+        self._require_data(given)
         samples = given.removal.request.samples
         if samples.size == 0 or not np.any(given.rows):
             return nothing(f"{self.label}: empty request: nothing to remove", base)
-        windows = _token_windows(data.train_x)
+        return self._in_eval(given, samples, self._walk)
+
+    def attributed_tokens(self, given: RuleInput) -> Optional[np.ndarray]:
+        """Step 1 alone: bool [request windows, T - 1], the next tokens the walk would raise (None where no
+        retained window has a live row to compare with). What benchmarks compare other models on; it changes
+        nothing."""
+        self._require_data(given)
+        samples = given.removal.request.samples
+
+        def attribution(given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device) -> Any:
+            found = self._attribution(given, windows, samples, device, np.random.default_rng([given.seed, 24]))
+            return None if found is None else found.attributed.cpu().numpy()
+        return self._in_eval(given, samples, attribution)
+
+    def _require_data(self, given: RuleInput) -> None:
+        if given.data is None or not hasattr(given.data, "train_x"):
+            raise RequestError(f"step rule '{self.label}' reads the request's windows through the model: it needs the "
+                               "training data (forget_keys(..., dataset=...), or a run folder). Nothing was changed")
+
+    def _in_eval(self, given: RuleInput, samples: np.ndarray, then: Any) -> Any:
+        """``then(given, windows, samples, device)`` with the model checked and in eval mode (restored after)."""
+        model = given.model
+        windows = _token_windows(given.data.train_x)
         device = next(model.parameters()).device
         modes = {module: module.training for module in model.modules()}
         model.eval()
         try:
             _check_causal_lm(model, windows[samples[:1]], device)
-            return self._walk(given, windows, samples, device)
+            return then(given, windows, samples, device)
         finally:
             for module, mode in modes.items():
                 module.training = mode
@@ -105,42 +126,18 @@ class TokenRule:
     def _walk(self, given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device) -> Step:
         model, base = given.model, given.base
         rng = np.random.default_rng([given.seed, 24])
-        retained = given.retained()
-        control, control_rows = self._control(given, retained, samples.size, rng)
-        if control.size == 0:
+        found = self._attribution(given, windows, samples, device, rng)
+        if found is None:
             return nothing(f"{self.label}: no retained window with a live row to compare with: nothing removed", base)
-        guard = np.sort(rng.choice(retained, min(self.guard_windows, retained.size), replace=False))
+        retained, guard, attributed, report, p_value = (found.retained, found.guard, found.attributed, found.report,
+                                                        found.p_value)
+        share, control_share = report["attribution"]["share"], report["attribution"]["control_share"]
         request_ids = torch.as_tensor(windows[samples], device=device)
-        control_ids = torch.as_tensor(windows[control], device=device)
         guard_ids = torch.as_tensor(windows[guard], device=device)
         # without a repair the retained batches only veto directions; with one they are trained on, so not the guard's
         spare_pool = np.setdiff1d(retained, guard) if self.repair else retained
         if spare_pool.size == 0:
             spare_pool = retained
-
-        scale = np.float32(self.attribution_scale)
-        request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
-        request_predicted, control_predicted = _predicted(model, request_ids), _predicted(model, control_ids)
-        try:
-            given.load(base + scale * given.rows)
-            request_rise = token_losses(model, request_ids) - request_before
-            given.load(base + scale * control_rows)  # the control's own rows: what any windows' rows do to them
-            control_rise = token_losses(model, control_ids) - control_before
-        finally:
-            given.load(base)
-        threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
-        attributed = (request_rise > threshold) & request_predicted
-        control_attributed = (control_rise > threshold) & control_predicted
-        share, control_share = float(attributed.float().mean()), float(control_attributed.float().mean())
-        p_value = _permutation_p(attributed.float().mean(1).double().cpu().numpy(),
-                                 control_attributed.float().mean(1).double().cpu().numpy(), self.control_draws, rng)
-        report: dict[str, Any] = {
-            "attribution": {"scale": self.attribution_scale, "quantile": self.attribution_quantile,
-                            "threshold": threshold, "tokens": int(attributed.sum()), "share": share,
-                            "control_share": control_share, "windows": int(samples.size),
-                            "control_windows": int(control.size)},
-            "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess},
-            "repair": self.repair}
         if p_value >= self.evidence_p or share < self.min_excess * control_share or not attributed.any():
             why = (f"p = {p_value:.3g}, not below {self.evidence_p}" if p_value >= self.evidence_p else
                    f"{share:.3%} of the request's tokens attributed, under {self.min_excess:g}x the control's "
@@ -161,6 +158,45 @@ class TokenRule:
             given.load(base)
             for p in frozen:
                 p.requires_grad_(False)
+
+    def _attribution(self, given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device,
+                     rng: np.random.Generator) -> Optional["_Attribution"]:
+        """Step 1 and the evidence of step 2 (the control, the guard's windows and the permutation test drawn from
+        ``rng`` in that order); None where no retained window has a live row."""
+        model, base = given.model, given.base
+        retained = given.retained()
+        control, control_rows = self._control(given, retained, samples.size, rng)
+        if control.size == 0:
+            return None
+        guard = np.sort(rng.choice(retained, min(self.guard_windows, retained.size), replace=False))
+        request_ids = torch.as_tensor(windows[samples], device=device)
+        control_ids = torch.as_tensor(windows[control], device=device)
+
+        scale = np.float32(self.attribution_scale)
+        request_before, control_before = token_losses(model, request_ids), token_losses(model, control_ids)
+        request_predicted = predicted_better_than_typical(model, request_ids)
+        control_predicted = predicted_better_than_typical(model, control_ids)
+        try:
+            given.load(base + scale * given.rows)
+            request_rise = token_losses(model, request_ids) - request_before
+            given.load(base + scale * control_rows)  # the control's own rows: what any windows' rows do to them
+            control_rise = token_losses(model, control_ids) - control_before
+        finally:
+            given.load(base)
+        threshold = float(torch.quantile(control_rise.flatten().double(), self.attribution_quantile))
+        attributed = (request_rise > threshold) & request_predicted
+        control_attributed = (control_rise > threshold) & control_predicted
+        share, control_share = float(attributed.float().mean()), float(control_attributed.float().mean())
+        p_value = _permutation_p(attributed.float().mean(1).double().cpu().numpy(),
+                                 control_attributed.float().mean(1).double().cpu().numpy(), self.control_draws, rng)
+        report: dict[str, Any] = {
+            "attribution": {"scale": self.attribution_scale, "quantile": self.attribution_quantile,
+                            "threshold": threshold, "tokens": int(attributed.sum()), "share": share,
+                            "control_share": control_share, "windows": int(samples.size),
+                            "control_windows": int(control.size)},
+            "evidence": {"p_value": p_value, "evidence_p": self.evidence_p, "min_excess": self.min_excess},
+            "repair": self.repair}
+        return _Attribution(retained, guard, attributed, report, p_value)
 
     def _control(self, given: RuleInput, retained: np.ndarray, size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -207,14 +243,12 @@ class TokenRule:
             spare = _gradient(params, lambda: token_losses(model, spare_ids, grad=True).mean())
             assert spare is not None
             overlap = float(forget @ spare)
-            repair = -spare
             if overlap > 0:  # raising the request's loss would raise the retained loss too: leave that part out
-                repair = repair + overlap / float(forget @ forget) * forget  # and the repair must not lower it
                 forget = forget - overlap / float(spare @ spare) * spare
             change = forget * (length / float(forget.norm()))
-            repair_norm = float(repair.norm())
-            if self.repair and repair_norm > 0:  # the retained batch's loss, descended: "tokens-repair"'s fine-tune
-                change = change + repair * (self.repair * length / repair_norm)
+            spare_norm = float(spare.norm())
+            if self.repair and spare_norm > 0:  # the retained batch's loss, descended: "tokens-repair"'s fine-tune
+                change = change - spare * (self.repair * length / spare_norm)  # not projected: docs/DESIGN.md
             norms.append(float(change.norm()))
             _move(params, change)
             if taken % self.check_every and taken != self.max_steps:
@@ -244,6 +278,15 @@ class TokenRule:
                 f"{kept_step} steps{repaired}, until {stopped}")
         return Step(kept - base, report, evaluations=kept_step, rule=rule, reached=stopped != "guard"
                     and stopped != "max_steps", weights=kept)
+
+
+@dataclass(frozen=True)
+class _Attribution:
+    retained: np.ndarray  # the retained windows
+    guard: np.ndarray  # the guard's windows among them
+    attributed: torch.Tensor  # bool [request windows, T - 1]
+    report: dict
+    p_value: float
 
 
 register_rule("tokens-repair")(TokenRule(repair=1.0, max_steps=200))
@@ -284,8 +327,9 @@ def _attributed_loss(model: torch.nn.Module, ids: torch.Tensor, attributed: torc
     return (loss * weights / windows.clamp(min=1)).sum() / (windows > 0).sum()
 
 
-def _predicted(model: torch.nn.Module, ids: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Whether the model predicts each next token better than typical (bool [n, T - 1])."""
+def predicted_better_than_typical(model: torch.nn.Module, ids: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Whether the model predicts each next token better than typical: its loss below the entropy of the model's
+    prediction at its position (bool [n, T - 1])."""
     with torch.no_grad():
         return torch.cat([_still_predicted(_logits(model(ids[i:i + batch])), ids[i:i + batch])[1]
                           for i in range(0, len(ids), batch)])
@@ -293,7 +337,7 @@ def _predicted(model: torch.nn.Module, ids: torch.Tensor, batch: int = 16) -> to
 
 def _active_share(model: torch.nn.Module, ids: torch.Tensor, attributed: torch.Tensor) -> float:
     """Share of the attributed tokens the model still predicts better than typical."""
-    return float((_predicted(model, ids) & attributed).sum() / attributed.sum().clamp(min=1))
+    return float((predicted_better_than_typical(model, ids) & attributed).sum() / attributed.sum().clamp(min=1))
 
 
 def _gradient(params: list, loss_of) -> Optional[torch.Tensor]:
