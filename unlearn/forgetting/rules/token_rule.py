@@ -41,10 +41,10 @@ class TokenRule:
        interleaved with the walk (the "tokens-repair" rule, reported apart from "tokens"). It may restore what
        retained text also teaches, attributed or not (it is not projected off the attributed tokens' gradient:
        measured both ways in docs/DESIGN.md). Its batches are drawn from retained windows outside the guard's,
-       which then stays a measure of damage. The walk stops when
-       at most ``stop_share`` of the attributed tokens are still predicted better than typical (a token's loss
-       below the entropy of the model's prediction at its position): half, about what models retrained
-       without the windows leave (0.49-0.55 on the bench lm runs; docs/DESIGN.md).
+       which then stays a measure of damage. The walk stops when at most ``stop_share`` of the attributed
+       tokens are still predicted better than typical (a token's loss below the entropy of the model's
+       prediction at its position): half, about what models retrained without the windows leave (0.49-0.55 on
+       the bench lm runs; docs/DESIGN.md).
     4. Guard: the mean loss of ``guard_windows`` retained windows may rise by ``guard_tolerance`` (relative) at
        most; checked every ``check_every`` steps, the walk keeps the last checked weights that held it.
     Training data only (the request's windows and retained ones); nothing about a secret's format. The
@@ -71,7 +71,7 @@ class TokenRule:
     kinds: ClassVar[tuple[str, ...]] = ("samples",)
 
     def __call__(self, given: RuleInput) -> Step:
-        data, model, base = given.data, given.model, given.base
+        base = given.base
         if not 0.0 <= self.stop_share < 1.0:
             raise RequestError(f"step rule '{self.label}': stop_share={self.stop_share} must lie in [0, 1). "
                                "Nothing was changed")
@@ -79,7 +79,7 @@ class TokenRule:
             raise RequestError(f"step rule '{self.label}': repair={self.repair} must be a finite number, 0 or more. "
                                "Nothing was changed")
         if 1.0 / (1 + self.control_draws) >= self.evidence_p:
-            raise RequestError(f"step rule 'tokens': control_draws={self.control_draws} cannot give a p-value below "
+            raise RequestError(f"step rule '{self.label}': control_draws={self.control_draws} cannot give a p-value below "
                                f"evidence_p={self.evidence_p}: give at least {int(np.ceil(1 / self.evidence_p))}")
         self._require_data(given)
         samples = given.removal.request.samples
@@ -88,11 +88,13 @@ class TokenRule:
         return self._in_eval(given, samples, self._walk)
 
     def attributed_tokens(self, given: RuleInput) -> Optional[np.ndarray]:
-        """Step 1 alone: bool [request windows, T - 1], the next tokens the walk would raise (None where no
-        retained window has a live row to compare with). What benchmarks compare other models on; it changes
-        nothing."""
+        """Step 1 alone: bool [request windows, T - 1], the next tokens the walk would raise (None for an empty
+        request, or where no retained window has a live row to compare with). What benchmarks compare other
+        models on; it changes nothing."""
         self._require_data(given)
         samples = given.removal.request.samples
+        if samples.size == 0:
+            return None
 
         def attribution(given: RuleInput, windows: np.ndarray, samples: np.ndarray, device: torch.device) -> Any:
             found = self._attribution(given, windows, samples, device, np.random.default_rng([given.seed, 24]))
