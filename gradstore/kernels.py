@@ -252,12 +252,19 @@ def dequantize_packed(packed: np.ndarray, scales: np.ndarray, block_size: int, b
     kernel(packed, scales, block_size, bits, table, out)
 
 
-def _scatter_add_packed_body(flat, packed, scales, block_size, bits, table, keys, seed, num_params, alpha, nparts,
+def _scatter_add_packed_body(flat, packed, scales, block_size, bits, byte_table, keys, seed, num_params, alpha, nparts,
                              positions, unroll):
     n, k = positions.shape
-    lpb = 3 - (bits >> 1) if bits < 4 else 1
-    pbmask = (1 << lpb) - 1
+    per_byte = 8 // bits
     mask = (1 << bits) - 1
+    # A whole byte at a time where a block holds a power-of-two count of whole bytes (every registered default):
+    # the block of byte b is b >> shift, and byte_table[v] holds byte v's codes decoded. Else value by value.
+    bytes_per_block = block_size // per_byte
+    shift = -1
+    if block_size % per_byte == 0 and bytes_per_block & (bytes_per_block - 1) == 0:
+        shift = 0
+        while (1 << shift) < bytes_per_block:
+            shift += 1
     nthreads = min(n, nparts)
     per = (n + nthreads - 1) // nthreads
     for t in prange(nthreads):
@@ -268,19 +275,53 @@ def _scatter_add_packed_body(flat, packed, scales, block_size, bits, table, keys
         hi = min(num_params, lo + span)
         for r in range(n):
             row_pos = positions[r]
+            row_codes = packed[r]
+            row_scales = scales[r]
             start = np.searchsorted(row_pos, lo)
             stop = np.searchsorted(row_pos, hi)
-            j = start
-            while j < stop:  # block by block: one scale per block; codes unpacked in place, no float row
-                block_end = min(stop, (j // block_size + 1) * block_size)
-                weight = alpha * scales[r, j // block_size]
-                for i in range(j, block_end):
-                    code = (np.int64(packed[r, i >> lpb]) >> ((i & pbmask) * bits)) & mask
-                    flat[row_pos[i]] += weight * table[code]
-                j = block_end
+            head = stop if shift < 0 else min(stop, -(-start // per_byte) * per_byte)
+            tail = max(head, (stop // per_byte) * per_byte)
+            for i in range(start, head):  # values before the first whole byte (or every value: no shift)
+                code = (np.int64(row_codes[i // per_byte]) >> ((i % per_byte) * bits)) & mask
+                flat[row_pos[i]] += alpha * row_scales[i // block_size] * byte_table[code, 0]
+            first, last = head // per_byte, tail // per_byte
+            if bits == 4:
+                for b in range(first, last):
+                    weight = alpha * row_scales[b >> shift]
+                    v = row_codes[b]
+                    i = b * 2
+                    flat[row_pos[i]] += weight * byte_table[v, 0]
+                    flat[row_pos[i + 1]] += weight * byte_table[v, 1]
+            elif bits == 2:
+                for b in range(first, last):
+                    weight = alpha * row_scales[b >> shift]
+                    v = row_codes[b]
+                    i = b * 4
+                    flat[row_pos[i]] += weight * byte_table[v, 0]
+                    flat[row_pos[i + 1]] += weight * byte_table[v, 1]
+                    flat[row_pos[i + 2]] += weight * byte_table[v, 2]
+                    flat[row_pos[i + 3]] += weight * byte_table[v, 3]
+            else:
+                for b in range(first, last):
+                    weight = alpha * row_scales[b >> shift]
+                    v = row_codes[b]
+                    i = b * 8
+                    for c in range(8):
+                        flat[row_pos[i + c]] += weight * byte_table[v, c]
+            for i in range(tail, stop):  # values after the last whole byte
+                code = (np.int64(row_codes[i // per_byte]) >> ((i % per_byte) * bits)) & mask
+                flat[row_pos[i]] += alpha * row_scales[i // block_size] * byte_table[code, 0]
 
 
 _scatter_add_packed_parallel, _scatter_add_packed_serial = parallel_and_serial(_scatter_add_packed_body, cache=True)
+
+
+def byte_table(table: np.ndarray, bits: int) -> np.ndarray:
+    """float32 [256, 8 // bits]: row v holds the codes of byte v decoded through ``table``, lowest bits first
+    (row c < 2**bits starts with table[c], which decodes a lone code)."""
+    per_byte = 8 // bits
+    codes = (np.arange(256)[:, None] >> (np.arange(per_byte) * bits)[None, :]) & ((1 << bits) - 1)
+    return np.ascontiguousarray(np.asarray(table, np.float32)[codes])
 
 
 def scatter_add_packed(flat: np.ndarray, packed: np.ndarray, scales: np.ndarray, block_size: int, bits: int,
@@ -291,7 +332,7 @@ def scatter_add_packed(flat: np.ndarray, packed: np.ndarray, scales: np.ndarray,
     positions = np.empty((n, k), np.int64)
     alpha = np.float32(alpha)
     unroll = unroll_for(num_params, k)
-    args = (flat, packed, scales, block_size, bits, table, keys, seed, num_params, alpha)
+    args = (flat, packed, scales, block_size, bits, byte_table(table, bits), keys, seed, num_params, alpha)
     if n * k < PARALLEL_MIN_VALUES or n == 1:
         _scatter_add_packed_serial(*args, 1, positions, unroll)
     else:

@@ -142,8 +142,9 @@ class Unpacked(Codec):
 
 @pytest.mark.parametrize("codec_id", PACKED)
 @pytest.mark.parametrize("num_params, k, rows", [(5000, 333, 40), (2000, 1999, 150)])  # serial; parallel (n * k >= 2**18)
-def test_packed_scatter_equals_decode_then_add(codec_id, num_params, k, rows, rng):
-    codec = get_codec({"id": codec_id, "block_size": 64})
+@pytest.mark.parametrize("block_size", [64, 8, 48, 30])  # whole bytes a block: 2**n (byte by byte); 24, 12, 6; partial
+def test_packed_scatter_equals_decode_then_add(codec_id, num_params, k, rows, block_size, rng):
+    codec = get_codec({"id": codec_id, "block_size": block_size})
     values = gradient_rows(rng, rows, k)
     keys = np.arange(rows, dtype=np.int64) * 3 + 1
     parts = codec.encode(values, keys, 5)
