@@ -1,8 +1,11 @@
 """bench footprint: analytic sizes, measured stores, the break-even check, its files."""
 
+import argparse
 import csv
+import json
 
 import numpy as np
+import pytest
 
 from bench import footprint
 from unlearn.runs import data as datasets
@@ -273,3 +276,38 @@ def test_bench_scatter_times_every_store_against_the_int8_store_of_its_p_in_roun
         assert r["rounds"] == 3 and r["rows"] == 64 and 0 < r["mvalues_s_min"] <= r["mvalues_s_median"] <= r["mvalues_s_max"]
         assert 0 < r["ratio_to_baseline_median"] and 0 <= r["rounds_at_least_baseline"] <= 3
     assert (out / "scatter.md").read_text().count("\n") == 2 + 3
+
+
+def test_request_spread_trains_the_studys_pair_and_more_seeds_and_pairs_every_gap(tmp_path):
+    """bench.request_spread: the study's split and random request; its models with the study's seed are the study's
+    own reference (bit for bit), other training seeds differ, every (trained, retrained) TA gap is reported, and
+    the models are cached."""
+    from bench import request_spread
+    from bench.study.record import forget_samples, load_data, reference_model
+
+    out = tmp_path / "spread"
+    argv = ["--dataset", "digits", "--epochs", "1", "--training-seeds", "0", "7", "--out", str(out)]
+    assert request_spread.main(argv) == 0
+    report = json.loads((out / "request_spread.json").read_text())
+    config = request_spread.study_config(argparse.Namespace(
+        seed=0, forget_class=3, epochs=1, sample_fraction=0.01, dataset="digits", data_dir=None))
+    data = load_data(config)
+    assert report["request"] == forget_samples(config, 0, len(data)).size == round(0.01 * len(data))
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    reference, _ = reference_model("samples", 0, config, study_dir, data, log=lambda *_: None)
+    assert np.array_equal(np.load(out / "retrained-0.npy"), reference)  # the study's own retrained model
+    assert not np.array_equal(np.load(out / "trained-0.npy"), np.load(out / "trained-7.npy"))
+    models = {(m["model"], m["training_seed"]): m for m in report["models"]}
+    assert set(models) == {("trained", 0), ("retrained", 0), ("trained", 7), ("retrained", 7)}
+    gaps = report["pairs"]["gaps"]
+    assert len(gaps) == 4 and report["pairs"]["pairs"] == 4
+    for gap in gaps:
+        expected = 100 * (models[("trained", gap["trained"])]["ta"] - models[("retrained", gap["retrained"])]["ta"])
+        assert gap["ta_gap_points"] == pytest.approx(expected)
+    assert report["pairs"]["within_target"] == sum(abs(g["ta_gap_points"]) <= 0.5 for g in gaps)
+    cached = (out / "trained-7.npy").stat().st_mtime_ns
+    assert request_spread.main(argv) == 0  # resumed from the cache: nothing retrained
+    assert (out / "trained-7.npy").stat().st_mtime_ns == cached
+    with pytest.raises(SystemExit):
+        request_spread.main(["--dataset", "digits", "--training-seeds", "1", "1", "--out", str(out)])
