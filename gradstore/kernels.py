@@ -255,10 +255,12 @@ def dequantize_packed(packed: np.ndarray, scales: np.ndarray, block_size: int, b
 def _scatter_add_packed_body(flat, packed, scales, block_size, bits, byte_table, keys, seed, num_params, alpha, nparts,
                              positions, unroll):
     n, k = positions.shape
-    per_byte = 8 // bits
+    lpb = 3 - (bits >> 1) if bits < 4 else 1  # log2 of the codes a byte holds: 1 -> 3, 2 -> 2, 4 -> 1
+    per_byte = 1 << lpb
+    pbmask = per_byte - 1
     mask = (1 << bits) - 1
     # A whole byte at a time where a block holds a power-of-two count of whole bytes (every registered default):
-    # the block of byte b is b >> shift, and byte_table[v] holds byte v's codes decoded. Else value by value.
+    # the block of byte b is b >> shift, and byte_table[v] holds byte v's codes decoded. Else block by block.
     bytes_per_block = block_size // per_byte
     shift = -1
     if block_size % per_byte == 0 and bytes_per_block & (bytes_per_block - 1) == 0:
@@ -279,12 +281,22 @@ def _scatter_add_packed_body(flat, packed, scales, block_size, bits, byte_table,
             row_scales = scales[r]
             start = np.searchsorted(row_pos, lo)
             stop = np.searchsorted(row_pos, hi)
-            head = stop if shift < 0 else min(stop, -(-start // per_byte) * per_byte)
-            tail = max(head, (stop // per_byte) * per_byte)
-            for i in range(start, head):  # values before the first whole byte (or every value: no shift)
-                code = (np.int64(row_codes[i // per_byte]) >> ((i % per_byte) * bits)) & mask
-                flat[row_pos[i]] += alpha * row_scales[i // block_size] * byte_table[code, 0]
-            first, last = head // per_byte, tail // per_byte
+            if shift < 0:  # block by block: one scale per block, each code unpacked in place
+                j = start
+                while j < stop:
+                    block_end = min(stop, (j // block_size + 1) * block_size)
+                    weight = alpha * row_scales[j // block_size]
+                    for i in range(j, block_end):
+                        code = (np.int64(row_codes[i >> lpb]) >> ((i & pbmask) * bits)) & mask
+                        flat[row_pos[i]] += weight * byte_table[code, 0]
+                    j = block_end
+                continue
+            head = min(stop, ((start + pbmask) >> lpb) << lpb)  # the first whole byte's first value
+            tail = max(head, (stop >> lpb) << lpb)  # the value after the last whole byte
+            for i in range(start, head):  # values before the first whole byte (a part may start mid-byte)
+                code = (np.int64(row_codes[i >> lpb]) >> ((i & pbmask) * bits)) & mask
+                flat[row_pos[i]] += alpha * row_scales[i >> (shift + lpb)] * byte_table[code, 0]
+            first, last = head >> lpb, tail >> lpb
             if bits == 4:
                 for b in range(first, last):
                     weight = alpha * row_scales[b >> shift]
@@ -308,9 +320,9 @@ def _scatter_add_packed_body(flat, packed, scales, block_size, bits, byte_table,
                     i = b * 8
                     for c in range(8):
                         flat[row_pos[i + c]] += weight * byte_table[v, c]
-            for i in range(tail, stop):  # values after the last whole byte
-                code = (np.int64(row_codes[i // per_byte]) >> ((i % per_byte) * bits)) & mask
-                flat[row_pos[i]] += alpha * row_scales[i // block_size] * byte_table[code, 0]
+            for i in range(tail, stop):  # values after the last whole byte (a part's end, or k's last byte)
+                code = (np.int64(row_codes[i >> lpb]) >> ((i & pbmask) * bits)) & mask
+                flat[row_pos[i]] += alpha * row_scales[i >> (shift + lpb)] * byte_table[code, 0]
 
 
 _scatter_add_packed_parallel, _scatter_add_packed_serial = parallel_and_serial(_scatter_add_packed_body, cache=True)
