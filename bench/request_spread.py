@@ -4,7 +4,8 @@ the same random 1% request land (issue 25's target puts test accuracy within 0.5
 The study's split and request for --seed (the seed's MNIST protocol: class --forget-class kept at its first 100
 training samples, the request a random --sample-fraction of the samples, drawn from --seed), then, for each
 --training-seeds value t, one model trained on every sample ("trained") and one without the request ("retrained"),
-t drawing the initial weights and the batch order (t = --seed: the study's own pair). Prints and writes each model's
+t drawing the initial weights and the batch order (t = --seed: the study's own seed; its retrained model is the
+study's reference, and its trained model the study's trained one without recording, equal to float rounding). Prints and writes each model's
 test accuracy (TA), its accuracy on the kept class and on the request (UA), and, for every (trained, retrained)
 pair, the TA gap: how often a model the removal left unchanged (step 0) meets the target by the draw of training
 seeds alone. Each model is cached in --out with a JSON marker of its options.
@@ -27,7 +28,7 @@ from unlearn.runs.loop import train
 
 from .study import add_arguments as study_arguments
 from .study import build_config
-from .study.record import comparable, forget_samples, load_data, study_model
+from .study.record import comparable, forget_samples, load_data, study_model, write_json
 
 TARGET_POINTS = 0.5  # issue 25: random 1% requests, TA within 0.5 points of retraining
 
@@ -49,7 +50,9 @@ def trained_weights(out: Path, name: str, config: dict, x: np.ndarray, y: np.nda
                     training_seed: int) -> tuple[np.ndarray, float]:
     """Weights trained from scratch on (x, y) with ``training_seed`` (init and batch order); cached in ``out``."""
     weights, marker = out / f"{name}-{training_seed}.npy", out / f"{name}-{training_seed}.json"
-    options = {"config": comparable(config), "seed": seed, "training_seed": training_seed, "samples": int(len(y))}
+    options = {"config": comparable(config), "training_seed": training_seed, "samples": int(len(y))}
+    if name == "retrained":  # which request was left out
+        options["seed"] = seed
     if marker.exists() and weights.exists():
         saved = json.loads(marker.read_text())
         if saved.get("options") == options:
@@ -58,7 +61,7 @@ def trained_weights(out: Path, name: str, config: dict, x: np.ndarray, y: np.nda
     run = train(model, x, y, config["epochs"], config["batch_size"], training_seed, device=torch.device("cpu"),
                 progress=False, description=f"{name} {training_seed}")
     np.save(weights, flat_params(model))
-    marker.write_text(json.dumps({"options": options, "seconds": run["seconds"]}))
+    write_json(marker, {"options": options, "seconds": run["seconds"]})  # atomic: absent or complete
     return flat_params(model), run["seconds"]
 
 

@@ -279,11 +279,13 @@ def test_bench_scatter_times_every_store_against_the_int8_store_of_its_p_in_roun
 
 
 def test_request_spread_trains_the_studys_pair_and_more_seeds_and_pairs_every_gap(tmp_path):
-    """bench.request_spread: the study's split and random request; its models with the study's seed are the study's
-    own reference (bit for bit), other training seeds differ, every (trained, retrained) TA gap is reported, and
+    """bench.request_spread: the study's split and random request; its retrained model with the study's seed is the
+    study's own reference (bit for bit), other training seeds differ, every (trained, retrained) TA gap is reported, and
     the models are cached."""
     from bench import request_spread
     from bench.study.record import forget_samples, load_data, reference_model
+    from unlearn.evaluation import accuracy
+    from unlearn.params import load_flat_params
 
     out = tmp_path / "spread"
     argv = ["--dataset", "digits", "--epochs", "1", "--training-seeds", "0", "7", "--out", str(out)]
@@ -298,7 +300,12 @@ def test_request_spread_trains_the_studys_pair_and_more_seeds_and_pairs_every_ga
     reference, _ = reference_model("samples", 0, config, study_dir, data, log=lambda *_: None)
     assert np.array_equal(np.load(out / "retrained-0.npy"), reference)  # the study's own retrained model
     assert not np.array_equal(np.load(out / "trained-0.npy"), np.load(out / "trained-7.npy"))
+    assert not np.array_equal(np.load(out / "trained-0.npy"), reference)  # trained with the request
     models = {(m["model"], m["training_seed"]): m for m in report["models"]}
+    model = request_spread.study_model(config, data, 0)
+    load_flat_params(model, np.load(out / "trained-7.npy"))
+    model.eval()
+    assert models[("trained", 7)]["ta"] == accuracy(model, data.test_x, data.test_y)  # the saved weights, on the test set
     assert set(models) == {("trained", 0), ("retrained", 0), ("trained", 7), ("retrained", 7)}
     gaps = report["pairs"]["gaps"]
     assert len(gaps) == 4 and report["pairs"]["pairs"] == 4

@@ -12,6 +12,7 @@ import pytest
 import gradstore
 from gradstore import BadInputError, FormatError, kernels
 from gradstore.codecs import Codec, Int2Block, Int4Block, Int4Stochastic, SignBlock, decoded_rows, get_codec
+from gradstore.masks import unroll_for
 
 from conftest import gradient_rows
 
@@ -142,7 +143,8 @@ class Unpacked(Codec):
 
 @pytest.mark.parametrize("codec_id", PACKED)
 @pytest.mark.parametrize("num_params, k, rows", [(5000, 333, 40), (2000, 1999, 150)])  # serial; parallel (n * k >= 2**18)
-@pytest.mark.parametrize("block_size", [64, 8, 48, 30])  # whole bytes a block: 2**n (byte by byte); 24, 12, 6; partial
+@pytest.mark.parametrize("block_size", [64, 8, 48, 30])  # 64, 8: a power-of-two count of bytes (byte by byte);
+# 48: 24, 12 or 6 bytes (block by block); 30: 15 bytes for int4, not whole bytes for int2 and sign
 def test_packed_scatter_equals_decode_then_add(codec_id, num_params, k, rows, block_size, rng):
     codec = get_codec({"id": codec_id, "block_size": block_size})
     values = gradient_rows(rng, rows, k)
@@ -174,3 +176,25 @@ def test_a_store_scatters_packed_rows_as_decode_then_add(tmp_path, rng):
         flats.append(flat)
         store.close()
     assert np.array_equal(flats[0], flats[1]) and flats[0].any()
+
+
+@pytest.mark.parametrize("codec_id", PACKED)
+@pytest.mark.parametrize("block_size", [64, 8, 30])
+def test_packed_scatter_with_many_parts_starting_mid_byte_equals_decode_then_add(codec_id, block_size, rng):
+    """The parallel body with 7 and 37 parameter ranges, and k far below num_params: parts start and stop mid-byte,
+    and some hold no position of a row; every case equals decode-then-add bit for bit."""
+    codec = get_codec({"id": codec_id, "block_size": block_size})
+    num_params, k, rows = 3000, 61, 9
+    values = gradient_rows(rng, rows, k)
+    keys = np.arange(rows, dtype=np.int64) * 5 + 2
+    parts = codec.encode(values, keys, 3)
+    decoded = decoded_rows(codec, parts, rows, k)
+    codes, scales, block, bits, table = codec.packed_operands(parts)
+    reference = np.zeros(num_params, np.float32)
+    kernels.scatter_add(reference, decoded, np.ones((rows, 1), np.float32), k, keys, 11, num_params, -1.0)
+    for nparts in (7, 37):
+        flat = np.zeros(num_params, np.float32)
+        kernels._scatter_add_packed_parallel(flat, codes, scales, block, bits, kernels.byte_table(table, bits), keys,
+                                             11, num_params, np.float32(-1.0), nparts, np.empty((rows, k), np.int64),
+                                             unroll_for(num_params, k))
+        assert np.array_equal(flat, reference), (nparts, np.abs(flat - reference).max())
